@@ -1,0 +1,333 @@
+"""Configs as data: YAML files under tpu_configs/ validated into frozen dataclasses.
+
+A YAML file may start with `defaults: [other.yaml, ...]` (paths relative to that file, or to
+tpu_configs/); they are merged first, in order, and the file's own keys win. Command-line
+overrides `section.key=value` come last; values are parsed as YAML scalars. Every mistake raises
+`ConfigError` naming the dotted key (and the file) before anything is compiled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+import types
+import typing
+from typing import Any
+
+import yaml
+
+from omnijax.vocab import Vocab
+
+CONFIG_ROOT = pathlib.Path(__file__).resolve().parent.parent / "tpu_configs"
+DTYPES = ("float32", "bfloat16", "float16")
+# Remat policies by name; the model maps them onto jax.checkpoint_policies.
+REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_except_mlp", "save_attention_out")
+
+
+class ConfigError(ValueError):
+  """A config value is missing, unknown or inconsistent; the message names the key."""
+
+
+# --- sections ---------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class VocabConfig:
+  """`layout: omni_diffusion` reproduces the release ids; `compact` derives a small layout."""
+
+  layout: str = "compact"
+  text_size: int = 1024
+  n_image_codes: int = 256
+  n_speech_codes: int = 256
+
+  def __post_init__(self):
+    if self.layout not in ("omni_diffusion", "compact"):
+      raise ConfigError(f"model.vocab.layout={self.layout!r}: expected 'omni_diffusion' or 'compact'")
+
+  def build(self) -> Vocab:
+    if self.layout == "omni_diffusion":
+      return Vocab.omni_diffusion()
+    return Vocab.compact(self.text_size, self.n_image_codes, self.n_speech_codes)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Qwen2/Dream backbone dimensions and how it is computed."""
+
+  name: str = "custom"
+  vocab: VocabConfig = VocabConfig()
+  # Embedding rows are padded up to a multiple of this (shardable lm_head); 1 keeps release shapes.
+  vocab_pad_multiple: int = 1
+  num_layers: int = 2
+  hidden_size: int = 64
+  num_heads: int = 4
+  num_kv_heads: int = 2
+  head_dim: int | None = None  # default hidden_size // num_heads
+  mlp_size: int = 128
+  rope_theta: float = 1_000_000.0
+  rms_eps: float = 1e-6
+  qkv_bias: bool = True
+  tie_embeddings: bool = False
+  init_std: float = 0.02
+  param_dtype: str = "float32"
+  compute_dtype: str = "float32"
+  scan_layers: bool = True
+  remat: str = "none"
+  attention: str = "xla"
+
+  def __post_init__(self):
+    from omnijax.model.attention import ATTENTION_BACKENDS
+
+    for key in ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "mlp_size",
+                "vocab_pad_multiple"):
+      if getattr(self, key) < 1:
+        raise ConfigError(f"model.{key} must be >= 1, got {getattr(self, key)}")
+    if self.num_heads % self.num_kv_heads:
+      raise ConfigError(f"model.num_heads={self.num_heads} is not divisible by "
+                        f"model.num_kv_heads={self.num_kv_heads}")
+    if self.head_dim is None and self.hidden_size % self.num_heads:
+      raise ConfigError(f"model.hidden_size={self.hidden_size} is not divisible by "
+                        f"model.num_heads={self.num_heads}; set model.head_dim explicitly")
+    if self.resolved_head_dim % 2:
+      raise ConfigError(f"model.head_dim={self.resolved_head_dim} must be even for RoPE")
+    for key in ("param_dtype", "compute_dtype"):
+      if getattr(self, key) not in DTYPES:
+        raise ConfigError(f"model.{key}={getattr(self, key)!r}: expected one of {DTYPES}")
+    if self.remat not in REMAT_POLICIES:
+      raise ConfigError(f"model.remat={self.remat!r}: expected one of {REMAT_POLICIES}")
+    if self.attention not in ATTENTION_BACKENDS:
+      raise ConfigError(f"model.attention={self.attention!r}: expected one of {ATTENTION_BACKENDS}")
+    if self.rope_theta <= 0 or self.rms_eps <= 0:
+      raise ConfigError("model.rope_theta and model.rms_eps must be positive")
+
+  @property
+  def resolved_head_dim(self) -> int:
+    return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_heads
+
+  @property
+  def vocab_size(self) -> int:
+    size = self.vocab.build().size
+    return -(-size // self.vocab_pad_multiple) * self.vocab_pad_multiple
+
+  def param_count(self) -> int:
+    """Exact parameter count of the backbone built from this config."""
+    d, hd, v = self.hidden_size, self.resolved_head_dim, self.vocab_size
+    q, kv = self.num_heads * hd, self.num_kv_heads * hd
+    attention = d * q + 2 * d * kv + q * d + (q + 2 * kv if self.qkv_bias else 0)
+    mlp = 3 * d * self.mlp_size
+    layer = attention + mlp + 2 * d
+    heads = v * d * (1 if self.tie_embeddings else 2)
+    return self.num_layers * layer + heads + d
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  """Device mesh axes; one of them may be -1 to take the remaining devices."""
+
+  data: int = 1
+  fsdp: int = -1
+  tensor: int = 1
+
+  def __post_init__(self):
+    sizes = self.as_dict()
+    if sum(v == -1 for v in sizes.values()) > 1:
+      raise ConfigError(f"mesh: at most one axis may be -1, got {sizes}")
+    for axis, size in sizes.items():
+      if size == 0 or size < -1:
+        raise ConfigError(f"mesh.{axis}={size}: expected a positive size or -1")
+
+  def as_dict(self) -> dict[str, int]:
+    return {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """Where pre-tokenized shards live and how the Grain pipeline turns them into batches."""
+
+  dir: str = "data/toyworld"
+  seq_len: int = 512
+  global_batch_size: int = 8
+  # Task name -> sampling weight; empty means every task present in the shards, weight 1.
+  mixture: dict[str, float] = dataclasses.field(default_factory=dict)
+  tail_pads_min: int = 1
+  tail_pads_max: int = 16
+  seed: int = 0
+  num_workers: int = 0
+
+  def __post_init__(self):
+    if self.seq_len < 2 or self.global_batch_size < 1:
+      raise ConfigError("data.seq_len must be >= 2 and data.global_batch_size >= 1")
+    if not 0 <= self.tail_pads_min <= self.tail_pads_max:
+      raise ConfigError(f"data.tail_pads_min={self.tail_pads_min} must be in "
+                        f"[0, data.tail_pads_max={self.tail_pads_max}]")
+    for task, weight in self.mixture.items():
+      if weight < 0:
+        raise ConfigError(f"data.mixture.{task}={weight} must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  model: ModelConfig = ModelConfig()
+  mesh: MeshConfig = MeshConfig()
+  data: DataConfig = DataConfig()
+
+
+# --- loading ----------------------------------------------------------------------------------
+
+
+def _resolve_include(name: str, including_file: pathlib.Path) -> pathlib.Path:
+  for candidate in (including_file.parent / name, CONFIG_ROOT / name):
+    if candidate.is_file():
+      return candidate
+  raise ConfigError(f"{including_file}: defaults entry {name!r} not found next to the file or "
+                    f"under {CONFIG_ROOT}")
+
+
+def _deep_merge(base: dict, update: dict) -> dict:
+  merged = dict(base)
+  for key, value in update.items():
+    if isinstance(value, dict) and isinstance(merged.get(key), dict):
+      merged[key] = _deep_merge(merged[key], value)
+    else:
+      merged[key] = value
+  return merged
+
+
+def load_yaml_tree(path: str | os.PathLike, _seen: tuple = ()) -> dict:
+  """Reads a YAML config with its `defaults` includes merged in (no validation)."""
+  path = pathlib.Path(path).resolve()
+  if path in _seen:
+    raise ConfigError(f"{path}: circular defaults include")
+  if not path.is_file():
+    raise ConfigError(f"config file {path} does not exist")
+  try:
+    tree = yaml.safe_load(path.read_text()) or {}
+  except yaml.YAMLError as e:
+    raise ConfigError(f"{path}: not valid YAML: {e}") from None
+  if not isinstance(tree, dict):
+    raise ConfigError(f"{path}: top level must be a mapping, got {type(tree).__name__}")
+  includes = tree.pop("defaults", []) or []
+  if isinstance(includes, str):
+    includes = [includes]
+  merged: dict = {}
+  for name in includes:
+    merged = _deep_merge(merged, load_yaml_tree(_resolve_include(name, path), _seen + (path,)))
+  return _deep_merge(merged, tree)
+
+
+def apply_overrides(tree: dict, overrides: typing.Iterable[str]) -> dict:
+  """Applies `a.b.c=value` strings; the value is parsed as a YAML scalar/list/mapping."""
+  tree = dict(tree)
+  for item in overrides:
+    if "=" not in item:
+      raise ConfigError(f"override {item!r} is not of the form key=value")
+    key, raw = item.split("=", 1)
+    try:
+      value = yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+      raise ConfigError(f"override {item!r}: value is not valid YAML: {e}") from None
+    parts = key.strip().split(".")
+    node = tree
+    for depth, part in enumerate(parts[:-1]):
+      child = node.get(part)
+      if child is None:
+        child = {}
+      elif not isinstance(child, dict):
+        raise ConfigError(f"override {item!r}: {'.'.join(parts[:depth + 1])} is not a section")
+      node[part] = dict(child)
+      node = node[part]
+    node[parts[-1]] = value
+  return tree
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+  origin = typing.get_origin(annotation)
+  if origin in (typing.Union, types.UnionType):
+    options = typing.get_args(annotation)
+    if value is None and type(None) in options:
+      return None
+    errors = []
+    for option in options:
+      if option is type(None):
+        continue
+      try:
+        return _coerce(value, option, where)
+      except ConfigError as e:
+        errors.append(str(e))
+    raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
+  if dataclasses.is_dataclass(annotation):
+    if isinstance(value, annotation):
+      return value
+    return from_dict(annotation, value, where)
+  if origin in (dict, typing.Dict):
+    key_type, value_type = typing.get_args(annotation) or (str, Any)
+    if not isinstance(value, dict):
+      raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+    return {_coerce(k, key_type, f"{where}.{k}"): _coerce(v, value_type, f"{where}.{k}")
+            for k, v in value.items()}
+  if origin in (tuple, list, typing.Tuple, typing.List):
+    args = typing.get_args(annotation)
+    item_type = args[0] if args else Any
+    if not isinstance(value, (list, tuple)):
+      raise ConfigError(f"{where}: expected a list, got {value!r}")
+    items = [_coerce(v, item_type, f"{where}[{i}]") for i, v in enumerate(value)]
+    return tuple(items) if origin in (tuple, typing.Tuple) else items
+  if annotation is Any:
+    return value
+  if annotation is bool:
+    if not isinstance(value, bool):
+      raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    return value
+  if annotation is int:
+    if isinstance(value, bool) or not isinstance(value, int):
+      raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    return value
+  if annotation is float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+      raise ConfigError(f"{where}: expected a number, got {value!r}")
+    return float(value)
+  if annotation is str:
+    if not isinstance(value, str):
+      raise ConfigError(f"{where}: expected a string, got {value!r}")
+    return value
+  raise ConfigError(f"{where}: unsupported config type {annotation!r}")
+
+
+def from_dict(cls, tree: Any, where: str = ""):
+  """Builds dataclass `cls` from a mapping, rejecting unknown keys and wrong types by name."""
+  if tree is None:
+    tree = {}
+  if not isinstance(tree, dict):
+    raise ConfigError(f"{where or cls.__name__}: expected a mapping, got {tree!r}")
+  hints = typing.get_type_hints(cls)
+  names = {f.name for f in dataclasses.fields(cls) if f.init}
+  unknown = sorted(set(tree) - names)
+  if unknown:
+    prefix = f"{where}." if where else ""
+    raise ConfigError(f"unknown config key {prefix}{unknown[0]} (known keys: {sorted(names)})")
+  kwargs = {}
+  for key, value in tree.items():
+    kwargs[key] = _coerce(value, hints[key], f"{where}.{key}" if where else key)
+  try:
+    return cls(**kwargs)
+  except ConfigError:
+    raise
+  except (TypeError, ValueError) as e:
+    raise ConfigError(f"{where or cls.__name__}: {e}") from None
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: typing.Iterable[str] = (),
+                cls=Config):
+  """YAML file (+ includes) + `key=value` overrides -> validated config dataclass."""
+  tree = load_yaml_tree(path) if path is not None else {}
+  tree = apply_overrides(tree, overrides)
+  try:
+    return from_dict(cls, tree)
+  except ConfigError as e:
+    raise ConfigError(f"{path}: {e}" if path is not None else str(e)) from None
+
+
+def to_dict(config) -> dict:
+  """Plain nested dict of a config (for logging and checkpoint metadata)."""
+  return dataclasses.asdict(config)

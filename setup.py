@@ -1,0 +1,40 @@
+"""omnijax: Omni-Diffusion in JAX/Flax for TPU pods (install: pip install -e '.[test]')."""
+
+from setuptools import find_packages, setup
+
+# Tested ranges: the floor is what CI runs (jax 0.10.2 is the newest that installs on Python 3.11);
+# the ceiling stops at the next minor release we have not tested.
+INSTALL_REQUIRES = [
+    "jax>=0.10.2,<0.13",
+    "flax>=0.12.8,<0.14",
+    "optax>=0.2.8,<0.3",
+    "orbax-checkpoint>=0.12.8,<0.13",
+    "grain>=0.2.18,<0.3",
+    "numpy>=2.0,<3",
+    "pyyaml>=6.0",
+    "safetensors>=0.5",
+    "tokenizers>=0.21",
+    "tensorflow-datasets>=4.9.10,<5",
+    "tensorboardX>=2.6",
+    "matplotlib>=3.8",
+    "tqdm>=4.66",
+]
+EXTRAS = {
+    # libtpu for ahead-of-time compilation against real TPU topologies (runs on a CPU host).
+    "tpu": ["jax[tpu]>=0.10.2,<0.13"],
+    # torch 2.13.0 is the CPU build this machine installs in seconds; unpinned pulls a CUDA build.
+    "parity": ["torch==2.13.0", "transformers>=4.51,<6"],
+}
+EXTRAS["test"] = ["pytest>=8"] + EXTRAS["tpu"] + EXTRAS["parity"]
+
+setup(
+    name="omnijax",
+    version="0.1.0",
+    description="Omni-Diffusion (masked discrete diffusion, any-to-any) in JAX/Flax NNX for TPU pods",
+    python_requires=">=3.11",
+    packages=find_packages(include=["omnijax", "omnijax.*"]),
+    include_package_data=True,
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS,
+    entry_points={"console_scripts": ["omnijax=omnijax.cli:main"]},
+)
