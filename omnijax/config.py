@@ -59,6 +59,8 @@ class ModelConfig:
   vocab: VocabConfig = VocabConfig()
   # Embedding rows are padded up to a multiple of this (shardable lm_head); 1 keeps release shapes.
   vocab_pad_multiple: int = 1
+  # Explicit embedding rows (e.g. an imported checkpoint's); overrides vocab_pad_multiple.
+  embedding_rows: int | None = None
   num_layers: int = 2
   hidden_size: int = 64
   num_heads: int = 4
@@ -98,6 +100,9 @@ class ModelConfig:
       raise ConfigError(f"model.remat={self.remat!r}: expected one of {REMAT_POLICIES}")
     if self.attention not in ATTENTION_BACKENDS:
       raise ConfigError(f"model.attention={self.attention!r}: expected one of {ATTENTION_BACKENDS}")
+    if self.embedding_rows is not None and self.embedding_rows < self.vocab.build().size:
+      raise ConfigError(f"model.embedding_rows={self.embedding_rows} is smaller than the "
+                        f"vocabulary layout's {self.vocab.build().size} ids")
     if self.rope_theta <= 0 or self.rms_eps <= 0:
       raise ConfigError("model.rope_theta and model.rms_eps must be positive")
 
@@ -107,6 +112,9 @@ class ModelConfig:
 
   @property
   def vocab_size(self) -> int:
+    """Embedding / lm_head rows: the layout's ids, padded."""
+    if self.embedding_rows is not None:
+      return self.embedding_rows
     size = self.vocab.build().size
     return -(-size // self.vocab_pad_multiple) * self.vocab_pad_multiple
 

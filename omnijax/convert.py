@@ -1,0 +1,339 @@
+"""Hugging Face (Qwen2 / Dream layout, safetensors) <-> omnijax weights.
+
+Parameter names map by rule, not by table: the omnijax path joined with '.' under `model.`
+(layers indexed), `kernel` -> `weight` transposed ([in, out] here, [out, in] in torch),
+RMSNorm `scale` -> `weight`, `bias` -> `bias`; `lm_head` is top level.
+Checkpoints are read tensor by tensor and written shard by shard, so a 7B model never needs two
+full copies in host memory. Pickle-based checkpoints (.bin/.pt) are refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pathlib
+import tempfile
+
+import jax
+import numpy as np
+from flax import nnx
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from omnijax.config import ConfigError, ModelConfig, VocabConfig
+from omnijax.model.build import model_from_arrays
+from omnijax.model.transformer import Transformer
+from omnijax.vocab import Vocab
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# Buffers some exporters write that carry no learned weights.
+IGNORED_TENSOR_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+class CheckpointError(ValueError):
+  """A checkpoint directory is missing files, has the wrong tensors, or an unsafe format."""
+
+
+# --- config -----------------------------------------------------------------------------------
+
+
+def _rope_theta(hf: dict, where: str) -> float:
+  # transformers 4.x writes `rope_theta` at the top level; 5.x nests it in `rope_parameters`.
+  params = hf.get("rope_parameters") or {}
+  scaling = hf.get("rope_scaling") or {}
+  rope_type = params.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
+  if rope_type not in (None, "default"):
+    raise CheckpointError(f"{where}: RoPE type {rope_type!r} is not supported (default RoPE only)")
+  theta = hf.get("rope_theta", params.get("rope_theta"))
+  if theta is None:
+    raise CheckpointError(f"{where}: neither rope_theta nor rope_parameters.rope_theta is set")
+  return float(theta)
+
+
+def _vocab_config(hf: dict, vocab: VocabConfig | None, where: str) -> VocabConfig:
+  if vocab is not None:
+    return vocab
+  if "omnijax_vocab" in hf:
+    return VocabConfig(**hf["omnijax_vocab"])
+  if hf["vocab_size"] == Vocab.omni_diffusion().size:
+    return VocabConfig(layout="omni_diffusion")
+  raise CheckpointError(
+      f"{where}: vocab_size {hf['vocab_size']} matches no known token layout; pass the layout "
+      "(Python: vocab=VocabConfig(...); CLI: --vocab compact:TEXT,IMAGE_CODES,SPEECH_CODES)")
+
+
+def config_from_hf(hf: dict, vocab: VocabConfig | None = None, where: str = "config.json",
+                   **overrides) -> ModelConfig:
+  """A Qwen2/Dream `config.json` mapping -> ModelConfig (fp32 params)."""
+  missing = [k for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                         "num_attention_heads", "vocab_size") if k not in hf]
+  if missing:
+    raise CheckpointError(f"{where}: missing key {missing[0]}")
+  if hf.get("hidden_act", "silu") != "silu":
+    raise CheckpointError(f"{where}: hidden_act {hf['hidden_act']!r} is not supported (silu)")
+  fields = dict(
+      name=hf.get("_name_or_path") or hf.get("model_type", "hf"),
+      vocab=_vocab_config(hf, vocab, where),
+      embedding_rows=hf["vocab_size"],
+      num_layers=hf["num_hidden_layers"],
+      hidden_size=hf["hidden_size"],
+      num_heads=hf["num_attention_heads"],
+      num_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+      head_dim=hf.get("head_dim"),
+      mlp_size=hf["intermediate_size"],
+      rope_theta=_rope_theta(hf, where),
+      rms_eps=float(hf.get("rms_norm_eps", 1e-6)),
+      tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+  )
+  fields.update(overrides)
+  try:
+    return ModelConfig(**fields)
+  except ConfigError as e:
+    raise CheckpointError(f"{where}: {e}") from None
+
+
+def config_to_hf(config: ModelConfig, dtype: str) -> dict:
+  vocab = config.vocab.build()
+  return {
+      "architectures": ["Qwen2ForCausalLM"],
+      "model_type": "qwen2",
+      "hidden_size": config.hidden_size,
+      "intermediate_size": config.mlp_size,
+      "num_hidden_layers": config.num_layers,
+      "num_attention_heads": config.num_heads,
+      "num_key_value_heads": config.num_kv_heads,
+      "head_dim": config.resolved_head_dim,
+      "hidden_act": "silu",
+      "rms_norm_eps": config.rms_eps,
+      # Both conventions, so transformers 4.x (rope_theta) and 5.x (rope_parameters) read it.
+      "rope_theta": config.rope_theta,
+      "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
+      "max_position_embeddings": 131072,
+      "use_sliding_window": False,
+      "vocab_size": config.vocab_size,
+      "tie_word_embeddings": config.tie_embeddings,
+      "bos_token_id": vocab.pad_id,
+      "eos_token_id": vocab.pad_id,
+      "pad_token_id": vocab.pad_id,
+      "mask_token_id": vocab.mask_id,
+      "torch_dtype": dtype,
+      "omnijax_vocab": {"layout": config.vocab.layout, "text_size": config.vocab.text_size,
+                        "n_image_codes": config.vocab.n_image_codes,
+                        "n_speech_codes": config.vocab.n_speech_codes},
+  }
+
+
+# --- names ------------------------------------------------------------------------------------
+
+
+def hf_name(keys: tuple[str, ...]) -> tuple[str, bool]:
+  """omnijax parameter path (layer index included) -> (HF tensor name, transpose?)."""
+  *modules, leaf = keys
+  if modules == [] and leaf == "lm_head":
+    return "lm_head.weight", True
+  if modules == [] and leaf == "embed_tokens":
+    return "model.embed_tokens.weight", False
+  suffix = {"kernel": ("weight", True), "scale": ("weight", False), "bias": ("bias", False)}
+  if leaf not in suffix:
+    raise KeyError(f"no Hugging Face name for parameter {'/'.join(keys)}")
+  name, transpose = suffix[leaf]
+  return "model." + ".".join(modules + [name]), transpose
+
+
+# --- reading ----------------------------------------------------------------------------------
+
+
+class _TensorIndex:
+  """Tensor name -> safetensors file, with lazily opened (memory-mapped) handles."""
+
+  def __init__(self, directory: pathlib.Path, stack: contextlib.ExitStack):
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+      unsafe = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
+      if unsafe:
+        raise CheckpointError(
+            f"{directory}: only pickle checkpoints found ({', '.join(unsafe)}); they are refused "
+            "because unpickling can run arbitrary code. Convert them to safetensors first "
+            "(e.g. transformers' save_pretrained(..., safe_serialization=True)).")
+      raise CheckpointError(f"{directory}: no *.safetensors files")
+    self._stack = stack
+    self._handles: dict[pathlib.Path, object] = {}
+    self.location: dict[str, pathlib.Path] = {}
+    for file in files:
+      for name in self._open(file).keys():
+        if name in self.location:
+          raise CheckpointError(f"tensor {name} appears in both {self.location[name].name} "
+                                f"and {file.name}")
+        self.location[name] = file
+    self.used: set[str] = set()
+
+  def _open(self, file: pathlib.Path):
+    if file not in self._handles:
+      try:
+        self._handles[file] = self._stack.enter_context(safe_open(str(file), framework="flax"))
+      except Exception as e:  # safetensors raises its own error types for corrupt headers
+        raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
+    return self._handles[file]
+
+  def read(self, name: str, shape: tuple[int, ...], transpose: bool) -> np.ndarray:
+    if name not in self.location:
+      raise CheckpointError(f"tensor {name} is missing from the checkpoint")
+    self.used.add(name)
+    # framework="flax" because numpy cannot hold bf16; convert to fp32 on the host right away.
+    tensor = np.asarray(self._open(self.location[name]).get_tensor(name), dtype=np.float32)
+    if transpose:
+      tensor = tensor.T
+    if tuple(tensor.shape) != tuple(shape):
+      raise CheckpointError(f"tensor {name} in {self.location[name].name} has shape "
+                            f"{tuple(tensor.shape)}, expected {tuple(shape)} from config.json")
+    return tensor
+
+
+def from_hf(path: str | os.PathLike, vocab: VocabConfig | None = None,
+            mesh: jax.sharding.Mesh | None = None, **model_overrides) -> tuple[ModelConfig,
+                                                                              Transformer]:
+  """Reads a Hugging Face Qwen2/Dream directory into (config, model); sharded if `mesh`."""
+  directory = pathlib.Path(path)
+  config_file = directory / "config.json"
+  if not config_file.is_file():
+    raise CheckpointError(f"{directory}: no config.json")
+  config = config_from_hf(json.loads(config_file.read_text()), vocab, str(config_file),
+                          **model_overrides)
+  with contextlib.ExitStack() as stack:
+    index = _TensorIndex(directory, stack)
+
+    def read(keys: tuple[str, ...], shape: tuple[int, ...]) -> np.ndarray:
+      if keys[0] == "layers" and config.scan_layers:
+        # Stacked [num_layers, ...] parameter: fill one preallocated array layer by layer.
+        stacked = np.empty(shape, np.float32)
+        for layer in range(shape[0]):
+          name, transpose = hf_name(("layers", str(layer)) + keys[1:])
+          stacked[layer] = index.read(name, shape[1:], transpose)
+        return stacked
+      name, transpose = hf_name(keys)
+      return index.read(name, shape, transpose)
+
+    model = model_from_arrays(config, read, mesh)
+    unexpected = sorted(name for name in set(index.location) - index.used
+                        if not name.endswith(IGNORED_TENSOR_SUFFIXES))
+    if unexpected:
+      raise CheckpointError(f"tensor {unexpected[0]} in {index.location[unexpected[0]].name} is "
+                            f"not a parameter of this architecture ({len(unexpected)} unexpected)")
+  return config, model
+
+
+# --- writing ----------------------------------------------------------------------------------
+
+
+def _hf_tensors(model: Transformer, config: ModelConfig, dtype):
+  """Yields (HF name, host array) one tensor at a time."""
+  state = nnx.state(model, nnx.Param)
+  for path, variable in jax.tree_util.tree_leaves_with_path(
+      state, is_leaf=lambda x: isinstance(x, nnx.Variable)):
+    keys = tuple(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+    value = variable.get_value()
+    layers = ([(("layers", str(i)) + keys[1:], value[i]) for i in range(value.shape[0])]
+              if keys[0] == "layers" and config.scan_layers else [(keys, value)])
+    for layer_keys, array in layers:
+      name, transpose = hf_name(layer_keys)
+      host = np.asarray(jax.device_get(array)).astype(dtype)
+      yield name, np.ascontiguousarray(host.T if transpose else host)
+
+
+def to_hf(model: Transformer, config: ModelConfig, path: str | os.PathLike,
+          dtype: str = "float32", max_shard_bytes: int = 4 << 30) -> list[pathlib.Path]:
+  """Writes config.json + safetensors shards (+ index); files appear atomically by rename."""
+  if not config.qkv_bias:
+    raise CheckpointError("export needs model.qkv_bias=true: Qwen2 always has q/k/v biases")
+  np_dtype = {"float32": np.float32, "bfloat16": jax.numpy.bfloat16,
+              "float16": np.float16}.get(dtype)
+  if np_dtype is None:
+    raise CheckpointError(f"export dtype {dtype!r}: expected float32, bfloat16 or float16")
+  directory = pathlib.Path(path)
+  directory.mkdir(parents=True, exist_ok=True)
+  shards: list[dict[str, np.ndarray]] = [{}]
+  shard_bytes = 0
+  written: list[pathlib.Path] = []
+  weight_map: dict[str, str] = {}
+
+  def flush():
+    nonlocal shard_bytes
+    if not shards[-1]:
+      return
+    index = len(written) + 1
+    name = f"model-{index:05d}.safetensors"
+    _atomic_write(directory / name, lambda tmp: save_file(shards[-1], tmp, metadata={"format": "pt"}))
+    weight_map.update({tensor: name for tensor in shards[-1]})
+    written.append(directory / name)
+    shards[-1] = {}
+    shard_bytes = 0
+
+  for name, array in _hf_tensors(model, config, np_dtype):
+    if shard_bytes and shard_bytes + array.nbytes > max_shard_bytes:
+      flush()
+    shards[-1][name] = array
+    shard_bytes += array.nbytes
+  flush()
+
+  if len(written) == 1:
+    final = directory / "model.safetensors"
+    os.replace(written[0], final)
+    written = [final]
+  else:
+    total = sum(p.stat().st_size for p in written)
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    _atomic_write(directory / "model.safetensors.index.json",
+                  lambda tmp: pathlib.Path(tmp).write_text(json.dumps(index, indent=2)))
+  _atomic_write(directory / "config.json", lambda tmp: pathlib.Path(tmp).write_text(
+      json.dumps(config_to_hf(config, dtype), indent=2)))
+  return written
+
+
+def _atomic_write(target: pathlib.Path, write) -> None:
+  fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+  os.close(fd)
+  try:
+    write(tmp)
+    os.replace(tmp, target)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+# --- command line -----------------------------------------------------------------------------
+
+
+def parse_vocab(spec: str | None) -> VocabConfig | None:
+  """`omni_diffusion` or `compact:TEXT,IMAGE_CODES,SPEECH_CODES` -> VocabConfig."""
+  if spec is None:
+    return None
+  if spec == "omni_diffusion":
+    return VocabConfig(layout="omni_diffusion")
+  layout, _, sizes = spec.partition(":")
+  try:
+    text, image, speech = (int(x) for x in sizes.split(","))
+  except ValueError:
+    raise ConfigError(f"--vocab {spec!r}: expected omni_diffusion or "
+                      "compact:TEXT,IMAGE_CODES,SPEECH_CODES") from None
+  if layout != "compact":
+    raise ConfigError(f"--vocab {spec!r}: unknown layout {layout!r}")
+  return VocabConfig(layout="compact", text_size=text, n_image_codes=image, n_speech_codes=speech)
+
+
+def run_convert(args) -> int:
+  """`omnijax convert from-hf HF_DIR OUT_DIR` / `omnijax convert to-hf MODEL_DIR HF_DIR`."""
+  from omnijax.model.params_io import load_model, save_model
+
+  try:
+    if args.direction == "from-hf":
+      config, model = from_hf(args.source, vocab=parse_vocab(args.vocab))
+      save_model(model, config, args.dest)
+    else:
+      config, model = load_model(args.source)
+      to_hf(model, config, args.dest, dtype=args.dtype)
+  except (CheckpointError, FileNotFoundError) as e:
+    print(f"omnijax convert: {e}")
+    return 1
+  print(f"converted {args.source} -> {args.dest}: {config.param_count():,} parameters")
+  return 0

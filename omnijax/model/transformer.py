@@ -1,0 +1,201 @@
+"""The Qwen2/Dream backbone in Flax NNX, used bidirectionally within each packed segment.
+
+`Transformer(config, rngs)(input_ids, segment_ids=None, positions=None) -> logits [B, L, V]`.
+Logits are raw (`logits[:, i] = lm_head(h_i)`): the Dream shift (h(i-1) predicts x(i)) belongs to
+the objective and the sampler. Parameters are fp32 (`param_dtype`), matmuls run in
+`compute_dtype`, and every parameter carries `logical_axes` metadata for omnijax.sharding.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
+
+from omnijax.config import ModelConfig
+from omnijax.model.attention import get_attention
+from omnijax.model.rope import apply_rope, segment_positions
+from omnijax.sharding import constrain
+
+
+def _normal_param(rngs: nnx.Rngs, shape, axes, std: float, dtype) -> nnx.Param:
+  return nnx.Param(std * jax.random.normal(rngs.params(), shape, dtype), logical_axes=axes)
+
+
+class Dense(nnx.Module):
+  """x @ kernel (+ bias), kernel stored [in, out] in param dtype, computed in compute dtype."""
+
+  def __init__(self, in_features: int, out_features: int, axes: tuple[str, str], *, bias: bool,
+               config: ModelConfig, rngs: nnx.Rngs):
+    self.compute_dtype = jnp.dtype(config.compute_dtype)
+    param_dtype = jnp.dtype(config.param_dtype)
+    self.kernel = _normal_param(rngs, (in_features, out_features), axes, config.init_std,
+                                param_dtype)
+    self.bias = (nnx.Param(jnp.zeros((out_features,), param_dtype), logical_axes=(axes[1],))
+                 if bias else None)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    y = jnp.dot(x.astype(self.compute_dtype), self.kernel[...].astype(self.compute_dtype))
+    if self.bias is not None:
+      y = y + self.bias[...].astype(self.compute_dtype)
+    return y
+
+
+class RMSNorm(nnx.Module):
+  """Variance in fp32; the weight multiplies after casting back (Qwen2 numerics)."""
+
+  def __init__(self, size: int, config: ModelConfig):
+    self.eps = config.rms_eps
+    self.scale = nnx.Param(jnp.ones((size,), jnp.dtype(config.param_dtype)),
+                           logical_axes=("norm",))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return self.scale[...].astype(x.dtype) * normed.astype(x.dtype)
+
+
+class Attention(nnx.Module):
+  """Grouped-query attention: q/k/v with bias, o without; RoPE; backend from config."""
+
+  def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
+    d, hd = config.hidden_size, config.resolved_head_dim
+    self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, hd
+    self.rope_theta = config.rope_theta
+    self.attend = get_attention(config.attention)
+    bias = config.qkv_bias
+    self.q_proj = Dense(d, self.num_heads * hd, ("embed", "heads"), bias=bias, config=config,
+                        rngs=rngs)
+    self.k_proj = Dense(d, self.num_kv_heads * hd, ("embed", "kv_heads"), bias=bias,
+                        config=config, rngs=rngs)
+    self.v_proj = Dense(d, self.num_kv_heads * hd, ("embed", "kv_heads"), bias=bias,
+                        config=config, rngs=rngs)
+    self.o_proj = Dense(self.num_heads * hd, d, ("heads", "embed"), bias=False, config=config,
+                        rngs=rngs)
+
+  def __call__(self, x, segment_ids, positions):
+    batch, length, _ = x.shape
+    q = self.q_proj(x).reshape(batch, length, self.num_heads, self.head_dim)
+    k = self.k_proj(x).reshape(batch, length, self.num_kv_heads, self.head_dim)
+    v = self.v_proj(x).reshape(batch, length, self.num_kv_heads, self.head_dim)
+    q = constrain(checkpoint_name(apply_rope(q, positions, self.rope_theta), "query_proj"),
+                  ("batch", "length", "act_heads", "head_dim"))
+    k = constrain(checkpoint_name(apply_rope(k, positions, self.rope_theta), "key_proj"),
+                  ("batch", "length", "act_kv_heads", "head_dim"))
+    v = constrain(checkpoint_name(v, "value_proj"), ("batch", "length", "act_kv_heads", "head_dim"))
+    out = checkpoint_name(self.attend(q, k, v, segment_ids), "attention_out")
+    out = constrain(out, ("batch", "length", "act_heads", "head_dim"))
+    return checkpoint_name(self.o_proj(out.reshape(batch, length, -1)), "out_proj")
+
+
+class MLP(nnx.Module):
+  """SwiGLU: down(silu(gate(x)) * up(x)), no biases."""
+
+  def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
+    d, f = config.hidden_size, config.mlp_size
+    self.gate_proj = Dense(d, f, ("embed", "mlp"), bias=False, config=config, rngs=rngs)
+    self.up_proj = Dense(d, f, ("embed", "mlp"), bias=False, config=config, rngs=rngs)
+    self.down_proj = Dense(f, d, ("mlp", "embed"), bias=False, config=config, rngs=rngs)
+
+  def __call__(self, x):
+    hidden = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
+    hidden = constrain(checkpoint_name(hidden, "mlp_hidden"), ("batch", "length", "act_mlp"))
+    return self.down_proj(hidden)
+
+
+class Block(nnx.Module):
+  """Pre-norm decoder layer, run without a causal mask."""
+
+  def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
+    self.input_layernorm = RMSNorm(config.hidden_size, config)
+    self.self_attn = Attention(config, rngs)
+    self.post_attention_layernorm = RMSNorm(config.hidden_size, config)
+    self.mlp = MLP(config, rngs)
+
+  def __call__(self, x, segment_ids, positions):
+    x = x + self.self_attn(self.input_layernorm(x), segment_ids, positions)
+    x = x + self.mlp(self.post_attention_layernorm(x))
+    return constrain(x, ("batch", "length", "act_embed"))
+
+
+def remat_policy(name: str):
+  """Config `model.remat` -> (apply remat?, jax.checkpoint policy)."""
+  names = jax.checkpoint_policies.save_only_these_names
+  return {
+      "none": (False, None),
+      "full": (True, None),  # save nothing: recompute the whole layer in the backward pass
+      "save_dots": (True, jax.checkpoint_policies.dots_with_no_batch_dims_saveable),
+      "save_dots_except_mlp": (True, names("query_proj", "key_proj", "value_proj",
+                                           "attention_out", "out_proj")),
+      "save_attention_out": (True, names("attention_out")),
+  }[name]
+
+
+class Transformer(nnx.Module):
+  """Token embedding, N blocks (scanned or a list), final norm, untied (or tied) lm_head."""
+
+  def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
+    self.config = config
+    param_dtype = jnp.dtype(config.param_dtype)
+    self.embed_tokens = _normal_param(rngs, (config.vocab_size, config.hidden_size),
+                                      ("vocab", "embed"), config.init_std, param_dtype)
+    if config.scan_layers:
+      self.layers = self._stacked_blocks(config, rngs)
+    else:
+      self.layers = nnx.List([Block(config, rngs) for _ in range(config.num_layers)])
+    self.norm = RMSNorm(config.hidden_size, config)
+    self.lm_head = (None if config.tie_embeddings else
+                    _normal_param(rngs, (config.hidden_size, config.vocab_size),
+                                  ("embed", "vocab"), config.init_std, param_dtype))
+
+  @staticmethod
+  def _stacked_blocks(config: ModelConfig, rngs: nnx.Rngs) -> Block:
+    """One Block whose parameters carry a leading `layers` axis (for lax.scan)."""
+
+    @nnx.split_rngs(splits=config.num_layers)
+    @nnx.vmap(in_axes=0, out_axes=0,
+              transform_metadata={nnx.PARTITION_NAME: "layers", "logical_axes": "layers"})
+    def create(layer_rngs: nnx.Rngs) -> Block:
+      return Block(config, layer_rngs)
+
+    return create(rngs)
+
+  def __call__(self, input_ids: jax.Array, segment_ids: jax.Array | None = None,
+               positions: jax.Array | None = None) -> jax.Array:
+    config = self.config
+    compute_dtype = jnp.dtype(config.compute_dtype)
+    if segment_ids is None:
+      segment_ids = jnp.ones(input_ids.shape, jnp.int32)
+    segment_ids = segment_ids.astype(jnp.int32)
+    if positions is None:
+      positions = segment_positions(segment_ids)
+    x = jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(compute_dtype)
+    x = constrain(x, ("batch", "length", "act_embed"))
+
+    use_remat, policy = remat_policy(config.remat)
+
+    def layer(graphdef, layer_state, h):
+      return nnx.merge(graphdef, layer_state)(h, segment_ids, positions)
+
+    if use_remat:
+      # prevent_cse only matters outside scan, where XLA could otherwise merge recomputation.
+      layer = jax.checkpoint(layer, policy=policy, prevent_cse=not config.scan_layers,
+                             static_argnums=(0,))
+    if config.scan_layers:
+      graphdef, stacked = nnx.split(self.layers)
+      x, _ = jax.lax.scan(lambda h, layer_state: (layer(graphdef, layer_state, h), None),
+                          x, stacked)
+    else:
+      for block in self.layers:
+        x = layer(*nnx.split(block), x)
+
+    x = self.norm(x)
+    head = (self.embed_tokens[...].T if self.lm_head is None else self.lm_head[...])
+    logits = jnp.dot(x, head.astype(compute_dtype))
+    return constrain(logits, ("batch", "length", "act_vocab"))
+
+
+def init_model(config: ModelConfig, seed: int = 0) -> Transformer:
+  """A freshly initialised model on the default device (unsharded)."""
+  return Transformer(config, nnx.Rngs(params=seed))

@@ -1,0 +1,141 @@
+"""Device mesh, the one logical-axis rules table, and the checks on how parameters are sharded.
+
+Every parameter carries `logical_axes` metadata (one name per dimension) and every major
+activation is constrained by logical names; `RULES` alone maps those names to mesh axes.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
+
+from omnijax.config import ConfigError, MeshConfig
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Logical name -> mesh axes. Parameters are FSDP-sharded on their model dimension and
+# tensor-sharded on heads / MLP / vocabulary; activations are batch-sharded over data and fsdp.
+RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    # parameters
+    ("layers", None),
+    ("embed", "fsdp"),
+    ("vocab", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("norm", None),
+    # activations
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_kv_heads", "tensor"),
+    ("head_dim", None),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
+)
+_RULES = dict(RULES)
+
+
+def make_mesh(config: MeshConfig, devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
+  """Builds the (data, fsdp, tensor) mesh, filling the one -1 axis with the remaining devices."""
+  devices = list(jax.devices() if devices is None else devices)
+  sizes = config.as_dict()
+  known = math.prod(size for size in sizes.values() if size != -1)
+  for axis, size in sizes.items():
+    if size == -1:
+      if len(devices) % known:
+        raise ConfigError(f"mesh.{axis}=-1: {len(devices)} devices are not divisible by the other "
+                          f"axes' product {known} ({sizes})")
+      sizes[axis] = len(devices) // known
+  if math.prod(sizes.values()) != len(devices):
+    raise ConfigError(f"mesh {sizes} needs {math.prod(sizes.values())} devices but "
+                      f"{len(devices)} are available; set one mesh axis to -1 or fix the sizes")
+  shape = tuple(sizes[axis] for axis in MESH_AXES)
+  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
+                       devices=devices)
+
+
+def logical_to_spec(names: Sequence[str | None], mesh=None) -> PartitionSpec:
+  """Logical axis names -> PartitionSpec via `RULES`; mesh axes of size 1 are dropped."""
+  spec = []
+  used: set[str] = set()
+  for name in names:
+    if name is not None and name not in _RULES:
+      raise KeyError(f"logical axis {name!r} has no entry in omnijax.sharding.RULES")
+    target = _RULES.get(name) if name is not None else None
+    axes = (target,) if isinstance(target, str) else tuple(target or ())
+    if mesh is not None:
+      axes = tuple(a for a in axes if a in mesh.shape and mesh.shape[a] > 1)
+    # A mesh axis may shard only one dimension of an array.
+    axes = tuple(a for a in axes if a not in used)
+    used.update(axes)
+    spec.append(axes[0] if len(axes) == 1 else (axes or None))
+  return PartitionSpec(*spec)
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+  """Sharding constraint by logical names; a no-op when no mesh is set (single-device use)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return x
+  return jax.lax.with_sharding_constraint(x, logical_to_spec(names, mesh))
+
+
+def _logical_axes(variable: nnx.Variable) -> tuple:
+  names = variable.get_metadata().get("logical_axes")
+  if names is None or len(names) != variable.get_value().ndim:
+    raise ValueError(f"parameter of shape {variable.get_value().shape} has logical_axes {names}; "
+                     "every parameter needs one logical name per dimension")
+  return tuple(names)
+
+
+def state_specs(state) -> object:
+  """nnx.State of Variables -> matching tree of PartitionSpecs (mesh-independent)."""
+  return jax.tree.map(lambda v: logical_to_spec(_logical_axes(v)), state,
+                      is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def state_shardings(state, mesh) -> object:
+  """nnx.State of Variables -> matching tree of NamedShardings on `mesh`."""
+  return jax.tree.map(lambda v: NamedSharding(mesh, logical_to_spec(_logical_axes(v), mesh)),
+                      state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def replicated_fraction(state, mesh) -> float:
+  """Fraction of parameter bytes that are stored whole on every device."""
+  total = replicated = 0
+  for variable in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, nnx.Variable)):
+    value = variable.get_value()
+    size = int(np.prod(value.shape)) * np.dtype(value.dtype).itemsize
+    total += size
+    spec = logical_to_spec(_logical_axes(variable), mesh)
+    if all(axis is None for axis in spec):
+      replicated += size
+  return replicated / max(total, 1)
+
+
+def assert_sufficiently_sharded(state, mesh, tolerance: float = 0.02) -> None:
+  """Fails when more than `tolerance` of parameter bytes are replicated on an FSDP mesh."""
+  if mesh.shape.get("fsdp", 1) <= 1:
+    return
+  fraction = replicated_fraction(state, mesh)
+  if fraction > tolerance:
+    raise AssertionError(f"{fraction:.1%} of parameter bytes are replicated on mesh "
+                         f"{dict(mesh.shape)} (tolerance {tolerance:.0%}); check sharding.RULES")
+
+
+def sharding_table(state, mesh) -> list[tuple[str, tuple, tuple, PartitionSpec]]:
+  """(path, shape, logical axes, mesh spec) for every parameter, for `omnijax info`."""
+  rows = []
+  for path, variable in jax.tree_util.tree_leaves_with_path(
+      state, is_leaf=lambda x: isinstance(x, nnx.Variable)):
+    name = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+    axes = _logical_axes(variable)
+    rows.append((name, tuple(variable.get_value().shape), axes, logical_to_spec(axes, mesh)))
+  return rows
