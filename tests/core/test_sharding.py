@@ -1,0 +1,86 @@
+"""Parameters are really sharded as the rules table says, and sharding never changes values."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from omnijax import sharding
+from omnijax.config import CONFIG_ROOT, MeshConfig, load_config
+from omnijax.model.build import create_model
+
+
+def tiny_config():
+  return load_config(CONFIG_ROOT / "model" / "tiny.yaml").model
+
+
+@pytest.fixture(scope="module")
+def reference():
+  config = tiny_config()
+  model = create_model(config, seed=0)
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, 1000, size=(8, 16)).astype(np.int32)
+  segment_ids = np.repeat(np.array([[1] * 9 + [2] * 5 + [0] * 2]), 8, axis=0).astype(np.int32)
+  return config, np.asarray(model(jnp.asarray(tokens), jnp.asarray(segment_ids))), tokens, \
+      segment_ids
+
+
+def _shard_shape(shape, spec, mesh):
+  out = list(shape)
+  for dim, axes in enumerate(spec):
+    for axis in (axes,) if isinstance(axes, str) else (axes or ()):
+      out[dim] //= mesh.shape[axis]
+  return tuple(out)
+
+
+@pytest.mark.parametrize("shape", [(8, 1, 1), (2, 2, 2), (1, 4, 2), (1, 8, 1), (1, 1, 8)])
+def test_sharded_params_and_forward(reference, shape):
+  config, expected, tokens, segment_ids = reference
+  mesh = sharding.make_mesh(MeshConfig(*shape))
+  model = create_model(config, mesh, seed=0)  # same seed: same values, created sharded
+  state = nnx.state(model)
+  q_kernel = state["layers"]["self_attn"]["q_proj"]["kernel"][...]
+  embed = state["embed_tokens"][...]
+  data, fsdp, tensor = shape
+  assert q_kernel.sharding.spec == sharding.logical_to_spec(("layers", "embed", "heads"), mesh)
+  assert {s.data.shape for s in q_kernel.addressable_shards} == {
+      (2, 64 // fsdp, 64 // tensor)}
+  assert {s.data.shape for s in embed.addressable_shards} == {(1152 // tensor, 64 // fsdp)}
+  for variable in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, nnx.Variable)):
+    array = variable.get_value()
+    spec = sharding.logical_to_spec(variable.get_metadata()["logical_axes"], mesh)
+    assert {s.data.shape for s in array.addressable_shards} == {
+        _shard_shape(array.shape, spec, mesh)}
+  if fsdp > 1:
+    sharding.assert_sufficiently_sharded(state, mesh)
+  batch_sharding = jax.NamedSharding(mesh, sharding.logical_to_spec(("batch", "length"), mesh))
+  with jax.set_mesh(mesh):
+    out = jax.jit(lambda t, s: model(t, s))(jax.device_put(tokens, batch_sharding),
+                                            jax.device_put(segment_ids, batch_sharding))
+  expected_sharding = jax.NamedSharding(
+      mesh, sharding.logical_to_spec(("batch", "length", "act_vocab"), mesh))
+  assert out.sharding.is_equivalent_to(expected_sharding, out.ndim)
+  np.testing.assert_allclose(np.asarray(out), expected, atol=1e-5, rtol=0)
+
+
+def test_rules_drop_axes_of_size_one_and_never_reuse_an_axis():
+  mesh = sharding.make_mesh(MeshConfig(2, 4, 1))
+  assert sharding.logical_to_spec(("batch", "length", "act_vocab"), mesh) == P(("data", "fsdp"),
+                                                                               None, None)
+  assert sharding.logical_to_spec(("embed", "embed")) == P("fsdp", None)
+  with pytest.raises(KeyError, match="no entry in omnijax.sharding.RULES"):
+    sharding.logical_to_spec(("nonsense",))
+
+
+def test_replication_check_fails_when_too_much_is_replicated():
+  mesh = sharding.make_mesh(MeshConfig(1, 8, 1))
+  _, state = nnx.split(create_model(tiny_config(), mesh))
+  fraction = sharding.replicated_fraction(state, mesh)
+  assert 0 < fraction < 0.02  # only the RMSNorm scales are replicated
+  with pytest.raises(AssertionError, match="replicated on mesh"):
+    sharding.assert_sufficiently_sharded(state, mesh, tolerance=fraction / 2)
+  # A mesh without FSDP has nothing to check.
+  sharding.assert_sufficiently_sharded(state, sharding.make_mesh(MeshConfig(8, 1, 1)),
+                                       tolerance=0.0)

@@ -1,0 +1,115 @@
+"""The backbone: bidirectional segment masking, positions, padding, scan/remat equivalence."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from omnijax.config import CONFIG_ROOT, load_config
+from omnijax.model.attention import xla_attention
+from omnijax.model.build import create_model
+from omnijax.model.rope import segment_positions
+
+
+def tiny(*overrides):
+  return load_config(CONFIG_ROOT / "model" / "tiny.yaml", list(overrides)).model
+
+
+def test_positions_restart_at_every_segment():
+  seg = jnp.array([[1, 1, 1, 2, 2, 3, 0, 0], [1, 1, 1, 1, 1, 1, 1, 1]])
+  np.testing.assert_array_equal(segment_positions(seg),
+                                [[0, 1, 2, 0, 1, 0, 0, 1], list(range(8))])
+
+
+def test_attention_is_bidirectional_within_a_segment_and_blind_across():
+  model = create_model(tiny(), seed=0)
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, 512, size=(1, 12))
+  seg = jnp.array([[1] * 6 + [2] * 4 + [0] * 2])
+  base = model(jnp.asarray(tokens), seg)
+  # Changing the LAST token of segment 1 changes the FIRST position's logits (bidirectional) ...
+  changed = tokens.copy()
+  changed[0, 5] = (changed[0, 5] + 1) % 512
+  out = model(jnp.asarray(changed), seg)
+  assert np.abs(out[0, 0] - base[0, 0]).max() > 1e-4
+  # ... but not segment 2's, and padding tokens are invisible to everyone.
+  np.testing.assert_allclose(out[0, 6:10], base[0, 6:10], atol=1e-6)
+  padded = tokens.copy()
+  padded[0, 10:] = 7
+  np.testing.assert_allclose(model(jnp.asarray(padded), seg)[0, :10], base[0, :10], atol=1e-6)
+  assert np.isfinite(np.asarray(base)).all()
+
+
+def test_packed_row_equals_separate_rows():
+  model = create_model(tiny(), seed=1)
+  rng = np.random.default_rng(1)
+  a, b = rng.integers(0, 512, size=7), rng.integers(0, 512, size=5)
+  packed = model(jnp.asarray(np.concatenate([a, b]))[None], jnp.array([[1] * 7 + [2] * 5]))
+  np.testing.assert_allclose(packed[0, :7], model(jnp.asarray(a)[None])[0], atol=2e-5)
+  np.testing.assert_allclose(packed[0, 7:], model(jnp.asarray(b)[None])[0], atol=2e-5)
+
+
+def test_fully_padded_rows_are_finite_and_attention_zero():
+  q = jax.random.normal(jax.random.key(0), (2, 6, 4, 8))
+  k = v = jax.random.normal(jax.random.key(1), (2, 6, 2, 8))
+  seg = jnp.array([[1, 1, 0, 0, 0, 0], [0] * 6])
+  out = xla_attention(q, k, v, seg)
+  assert np.isfinite(np.asarray(out)).all()
+  np.testing.assert_array_equal(out[0, 2:], 0.0)
+  np.testing.assert_array_equal(out[1], 0.0)
+  grads = jax.grad(lambda q: xla_attention(q, k, v, seg).sum())(q)
+  assert np.isfinite(np.asarray(grads)).all()
+
+
+def _unstacked_copy(stacked_model, config):
+  """The same weights in the list-of-layers layout (scan_layers=false)."""
+  listed = create_model(dataclasses.replace(config, scan_layers=False), seed=9)
+  state = nnx.state(stacked_model)
+  target = nnx.state(listed)
+  for i in range(config.num_layers):
+    layer = jax.tree.map(lambda x: x[i], state["layers"])
+    target["layers"][i] = layer
+  for key in ("embed_tokens", "norm", "lm_head"):
+    target[key] = state[key]
+  nnx.update(listed, target)
+  return listed
+
+
+@pytest.mark.parametrize("remat", ["none", "full", "save_dots", "save_dots_except_mlp",
+                                   "save_attention_out"])
+def test_scan_and_remat_do_not_change_values_or_grads(remat):
+  config = tiny(f"model.remat={remat}")
+  stacked = create_model(config, seed=4)
+  listed = _unstacked_copy(stacked, config)
+  tokens = jnp.arange(20).reshape(2, 10) % 512
+  seg = jnp.array([[1] * 6 + [2] * 4, [1] * 8 + [0] * 2])
+  loss = lambda m: jnp.mean(m(tokens, seg) ** 2)
+  np.testing.assert_allclose(stacked(tokens, seg), listed(tokens, seg), atol=1e-5)
+  g_stacked = nnx.grad(loss)(stacked)
+  g_listed = nnx.grad(loss)(listed)
+  np.testing.assert_allclose(g_stacked["layers"]["mlp"]["down_proj"]["kernel"][...][1],
+                             g_listed["layers"][1]["mlp"]["down_proj"]["kernel"][...], atol=1e-6)
+  np.testing.assert_allclose(g_stacked["embed_tokens"][...], g_listed["embed_tokens"][...],
+                             atol=1e-6)
+
+
+def test_bf16_compute_keeps_fp32_params_and_tracks_fp32():
+  config32, config16 = tiny(), tiny("model.compute_dtype=bfloat16")
+  m32, m16 = create_model(config32, seed=2), create_model(config16, seed=2)
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(nnx.state(m16)))
+  tokens = jnp.arange(16)[None] % 512
+  out16 = m16(tokens)
+  assert out16.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(out16, np.float32), m32(tokens), atol=0.05)
+
+
+def test_tied_embeddings_share_the_matrix():
+  model = create_model(tiny("model.tie_embeddings=true"), seed=0)
+  assert model.lm_head is None
+  hidden = model.config.hidden_size
+  n = sum(x.size for x in jax.tree.leaves(nnx.state(model)))
+  assert n == model.config.param_count()
+  assert model.config.param_count() < create_model(tiny()).config.param_count() - 500 * hidden
