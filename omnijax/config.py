@@ -154,6 +154,8 @@ class DataConfig:
   """Where pre-tokenized shards live and how the Grain pipeline turns them into batches."""
 
   dir: str = "data/toyworld"
+  # Subdirectory of `dir` holding the shards and manifest.json (`omnijax prepare` writes splits).
+  split: str = "train"
   seq_len: int = 512
   global_batch_size: int = 8
   # Task name -> sampling weight; empty means every task present in the shards, weight 1.
@@ -161,17 +163,27 @@ class DataConfig:
   tail_pads_min: int = 1
   tail_pads_max: int = 16
   seed: int = 0
+  # Grain worker processes (0 = in the training process) and local batches each keeps ready.
   num_workers: int = 0
+  worker_buffer_size: int = 2
 
   def __post_init__(self):
+    from omnijax.data.tasks import TASKS
+
     if self.seq_len < 2 or self.global_batch_size < 1:
       raise ConfigError("data.seq_len must be >= 2 and data.global_batch_size >= 1")
     if not 0 <= self.tail_pads_min <= self.tail_pads_max:
       raise ConfigError(f"data.tail_pads_min={self.tail_pads_min} must be in "
                         f"[0, data.tail_pads_max={self.tail_pads_max}]")
     for task, weight in self.mixture.items():
+      if task not in TASKS:
+        raise ConfigError(f"data.mixture.{task}: unknown task; known tasks: {', '.join(TASKS)}")
       if weight < 0:
         raise ConfigError(f"data.mixture.{task}={weight} must be >= 0")
+    if self.num_workers < 0 or self.worker_buffer_size < 1:
+      raise ConfigError("data.num_workers must be >= 0 and data.worker_buffer_size >= 1")
+    if not self.split or "/" in self.split:
+      raise ConfigError(f"data.split={self.split!r} must name one subdirectory of data.dir")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -49,11 +49,23 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Arr
 
 
 # Every value the model config key `attention` accepts; config validation reads this tuple.
-ATTENTION_BACKENDS: tuple[str, ...] = ("xla",)
+#   xla: this module's jnp version, any platform;
+#   pallas: omnijax.kernels flash attention (TPU Mosaic / GPU Triton; interpreted on CPU);
+#   splash: JAX's TPU splash attention (interpreted on CPU);
+#   cudnn: cuDNN fused attention, GPU only.
+ATTENTION_BACKENDS: tuple[str, ...] = ("xla", "pallas", "splash", "cudnn")
 
 
 def get_attention(name: str) -> AttentionFn:
-  """The single dispatch point: model config `attention` -> implementation."""
+  """The single dispatch point: model config `attention` -> attn(q, k, v, segment_ids).
+
+  The kernel backends pick their variant from `jax.default_backend()` and, when called under
+  `jax.set_mesh`, run per shard via shard_map (omnijax.kernels.sharded).
+  """
   if name == "xla":
     return xla_attention
-  raise ValueError(f"model.attention={name!r} is not one of {ATTENTION_BACKENDS}")
+  if name not in ATTENTION_BACKENDS:
+    raise ValueError(f"model.attention={name!r} is not one of {ATTENTION_BACKENDS}")
+  # Imported here: the kernels import this module for the shared mask semantics.
+  from omnijax.kernels.sharded import backend_attention
+  return backend_attention(name, jax.default_backend())
