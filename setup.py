@@ -15,6 +15,7 @@ INSTALL_REQUIRES = [
     "safetensors>=0.5",
     "tokenizers>=0.21",
     "tensorflow-datasets>=4.9.10,<5",
+    "importlib_resources>=6",  # tfds needs it to build custom datasets but does not declare it
     "tensorboardX>=2.6",
     "matplotlib>=3.8",
     "tqdm>=4.66",

@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "compact:TEXT,IMAGE_CODES,SPEECH_CODES")
   convert.add_argument("--dtype", default="float32", help="export dtype (to-hf)")
   convert.set_defaults(func=_run_convert)
+
+  from omnijax.data import cli as data_cli  # argparse only; heavy imports stay in the handlers
+  data_cli.register(commands)
   return parser
 
 

@@ -1,0 +1,132 @@
+"""Shard directories: per-task ArrayRecord files of encoded samples plus a JSON manifest.
+
+A directory holds `<task>-<nnnnn>.array_record` files (one family per task, so a mixture reads
+each task's files as its own source) and `manifest.json`: format version, vocabulary layout, image
+lengths, per-task record and token counts, and every shard with its record count. A shard that
+reads back fewer records than the manifest lists is truncated.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import pathlib
+from typing import Any
+
+from array_record.python.array_record_module import ArrayRecordWriter
+
+from omnijax.data import record
+from omnijax.data.record import Sample
+from omnijax.data.tasks import TASKS
+from omnijax.data.templates import ImageLengths
+from omnijax.data.validate import check_sample
+from omnijax.vocab import Vocab
+
+MANIFEST = "manifest.json"
+SHARD_SUFFIX = ".array_record"
+# group_size:1 keeps every record individually addressable: Grain reads records at random.
+WRITER_OPTIONS = "group_size:1"
+
+
+class ManifestError(ValueError):
+  """A shard directory's manifest is missing, unreadable or incompatible with the model."""
+
+
+class ShardWriter:
+  """Validates and appends samples, rotating each task's shard once it passes `max_shard_bytes`."""
+
+  def __init__(self, out_dir: str | os.PathLike, vocab: Vocab, image_lengths: ImageLengths,
+               max_shard_bytes: int = 256 << 20, extra: dict[str, Any] | None = None):
+    self.out_dir = pathlib.Path(out_dir)
+    self.out_dir.mkdir(parents=True, exist_ok=True)
+    self.vocab, self.image_lengths = vocab, image_lengths
+    self.max_shard_bytes = max_shard_bytes
+    self.extra = extra or {}
+    self._open: dict[str, tuple[ArrayRecordWriter, dict]] = {}
+    self._shards: list[dict] = []
+    self._stats = collections.defaultdict(lambda: dict(records=0, tokens=0, response_tokens=0))
+
+  def write(self, sample: Sample) -> None:
+    check_sample(sample, self.vocab, self.image_lengths)
+    payload = record.encode(sample)
+    writer, shard = self._writer_for(sample.task)
+    writer.write(payload)
+    shard["records"] += 1
+    shard["bytes"] += len(payload)
+    stats = self._stats[sample.task]
+    stats["records"] += 1
+    stats["tokens"] += len(sample.tokens)
+    stats["response_tokens"] += len(sample.response)
+    if shard["bytes"] >= self.max_shard_bytes:
+      writer.close()
+      del self._open[sample.task]
+
+  def _writer_for(self, task: str):
+    if task not in self._open:
+      number = sum(shard["task"] == task for shard in self._shards)
+      shard = dict(file=f"{task}-{number:05d}{SHARD_SUFFIX}", task=task, records=0, bytes=0)
+      self._shards.append(shard)
+      self._open[task] = (ArrayRecordWriter(str(self.out_dir / shard["file"]), WRITER_OPTIONS), shard)
+    return self._open[task]
+
+  def close(self) -> dict:
+    """Closes open shards and writes the manifest (last, so a manifest means a complete set)."""
+    for writer, _ in self._open.values():
+      writer.close()
+    self._open.clear()
+    tasks = {task: self._stats[task] for task in TASKS if task in self._stats}
+    manifest = dict(
+        format_version=record.FORMAT_VERSION, vocab=self.vocab.describe(),
+        image_lengths=dict(understanding=self.image_lengths.understanding,
+                           generated=self.image_lengths.generated),
+        tasks=tasks,
+        total={key: sum(stats[key] for stats in tasks.values())
+               for key in ("records", "tokens", "response_tokens")},
+        shards=self._shards, **self.extra)
+    tmp = self.out_dir / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+    tmp.replace(self.out_dir / MANIFEST)
+    return manifest
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+
+def load_manifest(shard_dir: str | os.PathLike) -> dict:
+  path = pathlib.Path(shard_dir) / MANIFEST
+  try:
+    manifest = json.loads(path.read_text())
+  except FileNotFoundError:
+    raise ManifestError(f"{path} does not exist: not a shard directory (run `omnijax prepare`)") from None
+  except json.JSONDecodeError as e:
+    raise ManifestError(f"{path}: not valid JSON: {e}") from None
+  if manifest.get("format_version") != record.FORMAT_VERSION:
+    raise ManifestError(f"{path}: format_version {manifest.get('format_version')!r}, this reader "
+                        f"knows {record.FORMAT_VERSION}")
+  unknown = sorted(set(manifest["tasks"]) - set(TASKS))
+  if unknown:
+    raise ManifestError(f"{path}: unknown task {unknown[0]!r}")
+  return manifest
+
+
+def image_lengths_of(manifest: dict) -> ImageLengths:
+  return ImageLengths(**manifest["image_lengths"])
+
+
+def check_vocab(manifest: dict, vocab: Vocab, where: str) -> None:
+  """The shards' vocabulary layout must equal the model's, id for id."""
+  expected, found = vocab.describe(), manifest["vocab"]
+  if found != expected:
+    diffs = ", ".join(f"{key}: shards {found.get(key)} vs model {value}"
+                      for key, value in expected.items() if found.get(key) != value)
+    raise ManifestError(f"{where}: the shards were tokenized for another vocabulary layout "
+                        f"({diffs}); re-prepare the data or fix model.vocab")
+
+
+def shard_paths(shard_dir: str | os.PathLike, manifest: dict, task: str) -> list[str]:
+  return [str(pathlib.Path(shard_dir) / shard["file"])
+          for shard in manifest["shards"] if shard["task"] == task]

@@ -1,0 +1,21 @@
+"""The tasks omnijax trains on, and their fixed instruction texts (reference §2.4).
+
+`TASKS` is the one canonical list: its order defines task indices in shard headers and the
+`task_ids` batch field, so append new tasks at the end.
+"""
+
+TASKS: tuple[str, ...] = ("t2i", "caption", "vqa", "asr", "tts", "s2i", "svqa")
+
+T2I_PROMPT = "Generate an image based on the provided text description."
+ASR_PROMPT = "Convert the speech to text."
+TTS_PROMPT = "Convert the text to speech."
+S2I_SYSTEM = "Please generate an image based on the input audio."
+# Sic ("response"): the release trained on this exact string.
+SVQA_SYSTEM = "Please response the input audio based on the given image."
+
+
+def task_index(task: str) -> int:
+  try:
+    return TASKS.index(task)
+  except ValueError:
+    raise ValueError(f"unknown task {task!r}; known tasks: {', '.join(TASKS)}") from None

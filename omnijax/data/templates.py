@@ -1,0 +1,147 @@
+"""ChatML templating: conversations with media placeholders -> token ids (reference §2.3-2.4).
+
+Every turn is `<|im_start|>` + role + "\n" + content + `<|im_end|>` + "\n", each text piece tokenized
+separately as the release does. Placeholders consume the media lists in order of appearance:
+`<|image|>` -> `<|begin_of_image|>` codes `<|end_of_image|>` and `<|audio|>` ->
+`<|begin_of_audio|>` codes `<|end_of_audio|>`, in user and assistant turns alike (omnijax speaks
+discrete codes both ways). The response is everything after the final `<|im_start|>assistant\n`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Sequence
+
+import numpy as np
+import tokenizers
+
+from omnijax.data.record import Sample
+from omnijax.data.tasks import task_index
+from omnijax.vocab import SPECIAL_TOKENS, Modality, Vocab
+
+IMAGE = "<|image|>"
+AUDIO = "<|audio|>"
+ROLES = ("system", "user", "assistant")
+_PLACEHOLDER_SPLIT = re.compile(f"({re.escape(IMAGE)}|{re.escape(AUDIO)})")
+
+
+class TemplateError(ValueError):
+  """A conversation cannot be templated; the message says which message and why."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageLengths:
+  """Codes per image: user-side images are understanding inputs, assistant-side ones generated."""
+
+  understanding: int
+  generated: int
+
+  @classmethod
+  def release(cls) -> ImageLengths:
+    return cls(understanding=1024, generated=256)  # 512 px and 256 px MAGVIT-v2 grids
+
+  def for_role(self, role: str) -> int:
+    return self.generated if role == "assistant" else self.understanding
+
+
+class ChatTemplate:
+  """Turns conversations into `Sample`s for one tokenizer, vocabulary and image size."""
+
+  def __init__(self, tokenizer: tokenizers.Tokenizer, vocab: Vocab, image_lengths: ImageLengths):
+    self.tokenizer = tokenizer
+    self.vocab = vocab
+    self.image_lengths = image_lengths
+    self._newline = self._text_ids("\n")
+    self._roles = {role: self._text_ids(role) for role in ROLES}
+
+  @classmethod
+  def from_file(cls, tokenizer_json: str, vocab: Vocab, image_lengths: ImageLengths) -> ChatTemplate:
+    return cls(tokenizers.Tokenizer.from_file(str(tokenizer_json)), vocab, image_lengths)
+
+  def _text_ids(self, text: str) -> list[int]:
+    ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+    outside = [i for i in ids if not 0 <= i < self.vocab.text_size]
+    if outside:
+      raise TemplateError(f"text {text[:40]!r} tokenizes to id {outside[0]} outside the text range "
+                          f"[0, {self.vocab.text_size}): tokenizer and vocabulary do not match")
+    return ids
+
+  def encode(self, task: str, messages: Sequence[dict], image_codes: Sequence = (),
+             speech_codes: Sequence = ()) -> Sample:
+    """Messages [{role, content}] + media code lists (in order of appearance) -> Sample."""
+    task_index(task)
+    if not messages or messages[-1].get("role") != "assistant":
+      raise TemplateError("the conversation must end with an assistant turn (the response)")
+    images, speeches = list(image_codes), list(speech_codes)
+    ids: list[int] = []
+    response_start = 0
+    for number, message in enumerate(messages):
+      role, content = message.get("role"), message.get("content")
+      if role not in ROLES:
+        raise TemplateError(f"message {number}: role {role!r} is not one of {ROLES}")
+      if role == "system" and number:
+        raise TemplateError(f"message {number}: a system message may only come first")
+      if not isinstance(content, str):
+        raise TemplateError(f"message {number}: content must be a string")
+      ids += [self.vocab.im_start_id, *self._roles[role], *self._newline]
+      response_start = len(ids)
+      ids += self._content_ids(number, role, content, images, speeches)
+      ids += [self.vocab.im_end_id, *self._newline]
+    if images or speeches:
+      raise TemplateError(f"{len(images)} image and {len(speeches)} speech code lists were not "
+                          f"consumed by any placeholder")
+    return Sample(task, np.asarray(ids, dtype=np.int32), response_start)
+
+  def _content_ids(self, number: int, role: str, content: str, images: list,
+                   speeches: list) -> list[int]:
+    ids: list[int] = []
+    for piece in _PLACEHOLDER_SPLIT.split(content):
+      if piece == IMAGE:
+        ids += self._media(number, "image", images, self.image_lengths.for_role(role))
+      elif piece == AUDIO:
+        ids += self._media(number, "speech", speeches, None)
+      elif piece:
+        special = next((token for token in SPECIAL_TOKENS if token in piece), None)
+        if special:
+          raise TemplateError(f"message {number}: content contains the special token {special} "
+                              f"outside a placeholder")
+        ids += self._text_ids(piece)
+    return ids
+
+  def _media(self, number: int, kind: str, queue: list, expected: int | None) -> list[int]:
+    if not queue:
+      raise TemplateError(f"message {number}: {kind} placeholder has no {kind} codes left")
+    codes = queue.pop(0)
+    if expected is not None and len(codes) != expected:
+      raise TemplateError(f"message {number}: image has {len(codes)} codes, expected {expected}")
+    if not len(codes):
+      raise TemplateError(f"message {number}: empty {kind} code list")
+    try:
+      if kind == "image":
+        return [self.vocab.begin_image_id, *self.vocab.image_ids(codes), self.vocab.end_image_id]
+      return [self.vocab.begin_audio_id, *self.vocab.speech_ids(codes), self.vocab.end_audio_id]
+    except (ValueError, TypeError) as e:
+      raise TemplateError(f"message {number}: {e}") from None
+
+  def readable(self, ids, max_codes: int = 6) -> str:
+    """Ids -> text with specials spelled out and code runs abbreviated (for humans)."""
+    ids = np.asarray(ids)
+    modality = self.vocab.modality(ids)
+    parts, start = [], 0
+    for end in range(1, len(ids) + 1):
+      if end < len(ids) and modality[end] == modality[start] and modality[start] != Modality.SPECIAL:
+        continue
+      run = ids[start:end]
+      if modality[start] == Modality.TEXT:
+        parts.append(self.tokenizer.decode(run.tolist(), skip_special_tokens=False))
+      elif modality[start] == Modality.SPECIAL:
+        parts.append(SPECIAL_TOKENS[int(run[0]) - self.vocab.text_size])
+      else:
+        kind = "speech" if modality[start] == Modality.SPEECH else "image"
+        offset = self.vocab.speech_offset if kind == "speech" else self.vocab.image_offset
+        codes = (run - offset).tolist()
+        shown = " ".join(map(str, codes[:max_codes])) + (" ..." if len(codes) > max_codes else "")
+        parts.append(f"[{len(codes)} {kind} codes: {shown}]")
+      start = end
+    return "".join(parts)

@@ -1,0 +1,69 @@
+"""Structural checks of a templated sample that need only the vocabulary, not the tokenizer.
+
+The writer runs them before a record reaches disk and `omnijax data inspect` runs them on every
+record read back, so both agree on what a well-formed sample is.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from omnijax.data.record import RecordError, Sample
+from omnijax.data.templates import ImageLengths
+from omnijax.vocab import Modality, Vocab
+
+
+def check_sample(sample: Sample, vocab: Vocab, image_lengths: ImageLengths) -> None:
+  """Raises RecordError on ids out of range, unbalanced markers, stray codes or a bad response."""
+  ids = sample.tokens
+  try:
+    vocab.check_ids(ids)
+  except ValueError as e:
+    raise RecordError(str(e)) from None
+  modality = vocab.modality(ids)
+  spans = {  # begin marker -> (end marker, code modality, kind)
+      vocab.begin_image_id: (vocab.end_image_id, Modality.IMAGE, "image"),
+      vocab.begin_audio_id: (vocab.end_audio_id, Modality.SPEECH, "speech"),
+  }
+  ends = {end: kind for end, _, kind in spans.values()}
+  index = 0
+  while index < len(ids):
+    token = int(ids[index])
+    if token in ends:
+      raise RecordError(f"{ends[token]} end marker at {index} without a begin marker")
+    if modality[index] in (Modality.IMAGE, Modality.SPEECH):
+      raise RecordError(f"code id {token} at {index} outside its begin/end markers")
+    if token not in spans:
+      index += 1
+      continue
+    end_marker, code_modality, kind = spans[token]
+    stop = index + 1
+    while stop < len(ids) and modality[stop] == code_modality:
+      stop += 1
+    if stop == len(ids) or ids[stop] != end_marker:
+      raise RecordError(f"{kind} begin marker at {index} is not closed by its end marker")
+    count = stop - index - 1
+    if count == 0:
+      raise RecordError(f"empty {kind} span at {index}")
+    if kind == "image":
+      in_response = index >= sample.response_start
+      expected = image_lengths.generated if in_response else image_lengths.understanding
+      if count != expected:
+        raise RecordError(f"image at {index} has {count} codes, expected {expected} in the "
+                          f"{'response' if in_response else 'prompt'}")
+    index = stop + 1
+  _check_turns(sample, vocab)
+
+
+def _check_turns(sample: Sample, vocab: Vocab) -> None:
+  ids = sample.tokens
+  if ids[0] != vocab.im_start_id:
+    raise RecordError("the sample does not start with <|im_start|>")
+  starts = np.flatnonzero(ids[:sample.response_start] == vocab.im_start_id)
+  if np.any(ids[starts[-1]:sample.response_start] == vocab.im_end_id):
+    raise RecordError(f"response_start={sample.response_start} is not inside the last turn header")
+  ends = np.flatnonzero(sample.response == vocab.im_end_id)
+  if len(ends) != 1 or ends[0] != len(sample.response) - 2:
+    raise RecordError("the response must end with <|im_end|> and one newline token")
+  if np.any(sample.response == vocab.im_start_id):
+    raise RecordError("the response contains <|im_start|>")

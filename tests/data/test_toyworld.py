@@ -1,0 +1,122 @@
+"""The toy world: determinism, split disjointness, image and speech round trips, tokenizer, tfds."""
+
+import collections
+import pathlib
+
+import numpy as np
+import pytest
+
+from omnijax.data import record
+from omnijax.data.inspect import inspect_split
+from omnijax.data.tasks import TASKS
+from omnijax.data.toyworld import scenes as scenes_lib
+from omnijax.data.toyworld.images import ImageCodebook
+from omnijax.data.toyworld.prepare import prepare
+from omnijax.data.toyworld.speech import SpeechCodebook
+from omnijax.data.toyworld.world import ToyWorldSpec, build, split_scenes
+
+SPEC = ToyWorldSpec(n=30, seed=3, grid=8)
+
+
+def _files(directory: pathlib.Path) -> dict[str, bytes]:
+  return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def test_prepare_is_deterministic_from_the_seed(tmp_path):
+  first = prepare(tmp_path / "a", SPEC)
+  prepare(tmp_path / "b", SPEC)
+  prepare(tmp_path / "c", ToyWorldSpec(n=30, seed=4, grid=8))
+  a, b, c = (_files(tmp_path / name) for name in "abc")
+  assert a == b
+  assert a["train/t2i-00000.array_record"] != c["train/t2i-00000.array_record"]
+  assert first["train"]["vocab"] == SPEC.vocab.describe()
+  assert set(first["train"]["tasks"]) == set(TASKS)
+  assert first["heldout"]["total"]["records"] == 3 * len(TASKS)
+  for split in ("train", "heldout"):  # every written record passes the inspector
+    assert inspect_split(tmp_path / "a" / split)["svqa"]["records"] == first[split]["scenes"]
+
+
+def test_splits_share_no_scene():
+  splits = split_scenes(ToyWorldSpec(n=400, seed=1))
+  train, heldout = ({scene.key for scene in splits[name]} for name in ("train", "heldout"))
+  assert len(train) == 360 and len(heldout) == 40
+  assert not train & heldout
+
+
+@pytest.mark.parametrize("grid, cells", [(16, 2), (8, 2), (12, 3)])
+def test_image_codes_parse_back_to_the_scene(grid, cells):
+  codebook = ImageCodebook(grid=grid, cells=cells)
+  rng = np.random.default_rng(0)
+  for _ in range(200):
+    scene = scenes_lib.random_scene(rng, cells)
+    codes = codebook.encode(scene, rng)
+    assert codes.shape == (grid * grid,) and codes.max() < codebook.codes_used
+    assert codebook.decode(codes) == scene
+  rgb = codebook.to_rgb(codes, pixels_per_code=2)
+  assert rgb.shape == (2 * grid, 2 * grid, 3) and rgb.dtype == np.uint8
+
+
+def test_image_parser_tolerates_stray_codes_and_writes_png(tmp_path):
+  codebook = ImageCodebook(grid=16, cells=2)
+  rng = np.random.default_rng(1)
+  scene = scenes_lib.random_scene(rng, 2)
+  codes = codebook.encode(scene, rng)
+  codes[np.flatnonzero(codes < codebook.background_codes)[:3]] = codebook.codes_used - 1
+  assert codebook.decode(codes) == scene
+  codebook.save_png(codes, tmp_path / "scene.png")
+  assert (tmp_path / "scene.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_speech_round_trip_every_speaker():
+  lexicon = scenes_lib.lexicon(3)
+  speech = SpeechCodebook(lexicon, 256)
+  rng = np.random.default_rng(0)
+  for speaker in range(speech.speakers):
+    words = list(rng.choice(lexicon, size=12))
+    codes = speech.encode(words, speaker, rng)
+    assert codes.min() >= speaker * speech.units and codes.max() < (speaker + 1) * speech.units
+    assert speech.decode(codes) == words
+
+
+def test_tokenizer_fills_text_ids_and_places_specials():
+  world = build(SPEC)
+  vocab = SPEC.vocab
+  assert world.tokenizer.get_vocab_size() == vocab.speech_offset
+  for token, expected in vocab.special_tokens.items():
+    assert world.tokenizer.token_to_id(token) == expected
+  for split in world.samples.values():
+    for sample in split:
+      text = sample.tokens[sample.tokens < vocab.text_size]
+      assert text.max() < vocab.text_size
+
+
+def test_every_task_decodes_to_its_scene():
+  world = build(SPEC)
+  spec = world.spec
+  by_task = collections.defaultdict(list)
+  for sample in world.samples["train"]:
+    by_task[sample.task].append(sample)
+  for number, scene in enumerate(world.scenes["train"]):
+    t2i = by_task["t2i"][number]
+    image = spec.vocab.image_codes(t2i.response[1:1 + spec.images.codes_per_image])
+    assert spec.images.decode(image) == scene
+    asr = by_task["asr"][number]
+    speech = asr.prompt[(asr.prompt >= spec.vocab.speech_offset) & (asr.prompt < spec.vocab.image_offset)]
+    transcript = world.tokenizer.decode(asr.response[:-2].tolist())
+    assert spec.speech.decode(spec.vocab.speech_codes(speech)) == transcript.split()
+    assert transcript == " ".join(scenes_lib.spoken_words(scenes_lib.caption(scene)))
+
+
+def test_tfds_builder_feeds_the_same_samples(tmp_path):
+  import grain
+  import tensorflow_datasets as tfds
+
+  from omnijax.data.toyworld import tfds_builder
+
+  source = tfds.data_source("omnijax_toy_world/tiny", split="heldout", data_dir=str(tmp_path))
+  samples = list(grain.MapDataset.source(source).map(tfds_builder.to_sample))
+  expected = build(tfds_builder.OmnijaxToyWorld.builder_configs["tiny"].spec).samples["heldout"]
+  key = lambda s: record.encode(s)
+  assert sorted(map(key, samples)) == sorted(map(key, expected))
+  metadata = tfds.builder("omnijax_toy_world/tiny", data_dir=str(tmp_path)).info.metadata
+  assert metadata["vocab"] == ToyWorldSpec(n=64, grid=8).vocab.describe()
