@@ -1,0 +1,97 @@
+"""Numerics of every attention kernel (interpret mode on CPU) against `xla_attention`."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from omnijax.kernels import flash_attention, splash_attention
+from omnijax.model.attention import xla_attention
+from kernel_segments import random_segment_ids
+
+KERNELS = {
+    # Small blocks so that every case spans several blocks and some pairs are skipped.
+    "tpu": functools.partial(flash_attention, platform="tpu", interpret=True, block_q=128,
+                             block_k=128),
+    "gpu": functools.partial(flash_attention, platform="gpu", interpret=True, block_q=32,
+                             block_k=16),
+    "splash": functools.partial(splash_attention, block=128, interpret=True),
+}
+
+# (batch, length, q heads, kv heads, head dim, segments per row): odd lengths, GQA ratios
+# 1 to 8, up to 12 segments in a row, and (batch > 1) a last row that is all padding.
+SHAPES = [
+    (1, 37, 2, 2, 32, 2),
+    (2, 200, 4, 1, 64, 12),
+    (2, 300, 8, 1, 32, 5),
+    (2, 129, 6, 2, 128, 3),
+]
+
+
+def _inputs(shape, dtype, seed):
+  batch, length, q_heads, kv_heads, head_dim, segments = shape
+  rng = np.random.default_rng(seed)
+  normal = lambda heads: jnp.asarray(rng.normal(size=(batch, length, heads, head_dim)), dtype)
+  segment_ids = jnp.asarray(random_segment_ids(rng, batch, length, segments))
+  weights = jnp.asarray(rng.normal(size=(batch, length, q_heads, head_dim)), jnp.float32)
+  return normal(q_heads), normal(kv_heads), normal(kv_heads), segment_ids, weights
+
+
+def _value_and_grads(attention, q, k, v, segment_ids, weights):
+  def loss(q, k, v):
+    out = attention(q, k, v, segment_ids)
+    return jnp.sum(out.astype(jnp.float32) * weights), out
+  (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+  return out, grads
+
+
+def _max_error(a, b):
+  return float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32))))
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}_L{}_H{}/{}_D{}_S{}".format(*s))
+@pytest.mark.parametrize("kernel", sorted(KERNELS))
+def test_fp32_matches_xla(kernel, shape):
+  q, k, v, segment_ids, weights = _inputs(shape, jnp.float32, seed=len(kernel) + shape[1])
+  out, grads = _value_and_grads(KERNELS[kernel], q, k, v, segment_ids, weights)
+  ref_out, ref_grads = _value_and_grads(xla_attention, q, k, v, segment_ids, weights)
+
+  assert all(bool(jnp.all(jnp.isfinite(x))) for x in (out, *grads))
+  assert _max_error(out, ref_out) <= 2e-6
+  for name, grad, ref_grad in zip("qkv", grads, ref_grads):
+    assert _max_error(grad, ref_grad) <= 1e-4, name
+  # Padding: its query rows are exactly zero and its keys/values receive no gradient.
+  padding = (segment_ids == 0)[:, :, None, None]
+  assert not bool(jnp.any(jnp.where(padding, out, 0)))
+  assert not bool(jnp.any(jnp.where(padding, grads[1], 0)))
+  assert not bool(jnp.any(jnp.where(padding, grads[2], 0)))
+
+
+@pytest.mark.parametrize("kernel", sorted(KERNELS))
+def test_bf16_matches_xla_in_fp32(kernel):
+  """bf16 inputs vs the fp32 reference on the same (bf16-rounded) inputs.
+
+  bf16 keeps 8 mantissa bits (relative step 2^-8 ~ 3.9e-3). The kernels accumulate in fp32
+  but round the probabilities (and dS) to bf16 for the MXU, and round the result once more;
+  for values of magnitude ~1 that allows a few steps: 1.6e-2 (4 steps), relative to the
+  largest reference value. Measured worst case: 6.3e-3 (dq).
+  """
+  q, k, v, segment_ids, weights = _inputs((2, 200, 4, 2, 64, 6), jnp.bfloat16, seed=7)
+  out, grads = _value_and_grads(KERNELS[kernel], q, k, v, segment_ids, weights)
+  as_fp32 = lambda x: x.astype(jnp.float32)
+  ref_out, ref_grads = _value_and_grads(xla_attention, *map(as_fp32, (q, k, v)), segment_ids,
+                                        weights)
+  assert out.dtype == jnp.bfloat16 and all(g.dtype == jnp.bfloat16 for g in grads)
+  for got, want in zip((out, *grads), (ref_out, *ref_grads)):
+    assert bool(jnp.all(jnp.isfinite(as_fp32(got))))
+    assert _max_error(got, want) <= 1.6e-2 * float(jnp.max(jnp.abs(want)))
+
+
+def test_all_padding_gives_zeros_not_nan():
+  q, k, v, _, weights = _inputs((1, 64, 2, 1, 32, 1), jnp.float32, seed=3)
+  segment_ids = jnp.zeros((1, 64), jnp.int32)
+  for kernel in KERNELS.values():
+    out, grads = _value_and_grads(kernel, q, k, v, segment_ids, weights)
+    assert not bool(jnp.any(out)) and not any(bool(jnp.any(g)) for g in grads)
