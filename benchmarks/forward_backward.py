@@ -10,29 +10,16 @@ both sides do identical work); PyTorch uses transformers' Qwen2 with a 4-D addit
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
-import time
 
-os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
-os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+from common import time_per_call, torch_inputs, torch_twin
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from omnijax import convert  # noqa: E402
 from omnijax.config import CONFIG_ROOT, load_config  # noqa: E402
 from omnijax.model.build import create_model  # noqa: E402
-
-
-def _time(fn, steps: int) -> float:
-  fn()  # warm-up (compilation / allocator)
-  start = time.perf_counter()
-  for _ in range(steps):
-    fn()
-  return (time.perf_counter() - start) / steps
 
 
 def main() -> None:
@@ -44,7 +31,6 @@ def main() -> None:
   args = parser.parse_args()
 
   import torch
-  import transformers
 
   config = load_config(CONFIG_ROOT / "model" / "toy.yaml", args.overrides).model
   model = create_model(config, seed=0)
@@ -53,6 +39,7 @@ def main() -> None:
   # Packed rows: 4 segments of equal length each.
   segment_ids = np.repeat(np.arange(1, 5), args.seq_len // 4)[None].repeat(args.batch, 0)
   segment_ids = np.pad(segment_ids, ((0, 0), (0, args.seq_len - segment_ids.shape[1])))
+  segment_ids = segment_ids.astype(np.int32)
 
   graphdef, params = nnx.split(model)
 
@@ -63,29 +50,18 @@ def main() -> None:
     return jax.value_and_grad(loss)(params)
 
   jax_tokens, jax_segments = jnp.asarray(tokens), jnp.asarray(segment_ids)
-  jax_seconds = _time(lambda: jax.block_until_ready(jax_step(params, jax_tokens, jax_segments)),
-                      args.steps)
+  jax_seconds = time_per_call(
+      lambda: jax.block_until_ready(jax_step(params, jax_tokens, jax_segments)), args.steps)
 
-  with tempfile.TemporaryDirectory() as tmp:
-    convert.to_hf(model, config, tmp)
-    torch_model = transformers.Qwen2ForCausalLM.from_pretrained(tmp, attn_implementation="sdpa")
-  torch_model.train()
-  allowed = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, None] != 0)
-  mask = torch.from_numpy(np.where(allowed, 0.0, -1e9).astype(np.float32)[:, None])
-  positions = np.zeros_like(segment_ids)
-  for b in range(args.batch):
-    for i in range(1, args.seq_len):
-      positions[b, i] = 0 if segment_ids[b, i] != segment_ids[b, i - 1] else positions[b, i - 1] + 1
-  torch_tokens = torch.from_numpy(tokens.astype(np.int64))
-  torch_positions = torch.from_numpy(positions.astype(np.int64))
+  torch_model = torch_twin(model, config).train()
+  input_ids, mask, positions = torch_inputs(tokens, segment_ids)
 
   def torch_step():
     torch_model.zero_grad(set_to_none=True)
-    logits = torch_model(input_ids=torch_tokens, attention_mask=mask,
-                         position_ids=torch_positions).logits
+    logits = torch_model(input_ids=input_ids, attention_mask=mask, position_ids=positions).logits
     (logits ** 2).mean().backward()
 
-  torch_seconds = _time(torch_step, args.steps)
+  torch_seconds = time_per_call(torch_step, args.steps)
   n_tokens = args.batch * args.seq_len
   print(f"config toy ({config.param_count() / 1e6:.1f} M params), batch {args.batch} x "
         f"{args.seq_len} tokens, {jax.device_count()} {jax.default_backend()} device(s), "

@@ -13,6 +13,8 @@ def _quiet_libtpu_off_tpu() -> None:
   if not (os.path.exists("/dev/accel0") or os.path.exists("/dev/vfio/0")):
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    # libtpu's lock file guards chips against a second process; without chips there is none.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -24,6 +26,41 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
 def _run_info(args) -> int:
   from omnijax.info import print_info
   return print_info(args.config, args.overrides)
+
+
+def _run_train(args) -> int:
+  import pathlib
+
+  from omnijax.config import load_config
+  from omnijax.train.loop import TrainingDiverged, train
+
+  overrides = list(args.overrides)
+  if args.checkpoint_every is not None:
+    overrides.append(f"train.checkpoint_every={args.checkpoint_every}")
+  if args.log_every is not None:
+    overrides.append(f"train.log_every={args.log_every}")
+  config = load_config(args.config, overrides)
+  workdir = args.workdir or str(pathlib.Path("runs") / pathlib.Path(args.config).stem)
+  try:
+    result = train(config, workdir, only_stage=args.stage, max_steps=args.max_steps)
+  except TrainingDiverged as e:
+    print(f"omnijax train: {e}", file=sys.stderr)
+    return 3
+  if result["stopped"]:
+    print(f"stopped by {result['stopped']} at step {result['step']} after saving a checkpoint")
+  return 0
+
+
+def _run_compile(args) -> int:
+  from omnijax.aot import compile_train_step
+  from omnijax.config import load_config
+
+  overrides = list(args.overrides)
+  if args.topology:
+    overrides.append(f"topology.name={args.topology}")
+  report, _ = compile_train_step(load_config(args.config, overrides), stage=args.stage)
+  print(report.describe())
+  return 0
 
 
 def _run_convert(args) -> int:
@@ -40,6 +77,24 @@ def build_parser() -> argparse.ArgumentParser:
   info = commands.add_parser("info", help="parameter counts, mesh and sharding table of a config")
   _add_config_args(info)
   info.set_defaults(func=_run_info)
+
+  train = commands.add_parser("train", help="run the configured training stages (resumes)")
+  _add_config_args(train)
+  train.add_argument("--workdir", default=None,
+                     help="checkpoints, metrics and plots (default runs/<config name>)")
+  train.add_argument("--stage", default=None, help="run only this stage, e.g. stage2")
+  train.add_argument("--max-steps", type=int, default=None,
+                     help="stop after this global step, with a checkpoint")
+  train.add_argument("--checkpoint-every", type=int, default=None)
+  train.add_argument("--log-every", type=int, default=None)
+  train.set_defaults(func=_run_train)
+
+  compile_ = commands.add_parser(
+      "compile", help="compile the train step for a TPU topology ahead of time (needs libtpu)")
+  _add_config_args(compile_)
+  compile_.add_argument("--topology", default=None, help="override topology.name, e.g. v5e:2x4")
+  compile_.add_argument("--stage", default=None, help="whose optimizer (default: first stage)")
+  compile_.set_defaults(func=_run_compile)
 
   convert = commands.add_parser("convert", help="Hugging Face safetensors <-> omnijax weights")
   convert.add_argument("direction", choices=["from-hf", "to-hf"])

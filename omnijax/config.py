@@ -150,6 +150,25 @@ class MeshConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class TopologyConfig:
+  """A TPU topology to compile for ahead of time (`omnijax compile`); empty = local devices.
+
+  Fields are libtpu's: e.g. name "v5e:2x4"; v5p pods as name "v5:4x4x4" with
+  chip_config_name "megacore", chips_per_host_bounds [2, 2, 1] and wrap [true, true, true].
+  """
+
+  name: str = ""
+  chip_config_name: str = ""
+  chips_per_host_bounds: tuple[int, ...] = ()
+  wrap: tuple[bool, ...] = ()
+  num_slices: int = 1
+
+  def __post_init__(self):
+    if self.num_slices < 1:
+      raise ConfigError(f"topology.num_slices={self.num_slices} must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
 class DataConfig:
   """Where pre-tokenized shards live and how the Grain pipeline turns them into batches."""
 
@@ -187,10 +206,117 @@ class DataConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class ToyWorldConfig:
+  """How `omnijax train` generates the toy world when `data.dir` holds no shards yet."""
+
+  scenes: int = 0  # 0: never generate (missing shards are an error)
+  seed: int = 0
+  grid: int = 16
+  cells: int = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class ObjectiveConfig:
+  """`omni`: the release's per-token masking; `llada`: one t per sample, CE weighted by 1/t."""
+
+  kind: str = "omni"
+  eps: float = 1e-3
+  # Tail pads are masked at this fraction of a token's threshold (attenuated tail-pad masking).
+  pad_mask_ratio: float = 0.6
+
+  def __post_init__(self):
+    if self.kind not in ("omni", "llada"):
+      raise ConfigError(f"train.objective.kind={self.kind!r}: expected 'omni' or 'llada'")
+    if not 0 < self.eps < 1 or not 0 < self.pad_mask_ratio <= 1:
+      raise ConfigError("train.objective.eps must lie in (0, 1) and pad_mask_ratio in (0, 1]")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+  """AdamW with global-norm clipping (release: beta2 0.95, no weight decay, clip 1.0)."""
+
+  b1: float = 0.9
+  b2: float = 0.95
+  eps: float = 1e-8
+  weight_decay: float = 0.0
+  clip_norm: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class StageConfig:
+  """One training stage: its length, learning-rate schedule, data mixture, trainable params."""
+
+  steps: int = 100
+  peak_lr: float = 1e-4
+  warmup_steps: int = 0
+  decay: str = "cosine"  # cosine | wsd (warmup-stable-decay) | constant
+  end_lr_ratio: float = 0.1  # final LR as a fraction of peak_lr
+  decay_fraction: float = 0.2  # wsd: the last fraction of the stage decays linearly
+  mixture: dict[str, float] = dataclasses.field(default_factory=dict)
+  # Regexes over parameter paths (e.g. "layers/mlp/.*"); parameters matching none are frozen.
+  trainable: tuple[str, ...] = (".*",)
+  # Keep the previous stage's optimizer moments (needs the same trainable set), or start fresh.
+  carry_optimizer: bool = True
+
+  def __post_init__(self):
+    if self.steps < 1 or self.warmup_steps < 0 or self.warmup_steps > self.steps:
+      raise ConfigError(f"stage steps={self.steps} must be >= 1 and warmup_steps="
+                        f"{self.warmup_steps} within [0, steps]")
+    if self.peak_lr <= 0 or not 0 <= self.end_lr_ratio <= 1:
+      raise ConfigError("stage peak_lr must be > 0 and end_lr_ratio within [0, 1]")
+    if self.decay not in ("cosine", "wsd", "constant"):
+      raise ConfigError(f"stage decay={self.decay!r}: expected cosine, wsd or constant")
+    if not 0 < self.decay_fraction <= 1:
+      raise ConfigError(f"stage decay_fraction={self.decay_fraction} must lie in (0, 1]")
+    if not self.trainable:
+      raise ConfigError("stage trainable must list at least one parameter pattern")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  seed: int = 0
+  objective: ObjectiveConfig = ObjectiveConfig()
+  optimizer: OptimizerConfig = OptimizerConfig()
+  # Micro-batches per step, accumulated with lax.scan.
+  grad_accum_steps: int = 1
+  # token_mean: one mean over every masked token of the step (equals the big batch);
+  # sum_of_means: the release's sum of micro-batch means (clipping then acts on the sum).
+  grad_accum_reduction: str = "token_mean"
+  checkpoint_every: int = 100
+  keep_checkpoints: int = 3
+  log_every: int = 10
+  # Peak FLOP/s of one device for MFU; 0 = known TPU/GPU peak, or the measured matmul rate on CPU.
+  peak_flops_per_device: float = 0.0
+  # Stage name -> stage, run in name order (stage1, stage2, stage3).
+  stages: dict[str, StageConfig] = dataclasses.field(default_factory=dict)
+
+  def __post_init__(self):
+    if self.grad_accum_steps < 1:
+      raise ConfigError(f"train.grad_accum_steps={self.grad_accum_steps} must be >= 1")
+    if self.grad_accum_reduction not in ("token_mean", "sum_of_means"):
+      raise ConfigError(f"train.grad_accum_reduction={self.grad_accum_reduction!r}: expected "
+                        "token_mean or sum_of_means")
+    if self.checkpoint_every < 1 or self.keep_checkpoints < 1 or self.log_every < 1:
+      raise ConfigError("train.checkpoint_every, keep_checkpoints and log_every must be >= 1")
+
+  @property
+  def ordered_stages(self) -> list[tuple[str, StageConfig]]:
+    return sorted(self.stages.items())
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
   model: ModelConfig = ModelConfig()
   mesh: MeshConfig = MeshConfig()
+  topology: TopologyConfig = TopologyConfig()
   data: DataConfig = DataConfig()
+  toyworld: ToyWorldConfig = ToyWorldConfig()
+  train: TrainConfig = TrainConfig()
+
+  def __post_init__(self):
+    if self.data.global_batch_size % self.train.grad_accum_steps:
+      raise ConfigError(f"data.global_batch_size={self.data.global_batch_size} is not divisible "
+                        f"by train.grad_accum_steps={self.train.grad_accum_steps}")
 
 
 # --- loading ----------------------------------------------------------------------------------
@@ -304,6 +430,12 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
       raise ConfigError(f"{where}: expected an integer, got {value!r}")
     return value
   if annotation is float:
+    # YAML 1.1 reads "1e-4" (no dot) as a string; accept it as the number everyone means.
+    if isinstance(value, str):
+      try:
+        return float(value)
+      except ValueError:
+        pass
     if isinstance(value, bool) or not isinstance(value, (int, float)):
       raise ConfigError(f"{where}: expected a number, got {value!r}")
     return float(value)
@@ -331,7 +463,10 @@ def from_dict(cls, tree: Any, where: str = ""):
     kwargs[key] = _coerce(value, hints[key], f"{where}.{key}" if where else key)
   try:
     return cls(**kwargs)
-  except ConfigError:
+  except ConfigError as e:
+    # Sections that cannot know their own key (e.g. one of several stages) get it prefixed.
+    if where and not str(e).startswith(where.split(".")[0]):
+      raise ConfigError(f"{where}: {e}") from None
     raise
   except (TypeError, ValueError) as e:
     raise ConfigError(f"{where or cls.__name__}: {e}") from None

@@ -44,8 +44,16 @@ def shard_over_mesh(kernel):
   return sharded
 
 
-def backend_attention(name: str, platform: str):
-  """Model config `attention` name + `jax.default_backend()` -> attn(q, k, v, segment_ids).
+def mesh_platform() -> str:
+  """Platform of the context mesh's devices (compile-only TPU devices in AOT included), else
+  the default backend. Read at trace time so one model object serves CPU runs and TPU AOT."""
+  mesh = jax.sharding.get_abstract_mesh()
+  device = None if mesh.empty else getattr(mesh, "abstract_device", None)
+  return device.platform if device is not None else jax.default_backend()
+
+
+def kernel_for(name: str, platform: str):
+  """Model config `attention` name + platform -> attn(q, k, v, segment_ids).
 
   On CPU the Pallas kernels run in interpret mode, so CPU tests exercise the real kernels.
   """
@@ -60,7 +68,17 @@ def backend_attention(name: str, platform: str):
     return shard_over_mesh(functools.partial(splash_attention, interpret=interpret))
   if name == "cudnn":
     if platform != "gpu":
-      raise ValueError(f"attention='cudnn' needs a GPU, but JAX's backend is {platform!r}; "
+      raise ValueError(f"attention='cudnn' needs a GPU, but the platform is {platform!r}; "
                        "use 'xla', or 'pallas'/'splash' on TPU")
     return cudnn_attention
   raise ValueError(f"no kernel backend named {name!r}")
+
+
+def backend_attention(name: str):
+  """attn(q, k, v, segment_ids) that picks the kernel variant for the platform it is traced on."""
+  kernel_for(name, "tpu" if name != "cudnn" else "gpu")  # unknown names fail at construction
+
+  def attend(q, k, v, segment_ids):
+    return kernel_for(name, mesh_platform())(q, k, v, segment_ids)
+
+  return attend

@@ -59,8 +59,9 @@ ATTENTION_BACKENDS: tuple[str, ...] = ("xla", "pallas", "splash", "cudnn")
 def get_attention(name: str) -> AttentionFn:
   """The single dispatch point: model config `attention` -> attn(q, k, v, segment_ids).
 
-  The kernel backends pick their variant from `jax.default_backend()` and, when called under
-  `jax.set_mesh`, run per shard via shard_map (omnijax.kernels.sharded).
+  The kernel backends pick their variant from the platform they are traced for (the context
+  mesh's devices, else `jax.default_backend()`) and, when called under `jax.set_mesh`, run per
+  shard via shard_map (omnijax.kernels.sharded).
   """
   if name == "xla":
     return xla_attention
@@ -68,4 +69,4 @@ def get_attention(name: str) -> AttentionFn:
     raise ValueError(f"model.attention={name!r} is not one of {ATTENTION_BACKENDS}")
   # Imported here: the kernels import this module for the shared mask semantics.
   from omnijax.kernels.sharded import backend_attention
-  return backend_attention(name, jax.default_backend())
+  return backend_attention(name)

@@ -53,7 +53,10 @@ def test_sharded_kernel_matches_xla(mesh, backend):
 def test_backend_names_and_cudnn_needs_a_gpu():
   assert set(ATTENTION_BACKENDS) == {"xla", "pallas", "splash", "cudnn"}
   assert get_attention("xla") is xla_attention
-  with pytest.raises(ValueError, match="needs a GPU"):
-    get_attention("cudnn")
+  q = jnp.zeros((1, 8, 2, 16))
+  segment_ids = jnp.ones((1, 8), jnp.int32)
+  # The variant is chosen when the call is traced, for the platform it is traced on.
+  with pytest.raises(ValueError, match="needs a GPU, but the platform is 'cpu'"):
+    get_attention("cudnn")(q, q, q, segment_ids)
   with pytest.raises(ValueError, match="not one of"):
     get_attention("flash")

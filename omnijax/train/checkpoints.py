@@ -1,0 +1,92 @@
+"""Training checkpoints: model, optimizer, step, stage and data-iterator state, saved together.
+
+Orbax writes every checkpoint into a temporary directory and renames it only once complete, so
+a crash or `kill -9` mid-save leaves the previous checkpoint as the latest. Saves are
+asynchronous (training continues while tensors are written). A checkpoint that cannot be read
+(truncated files) is skipped with a warning in favour of the one before it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pathlib
+import time
+from typing import Any
+
+import orbax.checkpoint as ocp
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointRestoreError(RuntimeError):
+  """No checkpoint in the directory could be restored."""
+
+
+class Checkpoints:
+  def __init__(self, directory: str | os.PathLike, keep: int):
+    self.directory = pathlib.Path(directory).resolve()
+    self._manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True,
+                                             create=True),
+        item_names=("state", "data", "meta"))
+
+  def steps(self) -> list[int]:
+    return sorted(self._manager.all_steps())
+
+  def save(self, step: int, state: Any, data_state: dict, meta: dict) -> None:
+    """Starts an asynchronous save; the caller must have checked that `state` is finite."""
+    self._manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        data=ocp.args.JsonSave(data_state),
+        meta=ocp.args.JsonSave(meta)), force=True)
+
+  def read_meta(self, step: int) -> dict:
+    return self._manager.restore(step, args=ocp.args.Composite(
+        meta=ocp.args.JsonRestore()))["meta"]
+
+  def restore_latest(self, target_for_meta) -> tuple[int, Any, dict, dict] | None:
+    """(step, state, data_state, meta) of the newest readable checkpoint, or None if none exist.
+
+    `target_for_meta(meta)` returns the abstract state (ShapeDtypeStructs with the shardings to
+    restore onto, possibly another mesh) for the checkpoint described by `meta`.
+    """
+    steps = self.steps()
+    errors = []
+    for step in reversed(steps):
+      try:
+        meta = self.read_meta(step)
+        restored = self._manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target_for_meta(meta)),
+            data=ocp.args.JsonRestore()))
+        if errors:
+          log.warning("restored checkpoint %d instead of newer unreadable ones: %s", step,
+                      "; ".join(errors))
+          self._set_aside([s for s in steps if s > step])
+        return step, restored["state"], restored["data"], meta
+      except Exception as e:  # a truncated checkpoint fails in many layers (tensorstore, json)
+        errors.append(f"step {step}: {type(e).__name__}: {str(e)[:200]}")
+        log.warning("checkpoint %s/%d is unreadable (%s); trying the previous one",
+                    self.directory, step, errors[-1])
+    if steps:
+      raise CheckpointRestoreError(f"no readable checkpoint in {self.directory}: "
+                                   + "; ".join(errors))
+    return None
+
+  def _set_aside(self, unreadable: list[int]) -> None:
+    """Renames unreadable checkpoints (kept for inspection, never deleted) so that training
+    can write those steps again."""
+    for step in unreadable:
+      target = self.directory / f"{step}.unreadable.{int(time.time())}"
+      os.replace(self.directory / str(step), target)
+      log.warning("moved unreadable checkpoint %d to %s", step, target)
+    self._manager.reload()
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()
+

@@ -1,0 +1,103 @@
+"""Training metrics: metrics.jsonl, TensorBoard events, a progress bar and loss-curve PNGs."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+
+import numpy as np
+import tqdm
+from tensorboardX import SummaryWriter
+
+from omnijax.data.tasks import TASKS
+
+METRICS_FILE = "metrics.jsonl"
+PLOT_FILE = "loss_curves.png"
+
+
+def read_metrics(workdir: str | os.PathLike) -> list[dict]:
+  path = pathlib.Path(workdir) / METRICS_FILE
+  if not path.is_file():
+    return []
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class MetricsLogger:
+  """Appends one JSON object per logged step; after a resume, entries past the restored step
+  (written before the crash and about to be recomputed) are dropped, so each step appears once."""
+
+  def __init__(self, workdir: str | os.PathLike, resume_step: int, total_steps: int):
+    self.workdir = pathlib.Path(workdir)
+    self.workdir.mkdir(parents=True, exist_ok=True)
+    path = self.workdir / METRICS_FILE
+    kept = [m for m in read_metrics(self.workdir) if m["step"] <= resume_step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(m) + "\n" for m in kept))
+    os.replace(tmp, path)
+    self._file = path.open("a")
+    self._tensorboard = SummaryWriter(str(self.workdir / "tensorboard"))
+    self._progress = tqdm.tqdm(total=total_steps, initial=resume_step, unit="step",
+                               dynamic_ncols=True, disable=None)
+
+  def log(self, record: dict) -> None:
+    self._file.write(json.dumps(record) + "\n")
+    self._file.flush()
+    step = record["step"]
+    for key, value in record.items():
+      if isinstance(value, (int, float)) and key != "step" and math.isfinite(value):
+        self._tensorboard.add_scalar(key.replace("loss_", "loss/"), value, step)
+    self._progress.set_postfix(stage=record["stage"], loss=f"{record['loss']:.3f}",
+                               refresh=False)
+
+  def advance(self, steps: int = 1) -> None:
+    self._progress.update(steps)
+
+  def close(self) -> None:
+    self._progress.close()
+    self._tensorboard.close()
+    self._file.close()
+
+
+def step_record(step: int, stage: str, metrics: dict, tokens_per_s: float, mfu: float) -> dict:
+  """Host metrics dict -> the JSON record of one step (per-task losses only where seen)."""
+  record = {"step": step, "stage": stage, "loss": float(metrics["loss"]),
+            "lr": float(metrics["lr"]), "grad_norm": float(metrics["grad_norm"]),
+            "targets": int(metrics["targets"]), "tokens_per_s": tokens_per_s, "mfu": mfu}
+  task_loss, task_targets = np.asarray(metrics["task_loss"]), np.asarray(metrics["task_targets"])
+  for index, task in enumerate(TASKS):
+    if task_targets[index] > 0:
+      record[f"loss_{task}"] = float(task_loss[index])
+  return record
+
+
+def plot_loss_curves(workdir: str | os.PathLike) -> pathlib.Path | None:
+  """One panel per stage: total and per-task loss against the global step."""
+  import matplotlib
+
+  matplotlib.use("Agg")  # files only; no display on training hosts
+  import matplotlib.pyplot as plt
+
+  records = read_metrics(workdir)
+  if not records:
+    return None
+  stages = list(dict.fromkeys(r["stage"] for r in records))
+  figure, axes = plt.subplots(1, len(stages), figsize=(5 * len(stages), 4), squeeze=False)
+  for axis, stage in zip(axes[0], stages):
+    rows = [r for r in records if r["stage"] == stage]
+    steps = [r["step"] for r in rows]
+    axis.plot(steps, [r["loss"] for r in rows], color="black", linewidth=2, label="loss")
+    for task in TASKS:
+      points = [(r["step"], r[f"loss_{task}"]) for r in rows if f"loss_{task}" in r]
+      if points:
+        axis.plot(*zip(*points), linewidth=1, label=task)
+    axis.set_title(stage)
+    axis.set_xlabel("step")
+    axis.set_ylabel("masked-token cross-entropy")
+    axis.legend(fontsize=7)
+  figure.tight_layout()
+  path = pathlib.Path(workdir) / PLOT_FILE
+  figure.savefig(path, dpi=100)
+  plt.close(figure)
+  return path

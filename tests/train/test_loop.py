@@ -1,0 +1,172 @@
+"""`omnijax train` end to end: stages, metrics, checkpoints, exact resume, reshard, guards."""
+
+import json
+import logging
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import TINY_EXPERIMENT, tiny_config
+from omnijax.config import ConfigError
+from omnijax.train.checkpoints import Checkpoints
+from omnijax.train.loop import TrainingDiverged, train
+from omnijax.train.metrics import read_metrics
+
+
+def losses(workdir):
+  return {m["step"]: m["loss"] for m in read_metrics(workdir)}
+
+
+def cli(workdir, data_dir, *extra, env=None):
+  command = [sys.executable, "-m", "omnijax.cli", "train", "--config", str(TINY_EXPERIMENT),
+             "--workdir", str(workdir), f"data.dir={data_dir}", *extra]
+  return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          env={**os.environ, **(env or {})})
+
+
+def wait_for_step(workdir, step, process, timeout=240):
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    if max(losses(workdir), default=0) >= step:
+      return
+    if process.poll() is not None:
+      raise AssertionError(f"training exited early:\n{process.stdout.read()}")
+    time.sleep(0.2)
+  raise AssertionError(f"no step {step} within {timeout} s")
+
+
+@pytest.fixture(scope="module")
+def reference_run(toy_data, tmp_path_factory):
+  """An uninterrupted 12-step, three-stage run: the losses every resume must reproduce."""
+  workdir = tmp_path_factory.mktemp("reference")
+  result = train(tiny_config(toy_data), workdir)
+  return workdir, losses(workdir), result
+
+
+def test_three_stages_run_in_order_with_metrics_plots_and_checkpoints(reference_run):
+  workdir, reference, result = reference_run
+  assert result["step"] == 12 and sorted(reference) == list(range(1, 13))
+  records = read_metrics(workdir)
+  assert [r["stage"] for r in records] == ["stage1"] * 4 + ["stage2"] * 4 + ["stage3"] * 4
+  for key in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", "targets"):
+    assert all(np.isfinite(r[key]) for r in records), key
+  # Each stage's mixture shows up as per-task losses: speech tasks only from stage 2 on.
+  assert "loss_t2i" in records[0] and "loss_asr" not in records[0]
+  assert any("loss_asr" in r for r in records[4:8])
+  assert any("loss_svqa" in r for r in records[8:])
+  assert (workdir / "loss_curves.png").stat().st_size > 10_000
+  assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
+  checkpoints = Checkpoints(workdir / "checkpoints", keep=3)
+  assert checkpoints.steps() == [8, 10, 12]  # keep-3 of 2, 4, ..., 12
+  checkpoints.close()
+
+
+@pytest.mark.slow
+def test_shortened_main_job_loss_falls_in_every_stage(toy_data, tmp_path):
+  """The toy experiment's three stages, shortened to 30 steps each with a 128-wide model."""
+  config = tiny_config(toy_data, *[f"train.stages.stage{i}.steps=30" for i in (1, 2, 3)],
+                       "train.checkpoint_every=30", "model.hidden_size=128",
+                       "model.mlp_size=256")
+  train(config, tmp_path)
+  records = read_metrics(tmp_path)
+  for stage in ("stage1", "stage2", "stage3"):
+    stage_losses = np.array([r["loss"] for r in records if r["stage"] == stage])
+    assert len(stage_losses) == 30
+    # Single steps are noisy (8 rows): fit a line and compare its ends.
+    slope, start = np.polyfit(np.arange(30), stage_losses, 1)
+    assert start + 29 * slope < 0.95 * start, (stage, stage_losses.round(2).tolist())
+
+
+def test_kill_9_then_restart_gives_identical_losses(reference_run, toy_data, tmp_path):
+  _, reference, _ = reference_run
+  process = cli(tmp_path, toy_data)
+  wait_for_step(tmp_path, 7, process)
+  process.send_signal(signal.SIGKILL)
+  process.wait()
+  assert process.returncode == -signal.SIGKILL
+  resumed = cli(tmp_path, toy_data)
+  output, _ = resumed.communicate(timeout=300)
+  assert resumed.returncode == 0, output
+  assert "resumed from" in output
+  assert losses(tmp_path) == reference  # bit-identical, every step exactly once
+
+
+def test_sigterm_saves_and_exits_cleanly(reference_run, toy_data, tmp_path):
+  _, reference, _ = reference_run
+  process = cli(tmp_path, toy_data, "--checkpoint-every", "100")
+  wait_for_step(tmp_path, 3, process)
+  process.send_signal(signal.SIGTERM)
+  output, _ = process.communicate(timeout=120)
+  assert process.returncode == 0, output
+  assert "stopped by SIGTERM" in output
+  stopped_at = max(losses(tmp_path))
+  checkpoints = Checkpoints(tmp_path / "checkpoints", keep=3)
+  assert checkpoints.steps()[-1] == stopped_at
+  checkpoints.close()
+  train(tiny_config(toy_data), tmp_path)
+  assert losses(tmp_path) == reference
+
+
+def test_max_steps_then_resume_onto_another_mesh(reference_run, toy_data, tmp_path):
+  _, reference, _ = reference_run
+  train(tiny_config(toy_data, "mesh.data=2", "mesh.fsdp=4"), tmp_path, max_steps=6)
+  assert max(losses(tmp_path)) == 6
+  result = train(tiny_config(toy_data, "mesh.data=1", "mesh.fsdp=8"), tmp_path)
+  assert result["step"] == 12
+  for step, loss in reference.items():
+    assert losses(tmp_path)[step] == pytest.approx(loss, abs=1e-5)
+
+
+def test_resume_with_fewer_devices(reference_run, toy_data, tmp_path):
+  _, reference, _ = reference_run
+  train(tiny_config(toy_data), tmp_path, max_steps=6)
+  process = cli(tmp_path, toy_data,
+                env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+  output, _ = process.communicate(timeout=300)
+  assert process.returncode == 0, output
+  assert "mesh {'data': 1, 'fsdp': 4, 'tensor': 1}" in output
+  for step, loss in reference.items():
+    assert losses(tmp_path)[step] == pytest.approx(loss, abs=1e-5)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(toy_data, tmp_path):
+  config = tiny_config(toy_data, "train.stages.stage2.peak_lr=1e30",
+                       "train.stages.stage2.warmup_steps=0")
+  with pytest.raises(TrainingDiverged, match=r"loss is nan at step 6 \(stage stage2\).*kept"):
+    train(config, tmp_path)
+  checkpoints = Checkpoints(tmp_path / "checkpoints", keep=3)
+  assert checkpoints.steps() == [2, 4]
+  checkpoints.close()
+
+
+def test_truncated_latest_checkpoint_falls_back_with_a_warning(reference_run, toy_data,
+                                                               tmp_path, caplog):
+  _, reference, _ = reference_run
+  train(tiny_config(toy_data), tmp_path, max_steps=6)
+  latest = tmp_path / "checkpoints" / "6" / "state"
+  for path in latest.rglob("*"):
+    if path.is_file() and path.stat().st_size > 0:
+      path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+  with caplog.at_level(logging.WARNING):
+    train(tiny_config(toy_data), tmp_path)
+  assert "restored checkpoint 4 instead of newer unreadable ones" in caplog.text
+  assert list((tmp_path / "checkpoints").glob("6.unreadable.*"))  # set aside, not deleted
+  assert losses(tmp_path) == reference
+
+
+def test_one_stage_at_a_time(reference_run, toy_data, tmp_path):
+  _, reference, _ = reference_run
+  train(tiny_config(toy_data), tmp_path, max_steps=2)
+  with pytest.raises(ConfigError, match="--stage stage3 starts at step 8 .* run the earlier"):
+    train(tiny_config(toy_data), tmp_path, only_stage="stage3")
+  train(tiny_config(toy_data), tmp_path, only_stage="stage1")
+  assert max(losses(tmp_path)) == 4
+  train(tiny_config(toy_data), tmp_path, only_stage="stage2")
+  assert max(losses(tmp_path)) == 8
+  assert {s: losses(tmp_path)[s] for s in range(1, 9)} == {s: reference[s] for s in range(1, 9)}

@@ -1,0 +1,71 @@
+"""Stage schedules joined over the global step, and per-stage freezing."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from omnijax.config import CONFIG_ROOT, ConfigError, StageConfig, TrainConfig, load_config
+from omnijax.model.build import create_model
+from omnijax.train import optimizer
+
+
+def test_cosine_stage_warms_up_then_decays_to_the_end_ratio():
+  schedule = optimizer.stage_schedule(StageConfig(steps=100, peak_lr=1.0, warmup_steps=10,
+                                                  decay="cosine", end_lr_ratio=0.1))
+  assert float(schedule(0)) == 0.0
+  assert float(schedule(5)) == pytest.approx(0.5)
+  assert float(schedule(10)) == pytest.approx(1.0)
+  assert float(schedule(55)) == pytest.approx(0.55, abs=0.01)  # cosine midpoint
+  assert float(schedule(100)) == pytest.approx(0.1)
+
+
+def test_wsd_stage_is_stable_then_decays_linearly():
+  schedule = optimizer.stage_schedule(StageConfig(steps=100, peak_lr=2.0, warmup_steps=0,
+                                                  decay="wsd", decay_fraction=0.2,
+                                                  end_lr_ratio=0.0))
+  assert [float(schedule(s)) for s in (0, 50, 80)] == [2.0, 2.0, 2.0]
+  assert float(schedule(90)) == pytest.approx(1.0)
+  assert float(schedule(100)) == pytest.approx(0.0)
+
+
+def test_global_schedule_restarts_each_stage_at_its_first_step():
+  train = TrainConfig(stages={
+      "stage1": StageConfig(steps=10, peak_lr=1.0, warmup_steps=5, decay="constant"),
+      "stage2": StageConfig(steps=10, peak_lr=0.5, warmup_steps=5, decay="constant")})
+  schedule = optimizer.global_schedule(train)
+  assert optimizer.stage_boundaries(train) == [("stage1", 0, 10), ("stage2", 10, 20)]
+  assert [float(schedule(s)) for s in (5, 9, 10, 15, 19)] == pytest.approx(
+      [1.0, 1.0, 0.0, 0.5, 0.5])
+
+
+def test_frozen_parameters_get_no_update_and_clipping_sees_only_trainable():
+  model = create_model(load_config(CONFIG_ROOT / "model" / "tiny.yaml").model)
+  params = nnx.to_pure_dict(nnx.state(model))
+  labels = optimizer.trainable_labels(params, ("layers/mlp/.*", "lm_head"))
+  flat = {optimizer.param_path(p): l for p, l in jax.tree_util.tree_leaves_with_path(labels)}
+  assert flat["lm_head"] == "train" and flat["layers/mlp/up_proj/kernel"] == "train"
+  assert flat["embed_tokens"] == "frozen" and flat["layers/self_attn/q_proj/kernel"] == "frozen"
+  tx = optimizer.make_optimizer(load_config(None).train.optimizer, labels)
+  grads = jax.tree.map(jnp.ones_like, params)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  updates = {optimizer.param_path(p): u for p, u in jax.tree_util.tree_leaves_with_path(updates)}
+  assert float(jnp.abs(updates["embed_tokens"]).max()) == 0.0
+  assert float(jnp.abs(updates["lm_head"]).min()) > 0.0
+
+
+def test_stage_mistakes_name_the_stage(tmp_path):
+  with pytest.raises(ConfigError, match=r"train.stages.stage2: stage steps=0"):
+    load_config(CONFIG_ROOT / "experiments" / "toy.yaml", ["train.stages.stage2.steps=0"])
+  with pytest.raises(ConfigError, match="unknown config key train.stages.stage1.stepz"):
+    load_config(CONFIG_ROOT / "experiments" / "toy.yaml", ["train.stages.stage1.stepz=3"])
+
+
+def test_the_three_stages_add_tasks_in_the_published_order():
+  stages = load_config(CONFIG_ROOT / "experiments" / "toy.yaml").train.ordered_stages
+  tasks = [set(stage.mixture) for _, stage in stages]
+  assert [name for name, _ in stages] == ["stage1", "stage2", "stage3"]
+  assert tasks[0] == {"t2i", "caption", "vqa"}
+  assert tasks[1] == tasks[0] | {"asr", "tts"}
+  assert tasks[2] == tasks[1] | {"s2i", "svqa"}
