@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import TINY_EXPERIMENT, tiny_config
+from train_helpers import TINY_EXPERIMENT, tiny_config
 from omnijax.config import ConfigError
 from omnijax.train.checkpoints import Checkpoints
 from omnijax.train.loop import TrainingDiverged, train

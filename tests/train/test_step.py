@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import tiny_config
+from train_helpers import tiny_config
 from omnijax.config import MeshConfig
 from omnijax.data.pipeline import Batches
 from omnijax.model.build import create_model
