@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import pathlib
+import re
 import types
 import typing
 from typing import Any
@@ -44,11 +45,16 @@ class VocabConfig:
   def __post_init__(self):
     if self.layout not in ("omni_diffusion", "compact"):
       raise ConfigError(f"model.vocab.layout={self.layout!r}: expected 'omni_diffusion' or 'compact'")
+    try:
+      self.build()
+    except ValueError as e:  # e.g. a non-positive size: name the config key, not Vocab's field
+      raise ConfigError(f"model.vocab: {e}") from None
 
   def build(self) -> Vocab:
     if self.layout == "omni_diffusion":
       return Vocab.omni_diffusion()
-    return Vocab.compact(self.text_size, self.n_image_codes, self.n_speech_codes)
+    return Vocab.compact(self.text_size, n_image_codes=self.n_image_codes,
+                         n_speech_codes=self.n_speech_codes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -241,6 +247,12 @@ class OptimizerConfig:
   weight_decay: float = 0.0
   clip_norm: float = 1.0
 
+  def __post_init__(self):
+    if not (0 <= self.b1 < 1 and 0 <= self.b2 < 1):
+      raise ConfigError(f"train.optimizer.b1={self.b1} and b2={self.b2} must lie in [0, 1)")
+    if self.eps <= 0 or self.weight_decay < 0 or self.clip_norm <= 0:
+      raise ConfigError("train.optimizer.eps and clip_norm must be > 0, weight_decay >= 0")
+
 
 @dataclasses.dataclass(frozen=True)
 class StageConfig:
@@ -270,11 +282,26 @@ class StageConfig:
       raise ConfigError(f"stage decay_fraction={self.decay_fraction} must lie in (0, 1]")
     if not self.trainable:
       raise ConfigError("stage trainable must list at least one parameter pattern")
+    for pattern in self.trainable:
+      try:
+        re.compile(pattern)
+      except re.error as e:
+        raise ConfigError(f"trainable pattern {pattern!r} is not a valid regex: {e}") from None
+    from omnijax.data.tasks import TASKS
+
+    for task, weight in self.mixture.items():
+      if task not in TASKS:
+        raise ConfigError(f"mixture.{task}: unknown task; known tasks: {', '.join(TASKS)}")
+      if weight < 0:
+        raise ConfigError(f"mixture.{task}={weight} must be >= 0")
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
   seed: int = 0
+  # An omnijax model directory (`omnijax convert from-hf` output) to start from instead of
+  # random weights, e.g. the released checkpoint for fine-tuning.
+  init_from: str = ""
   objective: ObjectiveConfig = ObjectiveConfig()
   optimizer: OptimizerConfig = OptimizerConfig()
   # Micro-batches per step, accumulated with lax.scan.
@@ -287,7 +314,7 @@ class TrainConfig:
   log_every: int = 10
   # Peak FLOP/s of one device for MFU; 0 = known TPU/GPU peak, or the measured matmul rate on CPU.
   peak_flops_per_device: float = 0.0
-  # Stage name -> stage, run in name order (stage1, stage2, stage3).
+  # Stage name -> stage, run in the order they are defined (includes merge in order).
   stages: dict[str, StageConfig] = dataclasses.field(default_factory=dict)
 
   def __post_init__(self):
@@ -301,7 +328,7 @@ class TrainConfig:
 
   @property
   def ordered_stages(self) -> list[tuple[str, StageConfig]]:
-    return sorted(self.stages.items())
+    return list(self.stages.items())
 
 
 @dataclasses.dataclass(frozen=True)

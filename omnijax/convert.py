@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import pathlib
-import tempfile
 
 import jax
 import numpy as np
@@ -22,13 +22,21 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from omnijax.config import ConfigError, ModelConfig, VocabConfig
+from omnijax.files import atomic_write, atomic_write_text
 from omnijax.model.build import model_from_arrays
 from omnijax.model.transformer import Transformer
+from omnijax.sharding import path_str
 from omnijax.vocab import Vocab
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # Buffers some exporters write that carry no learned weights.
 IGNORED_TENSOR_SUFFIXES = ("rotary_emb.inv_freq",)
+# The release's continuous speech-input path (SenseVoice encoder + projector, reference §1.4):
+# omnijax feeds speech as discrete codes (§9), so these tensors are skipped, with a log line.
+SKIPPED_TENSOR_PREFIXES = ("model.audio_model.", "model.audio_projection.",
+                           "audio_model.", "audio_projection.")
+
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(ValueError):
@@ -215,7 +223,12 @@ def from_hf(path: str | os.PathLike, vocab: VocabConfig | None = None,
       return index.read(name, shape, transpose)
 
     model = model_from_arrays(config, read, mesh)
-    unexpected = sorted(name for name in set(index.location) - index.used
+    unused = set(index.location) - index.used
+    skipped = sorted(name for name in unused if name.startswith(SKIPPED_TENSOR_PREFIXES))
+    if skipped:
+      log.warning("skipped %d speech-encoder tensors (%s, ...): omnijax takes speech as discrete "
+                  "codes", len(skipped), skipped[0])
+    unexpected = sorted(name for name in unused - set(skipped)
                         if not name.endswith(IGNORED_TENSOR_SUFFIXES))
     if unexpected:
       raise CheckpointError(f"tensor {unexpected[0]} in {index.location[unexpected[0]].name} is "
@@ -231,7 +244,7 @@ def _hf_tensors(model: Transformer, config: ModelConfig, dtype):
   state = nnx.state(model, nnx.Param)
   for path, variable in jax.tree_util.tree_leaves_with_path(
       state, is_leaf=lambda x: isinstance(x, nnx.Variable)):
-    keys = tuple(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+    keys = tuple(path_str(path).split("/"))
     value = variable.get_value()
     layers = ([(("layers", str(i)) + keys[1:], value[i]) for i in range(value.shape[0])]
               if keys[0] == "layers" and config.scan_layers else [(keys, value)])
@@ -252,6 +265,12 @@ def to_hf(model: Transformer, config: ModelConfig, path: str | os.PathLike,
     raise CheckpointError(f"export dtype {dtype!r}: expected float32, bfloat16 or float16")
   directory = pathlib.Path(path)
   directory.mkdir(parents=True, exist_ok=True)
+  stale = sorted(p.name for p in directory.iterdir()
+                 if p.name == "config.json" or p.name.startswith("model"))
+  if stale:
+    # Mixing shards or an index from an earlier export would silently corrupt the checkpoint.
+    raise CheckpointError(f"{directory} already holds a checkpoint ({', '.join(stale)}); "
+                          "export into an empty directory")
   shards: list[dict[str, np.ndarray]] = [{}]
   shard_bytes = 0
   written: list[pathlib.Path] = []
@@ -263,7 +282,7 @@ def to_hf(model: Transformer, config: ModelConfig, path: str | os.PathLike,
       return
     index = len(written) + 1
     name = f"model-{index:05d}.safetensors"
-    _atomic_write(directory / name, lambda tmp: save_file(shards[-1], tmp, metadata={"format": "pt"}))
+    atomic_write(directory / name, lambda tmp: save_file(shards[-1], tmp, metadata={"format": "pt"}))
     weight_map.update({tensor: name for tensor in shards[-1]})
     written.append(directory / name)
     shards[-1] = {}
@@ -283,22 +302,9 @@ def to_hf(model: Transformer, config: ModelConfig, path: str | os.PathLike,
   else:
     total = sum(p.stat().st_size for p in written)
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    _atomic_write(directory / "model.safetensors.index.json",
-                  lambda tmp: pathlib.Path(tmp).write_text(json.dumps(index, indent=2)))
-  _atomic_write(directory / "config.json", lambda tmp: pathlib.Path(tmp).write_text(
-      json.dumps(config_to_hf(config, dtype), indent=2)))
+    atomic_write_text(directory / "model.safetensors.index.json", json.dumps(index, indent=2))
+  atomic_write_text(directory / "config.json", json.dumps(config_to_hf(config, dtype), indent=2))
   return written
-
-
-def _atomic_write(target: pathlib.Path, write) -> None:
-  fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-  os.close(fd)
-  try:
-    write(tmp)
-    os.replace(tmp, target)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
 
 
 # --- command line -----------------------------------------------------------------------------

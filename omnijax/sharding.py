@@ -130,12 +130,17 @@ def assert_sufficiently_sharded(state, mesh, tolerance: float = 0.02) -> None:
                          f"{dict(mesh.shape)} (tolerance {tolerance:.0%}); check sharding.RULES")
 
 
+def path_str(path) -> str:
+  """A jax tree path (dict keys, sequence indices) -> 'layers/self_attn/q_proj/kernel'."""
+  return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
 def sharding_table(state, mesh) -> list[tuple[str, tuple, tuple, PartitionSpec]]:
   """(path, shape, logical axes, mesh spec) for every parameter, for `omnijax info`."""
   rows = []
   for path, variable in jax.tree_util.tree_leaves_with_path(
       state, is_leaf=lambda x: isinstance(x, nnx.Variable)):
-    name = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+    name = path_str(path)
     axes = _logical_axes(variable)
     rows.append((name, tuple(variable.get_value().shape), axes, logical_to_spec(axes, mesh)))
   return rows

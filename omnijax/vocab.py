@@ -100,9 +100,9 @@ class Vocab:
     return cls(RELEASE_TEXT_SIZE, RELEASE_SPEECH_CODES, RELEASE_IMAGE_CODES)
 
   @classmethod
-  def compact(cls, text_size: int, n_image_codes: int, n_speech_codes: int) -> Vocab:
+  def compact(cls, text_size: int, *, n_image_codes: int, n_speech_codes: int) -> Vocab:
     """A small layout with the release's specials and order, for small models and the toy world."""
-    return cls(text_size, n_speech_codes, n_image_codes)
+    return cls(text_size, n_speech_codes=n_speech_codes, n_image_codes=n_image_codes)
 
   # --- ids --------------------------------------------------------------------------------------
   def special_id(self, token: str) -> int:

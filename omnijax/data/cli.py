@@ -11,7 +11,7 @@ import argparse
 import pathlib
 import sys
 
-from omnijax.data.shards import ManifestError, ShardWriter
+from omnijax.data.shards import ShardWriter
 from omnijax.data.templates import ChatTemplate, ImageLengths
 from omnijax.vocab import Vocab
 
@@ -78,7 +78,8 @@ def _vocab(args: argparse.Namespace) -> Vocab:
   sizes = (args.text_size, args.n_image_codes, args.n_speech_codes)
   if None in sizes:
     raise ValueError("--layout compact needs --text-size, --n-image-codes and --n-speech-codes")
-  return Vocab.compact(*sizes)
+  return Vocab.compact(args.text_size, n_image_codes=args.n_image_codes,
+                       n_speech_codes=args.n_speech_codes)
 
 
 def run_prepare_jsonl(args: argparse.Namespace) -> int:

@@ -10,7 +10,7 @@ from flax import nnx
 
 from omnijax.config import ModelConfig
 from omnijax.model.transformer import Transformer
-from omnijax.sharding import state_shardings
+from omnijax.sharding import path_str, state_shardings
 
 
 def abstract_model(config: ModelConfig) -> tuple[nnx.GraphDef, nnx.State]:
@@ -41,12 +41,14 @@ def model_from_arrays(config: ModelConfig, read: Callable[[tuple[str, ...], tupl
   graphdef, abstract_state = abstract_model(config)
   is_variable = lambda x: isinstance(x, nnx.Variable)
   if mesh is None:
-    shardings = jax.tree.map(lambda _: jax.devices()[0], abstract_state, is_leaf=is_variable)
+    # Host memory: a 7B model in fp32 does not fit one accelerator, and conversion needs none.
+    host = jax.local_devices(backend="cpu")[0]
+    shardings = jax.tree.map(lambda _: host, abstract_state, is_leaf=is_variable)
   else:
     shardings = state_shardings(abstract_state, mesh)
 
   def fill(path, variable, sharding):
-    keys = tuple(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+    keys = tuple(path_str(path).split("/"))
     expected = variable.get_value()
     array = read(keys, tuple(expected.shape))
     if tuple(array.shape) != tuple(expected.shape):

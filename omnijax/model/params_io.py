@@ -15,6 +15,7 @@ import yaml
 from flax import nnx
 
 from omnijax.config import ModelConfig, from_dict, to_dict
+from omnijax.files import atomic_write_text
 from omnijax.model.build import abstract_model
 from omnijax.model.transformer import Transformer
 from omnijax.sharding import state_shardings
@@ -29,7 +30,8 @@ def save_model(model: Transformer, config: ModelConfig, directory: str | os.Path
   with ocp.StandardCheckpointer() as checkpointer:
     # Orbax writes into a temporary directory and renames it when complete (atomic).
     checkpointer.save(directory / PARAMS_DIR, nnx.state(model, nnx.Param), force=True)
-  (directory / CONFIG_FILE).write_text(yaml.safe_dump({"model": to_dict(config)}, sort_keys=False))
+  atomic_write_text(directory / CONFIG_FILE,
+                    yaml.safe_dump({"model": to_dict(config)}, sort_keys=False))
 
 
 def load_model(directory: str | os.PathLike,

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from omnijax.config import ModelConfig
+from omnijax.config import REMAT_POLICIES, ModelConfig
 from omnijax.model.attention import get_attention
 from omnijax.model.rope import apply_rope, segment_positions
 from omnijax.sharding import constrain
@@ -119,17 +119,18 @@ class Block(nnx.Module):
     return constrain(x, ("batch", "length", "act_embed"))
 
 
-def remat_policy(name: str):
-  """Config `model.remat` -> (apply remat?, jax.checkpoint policy)."""
-  names = jax.checkpoint_policies.save_only_these_names
-  return {
-      "none": (False, None),
-      "full": (True, None),  # save nothing: recompute the whole layer in the backward pass
-      "save_dots": (True, jax.checkpoint_policies.dots_with_no_batch_dims_saveable),
-      "save_dots_except_mlp": (True, names("query_proj", "key_proj", "value_proj",
-                                           "attention_out", "out_proj")),
-      "save_attention_out": (True, names("attention_out")),
-  }[name]
+_SAVE_ONLY = jax.checkpoint_policies.save_only_these_names
+# Config `model.remat` -> (apply remat?, jax.checkpoint policy). Names tag tensors above.
+REMAT = {
+    "none": (False, None),
+    "full": (True, None),  # save nothing: recompute the whole layer in the backward pass
+    "save_dots": (True, jax.checkpoint_policies.dots_with_no_batch_dims_saveable),
+    "save_dots_except_mlp": (True, _SAVE_ONLY("query_proj", "key_proj", "value_proj",
+                                              "attention_out", "out_proj")),
+    "save_attention_out": (True, _SAVE_ONLY("attention_out")),
+}
+# config.py validates names without importing jax; the two lists must agree.
+assert set(REMAT) == set(REMAT_POLICIES), (sorted(REMAT), REMAT_POLICIES)
 
 
 class Transformer(nnx.Module):
@@ -173,7 +174,7 @@ class Transformer(nnx.Module):
     x = jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(compute_dtype)
     x = constrain(x, ("batch", "length", "act_embed"))
 
-    use_remat, policy = remat_policy(config.remat)
+    use_remat, policy = REMAT[config.remat]
 
     def layer(graphdef, layer_state, h):
       return nnx.merge(graphdef, layer_state)(h, segment_ids, positions)
@@ -195,7 +196,3 @@ class Transformer(nnx.Module):
     logits = jnp.dot(x, head.astype(compute_dtype))
     return constrain(logits, ("batch", "length", "act_vocab"))
 
-
-def init_model(config: ModelConfig, seed: int = 0) -> Transformer:
-  """A freshly initialised model on the default device (unsharded)."""
-  return Transformer(config, nnx.Rngs(params=seed))

@@ -16,6 +16,8 @@ from typing import Any
 
 import orbax.checkpoint as ocp
 
+from omnijax.train import multihost
+
 log = logging.getLogger(__name__)
 
 
@@ -50,25 +52,32 @@ class Checkpoints:
     """(step, state, data_state, meta) of the newest readable checkpoint, or None if none exist.
 
     `target_for_meta(meta)` returns the abstract state (ShapeDtypeStructs with the shardings to
-    restore onto, possibly another mesh) for the checkpoint described by `meta`.
+    restore onto, possibly another mesh) for the checkpoint described by `meta`; errors it raises
+    (a config that no longer matches the checkpoint) propagate: only checkpoints whose files
+    cannot be read are skipped.
     """
     steps = self.steps()
     errors = []
     for step in reversed(steps):
       try:
         meta = self.read_meta(step)
+      except Exception as e:  # truncated or missing JSON
+        errors.append(f"step {step}: {type(e).__name__}: {str(e)[:200]}")
+        continue
+      target = target_for_meta(meta)
+      try:
         restored = self._manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target_for_meta(meta)),
-            data=ocp.args.JsonRestore()))
-        if errors:
-          log.warning("restored checkpoint %d instead of newer unreadable ones: %s", step,
-                      "; ".join(errors))
-          self._set_aside([s for s in steps if s > step])
-        return step, restored["state"], restored["data"], meta
-      except Exception as e:  # a truncated checkpoint fails in many layers (tensorstore, json)
+            state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
+      except Exception as e:  # a truncated array fails in tensorstore, zarr or json layers
         errors.append(f"step {step}: {type(e).__name__}: {str(e)[:200]}")
         log.warning("checkpoint %s/%d is unreadable (%s); trying the previous one",
                     self.directory, step, errors[-1])
+        continue
+      if errors:
+        log.warning("restored checkpoint %d instead of newer unreadable ones: %s", step,
+                    "; ".join(errors))
+        self._set_aside([s for s in steps if s > step])
+      return step, restored["state"], restored["data"], meta
     if steps:
       raise CheckpointRestoreError(f"no readable checkpoint in {self.directory}: "
                                    + "; ".join(errors))
@@ -77,14 +86,13 @@ class Checkpoints:
   def _set_aside(self, unreadable: list[int]) -> None:
     """Renames unreadable checkpoints (kept for inspection, never deleted) so that training
     can write those steps again."""
-    for step in unreadable:
-      target = self.directory / f"{step}.unreadable.{int(time.time())}"
-      os.replace(self.directory / str(step), target)
-      log.warning("moved unreadable checkpoint %d to %s", step, target)
+    if multihost.is_primary():
+      for step in unreadable:
+        target = self.directory / f"{step}.unreadable.{int(time.time())}"
+        os.replace(self.directory / str(step), target)
+        log.warning("moved unreadable checkpoint %d to %s", step, target)
+    multihost.barrier("omnijax-checkpoints-set-aside")
     self._manager.reload()
-
-  def wait(self) -> None:
-    self._manager.wait_until_finished()
 
   def close(self) -> None:
     self._manager.wait_until_finished()

@@ -18,12 +18,15 @@ import jax
 import yaml
 from flax import nnx
 
-from omnijax.config import Config, ConfigError, StageConfig, to_dict
+from omnijax.config import Config, ConfigError, DataConfig, StageConfig, to_dict
 from omnijax.data import shards
-from omnijax.data.pipeline import Batches
+from omnijax.data.pipeline import Batches, mixture_weights
+from omnijax.files import atomic_write_text
 from omnijax.model.build import create_model
+from omnijax.model.params_io import load_model
 from omnijax.sharding import make_mesh
 from omnijax.train import flops as flops_lib
+from omnijax.train import multihost
 from omnijax.train.checkpoints import Checkpoints
 from omnijax.train.metrics import MetricsLogger, plot_loss_curves, step_record
 from omnijax.train.optimizer import global_schedule, stage_boundaries
@@ -39,9 +42,13 @@ class TrainingDiverged(RuntimeError):
 
 
 def ensure_data(config: Config) -> None:
-  """Generates the toy world into data.dir when it is missing and config.toyworld asks for it."""
+  """Generates the toy world into data.dir when it is missing and config.toyworld asks for it
+  (on process 0; the others wait for it)."""
   split_dir = pathlib.Path(config.data.dir) / config.data.split
   if (split_dir / shards.MANIFEST).is_file():
+    return
+  if not multihost.is_primary():
+    multihost.barrier("omnijax-toyworld")
     return
   if config.toyworld.scenes <= 0:
     raise ConfigError(f"data.dir={config.data.dir!r}: no {shards.MANIFEST} under {split_dir}; "
@@ -56,6 +63,61 @@ def ensure_data(config: Config) -> None:
                       cells=config.toyworld.cells)
   print(f"preparing the toy world ({spec.n} scenes) in {config.data.dir} ...", flush=True)
   prepare(config.data.dir, spec)
+  multihost.barrier("omnijax-toyworld")
+
+
+def stage_data_config(config: Config, stage: StageConfig) -> DataConfig:
+  if not stage.mixture:
+    return config.data
+  return dataclasses.replace(config.data, mixture=dict(stage.mixture))
+
+
+def _data_fingerprint(data_config: DataConfig) -> dict:
+  """What decides which batches come, in order (not how fast they come)."""
+  fingerprint = to_dict(data_config)
+  fingerprint.pop("worker_buffer_size")
+  return fingerprint
+
+
+def _check_healthy(host_metrics: dict, step: int, stage_name: str, checkpoints) -> None:
+  values = {"loss": float(host_metrics["loss"]), "grad_norm": float(host_metrics["grad_norm"])}
+  if all(math.isfinite(v) for v in values.values()) and bool(host_metrics["params_finite"]):
+    return
+  raise TrainingDiverged(
+      f"training diverged at step {step} (stage {stage_name}): loss {values['loss']}, "
+      f"grad_norm {values['grad_norm']}, parameters finite: {bool(host_metrics['params_finite'])}"
+      f"; the last good checkpoint in {checkpoints.directory} was kept")
+
+
+def initial_params(config: Config, layout: StateLayout, mesh) -> dict:
+  """Fresh weights (seeded), or `train.init_from`'s (an omnijax model directory, e.g. written by
+  `omnijax convert from-hf`), restored directly onto the mesh."""
+  if not config.train.init_from:
+    model = create_model(config.model, mesh, seed=config.train.seed)
+    return nnx.to_pure_dict(nnx.state(model))
+  _, model = load_model(config.train.init_from, mesh)
+  params = nnx.to_pure_dict(nnx.state(model))
+  expected = jax.tree.map(lambda x: (x.shape, str(x.dtype)), layout.abstract_params)
+  got = jax.tree.map(lambda x: (x.shape, str(x.dtype)), params)
+  if expected != got:
+    raise ConfigError(f"train.init_from={config.train.init_from!r}: its parameters do not match "
+                      "model.* (compare its model.yaml; scan_layers must match too)")
+  return params
+
+
+def _this_process_state(saved: dict, data_config: DataConfig, step: int) -> dict:
+  """This host's data-iterator state, after checking the data would come out the same."""
+  if saved["fingerprint"] != _data_fingerprint(data_config):
+    changed = sorted(k for k, v in _data_fingerprint(data_config).items()
+                     if saved["fingerprint"].get(k) != v)
+    raise ConfigError(f"data.{changed[0]} differs from the checkpoint at step {step} "
+                      f"({saved['fingerprint'].get(changed[0])!r} then): the data iterator "
+                      "cannot resume exactly; restore the setting or start a new workdir")
+  if len(saved["processes"]) != jax.process_count():
+    raise ConfigError(f"the checkpoint at step {step} holds data state for "
+                      f"{len(saved['processes'])} processes, this run has {jax.process_count()}: "
+                      "each host's slice of the data would change")
+  return saved["processes"][jax.process_index()]
 
 
 class _StopRequest:
@@ -67,6 +129,10 @@ class _StopRequest:
 
   def _handle(self, signum, frame):
     self.requested = True
+
+  def agreed(self) -> bool:
+    """All hosts stop at the same step, so their collective checkpoint save lines up."""
+    return multihost.any_process(self.requested)
 
   def restore(self):
     signal.signal(signal.SIGTERM, self._previous)
@@ -90,15 +156,27 @@ def train(config: Config, workdir: str | os.PathLike, *, only_stage: str | None 
   if only_stage is not None and only_stage not in train_config.stages:
     raise ConfigError(f"--stage {only_stage}: not one of {sorted(train_config.stages)}")
   ensure_data(config)
+  vocab = config.model.vocab.build()
+  split_dir = pathlib.Path(config.data.dir) / config.data.split
+  manifest = shards.load_manifest(split_dir)
+  shards.check_vocab(manifest, vocab, str(split_dir / shards.MANIFEST))
+  for name, stage in train_config.ordered_stages:
+    # Every stage's mixture must find its tasks now, not after the earlier stages have run.
+    mixture_weights(stage_data_config(config, stage), manifest,
+                    f"{split_dir} (train.stages.{name}.mixture)")
   schedule = global_schedule(train_config)
   total_steps = stages[-1][2] if max_steps is None else min(max_steps, stages[-1][2])
-  (workdir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+  if multihost.is_primary():
+    atomic_write_text(workdir / "config.yaml", yaml.safe_dump(to_dict(config), sort_keys=False))
 
   ###################### Model (abstract), shardings, checkpoints ######################
   layout = StateLayout.create(config, mesh)
   graphdef = layout.graphdef
 
   def abstract_train_state(meta: dict) -> TrainState:
+    if meta["stage"] not in train_config.stages:
+      raise ConfigError(f"the checkpoint at step {meta['step']} was written by stage "
+                        f"{meta['stage']!r}, which train.stages no longer defines")
     return layout.abstract_state(layout.optimizer(config, train_config.stages[meta["stage"]]))
 
   checkpoints = Checkpoints(workdir / "checkpoints", train_config.keep_checkpoints)
@@ -111,13 +189,17 @@ def train(config: Config, workdir: str | os.PathLike, *, only_stage: str | None 
 
   peak_flops, peak_source = flops_lib.peak_flops_per_device(train_config.peak_flops_per_device)
   flops_per_token = flops_lib.training_flops_per_token(config.model, config.data.seq_len)
-  metrics_log = MetricsLogger(workdir, step, total_steps)
+  metrics_log = MetricsLogger(workdir, step, total_steps, enabled=multihost.is_primary())
   stop = _StopRequest()
   last_record: dict = {}
   stopped = None
+  data = None
 
-  def save(stage_name: str, data: Batches) -> None:
-    checkpoints.save(step, state, data.get_state(), {"stage": stage_name, "step": step})
+  def save(stage_name: str, data: Batches, data_config: DataConfig) -> None:
+    # Each host reads its own slice of the data, so every host's iterator state is saved.
+    data_states = {"fingerprint": _data_fingerprint(data_config),
+                   "processes": multihost.gather_json(data.get_state())}
+    checkpoints.save(step, state, data_states, {"stage": stage_name, "step": step})
 
   try:
     for stage_name, stage_start, stage_end in stages:
@@ -140,8 +222,7 @@ def train(config: Config, workdir: str | os.PathLike, *, only_stage: str | None 
       shardings = layout.shardings(tx)
       init_opt = jax.jit(tx.init, out_shardings=shardings.opt_state)
       if state is None:
-        model = create_model(config.model, mesh, seed=train_config.seed)
-        params = nnx.to_pure_dict(nnx.state(model))
+        params = initial_params(config, layout, mesh)
         state = TrainState(params, init_opt(params), jax.device_put(step, layout.replicated))
       elif meta["stage"] != stage_name:
         # Entering a new stage from the previous stage's final weights.
@@ -155,12 +236,10 @@ def train(config: Config, workdir: str | os.PathLike, *, only_stage: str | None 
             f"(mixture {stage.mixture or 'all tasks'})", flush=True)
 
       ###################### Stage: data ######################
-      data_config = config.data
-      if stage.mixture:
-        data_config = dataclasses.replace(data_config, mixture=dict(stage.mixture))
-      data = Batches(data_config, config.model.vocab.build(), batch_sharding(mesh))
+      data_config = stage_data_config(config, stage)
+      data = Batches(data_config, vocab, batch_sharding(mesh))
       if data_state is not None and meta["stage"] == stage_name:
-        data.set_state(data_state)
+        data.set_state(_this_process_state(data_state, data_config, step))
       meta = {"stage": stage_name}
       data_state = None
 
@@ -175,32 +254,34 @@ def train(config: Config, workdir: str | os.PathLike, *, only_stage: str | None 
           step += 1
           window_tokens += config.data.global_batch_size * config.data.seq_len
           metrics_log.advance()
+          stopping = stop.agreed()
           must_save = step % train_config.checkpoint_every == 0 or step == stage_stop
-          if step % train_config.log_every == 0 or must_save or stop.requested:
+          if step % train_config.log_every == 0 or must_save or stopping:
             host = jax.device_get(metrics)
-            if not math.isfinite(float(host["loss"])):
-              raise TrainingDiverged(
-                  f"loss is {float(host['loss'])} at step {step} (stage {stage_name}); the last "
-                  f"good checkpoint in {checkpoints.directory} was kept")
+            _check_healthy(host, step, stage_name, checkpoints)
             elapsed = time.perf_counter() - window_start
             tokens_per_s = window_tokens / elapsed
             mfu = tokens_per_s * flops_per_token / (peak_flops * mesh.devices.size)
             last_record = step_record(step, stage_name, host, tokens_per_s, mfu)
             metrics_log.log(last_record)
             window_start, window_tokens = time.perf_counter(), 0
-          if must_save or stop.requested:
-            save(stage_name, data)
-          if stop.requested:
+          if must_save or stopping:
+            save(stage_name, data, data_config)
+          if stopping:
             stopped = "SIGTERM"
             break
       data.close()
+      data = None
       if stopped:
         break
   finally:
+    if data is not None:
+      data.close()  # stops grain worker processes
     stop.restore()
     checkpoints.close()
     metrics_log.close()
-  plot_loss_curves(workdir)
+  if multihost.is_primary():
+    plot_loss_curves(workdir)
   print(f"done at step {step}; MFU against {peak_source}: "
         f"{peak_flops / 1e9:.1f} GFLOP/s per device", flush=True)
   return {"step": step, "stopped": stopped, "last": last_record}

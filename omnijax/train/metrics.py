@@ -12,6 +12,7 @@ import tqdm
 from tensorboardX import SummaryWriter
 
 from omnijax.data.tasks import TASKS
+from omnijax.files import atomic_write_text
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss_curves.png"
@@ -26,22 +27,27 @@ def read_metrics(workdir: str | os.PathLike) -> list[dict]:
 
 class MetricsLogger:
   """Appends one JSON object per logged step; after a resume, entries past the restored step
-  (written before the crash and about to be recomputed) are dropped, so each step appears once."""
+  (written before the crash and about to be recomputed) are dropped, so each step appears once.
+  Only the primary process writes (`enabled`)."""
 
-  def __init__(self, workdir: str | os.PathLike, resume_step: int, total_steps: int):
+  def __init__(self, workdir: str | os.PathLike, resume_step: int, total_steps: int,
+               enabled: bool = True):
+    self.enabled = enabled
+    if not enabled:
+      return
     self.workdir = pathlib.Path(workdir)
     self.workdir.mkdir(parents=True, exist_ok=True)
     path = self.workdir / METRICS_FILE
     kept = [m for m in read_metrics(self.workdir) if m["step"] <= resume_step]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(m) + "\n" for m in kept))
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(json.dumps(m) + "\n" for m in kept))
     self._file = path.open("a")
     self._tensorboard = SummaryWriter(str(self.workdir / "tensorboard"))
     self._progress = tqdm.tqdm(total=total_steps, initial=resume_step, unit="step",
                                dynamic_ncols=True, disable=None)
 
   def log(self, record: dict) -> None:
+    if not self.enabled:
+      return
     self._file.write(json.dumps(record) + "\n")
     self._file.flush()
     step = record["step"]
@@ -52,9 +58,12 @@ class MetricsLogger:
                                refresh=False)
 
   def advance(self, steps: int = 1) -> None:
-    self._progress.update(steps)
+    if self.enabled:
+      self._progress.update(steps)
 
   def close(self) -> None:
+    if not self.enabled:
+      return
     self._progress.close()
     self._tensorboard.close()
     self._file.close()

@@ -9,6 +9,7 @@ import optax
 from flax import nnx
 
 from omnijax.config import OptimizerConfig, StageConfig, TrainConfig
+from omnijax.sharding import path_str
 
 
 def stage_schedule(stage: StageConfig) -> optax.Schedule:
@@ -49,16 +50,12 @@ def global_schedule(train: TrainConfig) -> optax.Schedule:
   return optax.join_schedules(schedules, boundaries)
 
 
-def param_path(path) -> str:
-  return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
-
-
 def trainable_labels(params: nnx.State, patterns: tuple[str, ...]) -> nnx.State:
   """'train' or 'frozen' per parameter, by regex full-match on its path (e.g. layers/mlp/.*)."""
   compiled = [re.compile(p) for p in patterns]
 
   def label(path, _):
-    name = param_path(path)
+    name = path_str(path)
     return "train" if any(p.fullmatch(name) for p in compiled) else "frozen"
 
   return jax.tree_util.tree_map_with_path(label, params)

@@ -84,6 +84,9 @@ def make_train_step(config: Config, graphdef: nnx.GraphDef, tx: optax.GradientTr
         "targets": sums["targets"],
         "task_loss": sums["task_loss_sum"] / jnp.maximum(sums["task_targets"], 1.0),
         "task_targets": sums["task_targets"],
+        # The loss checks the weights that went into this step; this checks the ones it made.
+        "params_finite": jnp.all(jnp.stack([jnp.isfinite(x).all()
+                                            for x in jax.tree.leaves(params)])),
     }
     return TrainState(params, opt_state, state.step + 1), metrics
 

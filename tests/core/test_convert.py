@@ -150,3 +150,44 @@ def test_bad_checkpoints_fail_clearly(hf_dir, tmp_path):
     convert.from_hf(wrong, vocab=VOCAB)
   with pytest.raises(convert.CheckpointError, match="matches no known token layout"):
     convert.from_hf(path)
+
+
+def test_release_speech_encoder_tensors_are_skipped_and_destinations_must_be_empty(tmp_path,
+                                                                                  caplog):
+  from omnijax.config import load_config
+  from safetensors.numpy import load_file, save_file
+  config = load_config(None, ["model.num_layers=1"]).model
+  convert.to_hf(create_model(config, seed=0), config, tmp_path / "hf")
+  with pytest.raises(convert.CheckpointError, match="already holds a checkpoint"):
+    convert.to_hf(create_model(config, seed=0), config, tmp_path / "hf")
+  tensors = load_file(str(tmp_path / "hf" / "model.safetensors"))
+  # The release's continuous speech path rides along in its checkpoint (reference §1.4).
+  tensors["model.audio_projection.0.weight"] = np.ones((4, 4), np.float32)
+  save_file(tensors, str(tmp_path / "hf" / "model.safetensors"))
+  with caplog.at_level("WARNING"):
+    convert.from_hf(tmp_path / "hf")
+  assert "skipped 1 speech-encoder tensors" in caplog.text
+  tensors["model.layers.0.extra.weight"] = np.ones((2,), np.float32)
+  save_file(tensors, str(tmp_path / "hf" / "model.safetensors"))
+  with pytest.raises(convert.CheckpointError, match="model.layers.0.extra.weight .* not a param"):
+    convert.from_hf(tmp_path / "hf")
+
+
+def test_omnijax_model_directory_round_trip_and_cli(tmp_path, hf_dir):
+  from omnijax.cli import main
+  from omnijax.model.params_io import load_model, save_model
+  path, _ = hf_dir
+  assert main(["convert", "from-hf", str(path), str(tmp_path / "model"),
+               "--vocab", "compact:200,35,40"]) == 0
+  config, model = load_model(tmp_path / "model")
+  _, reference = convert.from_hf(path, vocab=VOCAB)
+  for a, b in zip(jax.tree.leaves(model), jax.tree.leaves(reference)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  mesh = make_mesh(MeshConfig(data=1, fsdp=4, tensor=2))
+  _, sharded = load_model(tmp_path / "model", mesh)
+  assert sharded.lm_head[...].sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+  assert main(["convert", "to-hf", str(tmp_path / "model"), str(tmp_path / "back")]) == 0
+  _, back = convert.from_hf(tmp_path / "back")
+  for a, b in zip(jax.tree.leaves(model), jax.tree.leaves(back)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  save_model(back, config, tmp_path / "model")  # overwriting an omnijax model directory works

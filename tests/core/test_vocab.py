@@ -50,6 +50,6 @@ def test_out_of_range_inputs_fail_with_the_offending_value():
   with pytest.raises(ValueError, match=f"token id {v.size} at index 2"):
     v.check_ids([0, 1, v.size])
   with pytest.raises(ValueError, match="text_size must be a positive integer"):
-    Vocab.compact(0, 16, 8)
+    Vocab.compact(0, n_image_codes=16, n_speech_codes=8)
   with pytest.raises(KeyError, match="not a special token"):
     v.special_id("<|nope|>")

@@ -15,7 +15,7 @@ from omnijax.data.templates import ChatTemplate, ImageLengths, TemplateError
 from omnijax.data.toyworld.tokenizer import train_bpe
 from omnijax.vocab import Vocab
 
-VOCAB = Vocab.compact(300, 64, 32)
+VOCAB = Vocab.compact(300, n_image_codes=64, n_speech_codes=32)
 LENGTHS = ImageLengths(understanding=6, generated=4)
 
 

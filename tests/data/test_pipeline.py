@@ -150,12 +150,26 @@ def test_global_arrays_sharded_over_data_and_fsdp(data_dir):
 
 
 def test_processes_read_disjoint_samples(data_dir):
-  cfg = config(data_dir, global_batch_size=4)
-  rows = [next(iter(build_dataset(cfg, VOCAB, index, 2)))["tokens"] for index in range(2)]
-  assert rows[0].shape == (2, 384)
-  assert not np.array_equal(rows[0], rows[1])
+  """Two processes split the shuffled stream: within an epoch no sample is read twice."""
+  cfg = config(data_dir, global_batch_size=4, mixture={"vqa": 1.0}, tail_pads_max=1)
+  n_records = load_manifest(data_dir / "train")["tasks"]["vqa"]["records"]
+  per_process = n_records // 2
+  seen = []
+  for index in range(2):
+    samples = []
+    for batch in build_dataset(cfg, VOCAB, index, 2):
+      for tokens, segments in zip(batch["tokens"], batch["segment_ids"]):
+        for segment in range(1, segments.max() + 1):
+          samples.append(tuple(tokens[segments == segment][:-1]))  # minus its one tail pad
+      if len(samples) >= per_process:
+        break
+    seen.append(set(samples[:per_process]))
+    assert len(seen[-1]) == per_process  # no repeats within a process either
+  assert not seen[0] & seen[1]
+  known = {tuple(s.tokens) for s in all_samples(data_dir)["vqa"]}
+  assert seen[0] | seen[1] <= known
 
 
 def test_vocabulary_mismatch_is_a_clear_error(data_dir):
   with pytest.raises(ManifestError, match="text_size: shards 512 vs model 1024"):
-    Batches(config(data_dir), Vocab.compact(1024, 256, 256))
+    Batches(config(data_dir), Vocab.compact(1024, n_image_codes=256, n_speech_codes=256))

@@ -1,9 +1,9 @@
 """`omnijax train` end to end: stages, metrics, checkpoints, exact resume, reshard, guards."""
 
+import dataclasses
 import json
 import logging
 import os
-import pathlib
 import signal
 import subprocess
 import sys
@@ -135,10 +135,17 @@ def test_resume_with_fewer_devices(reference_run, toy_data, tmp_path):
     assert losses(tmp_path)[step] == pytest.approx(loss, abs=1e-5)
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(toy_data, tmp_path):
-  config = tiny_config(toy_data, "train.stages.stage2.peak_lr=1e30",
+@pytest.mark.parametrize("peak_lr,message", [
+    # Huge but finite weights: the next step's loss is NaN.
+    ("1e30", r"diverged at step 6 \(stage stage2\): loss nan.*was kept"),
+    # Weights overflow to inf in the update itself: caught before that step could be saved.
+    ("1e39", r"diverged at step 5 \(stage stage2\): loss [0-9.]+, .*parameters finite: False"),
+])
+def test_divergence_stops_and_keeps_the_last_good_checkpoint(toy_data, tmp_path, peak_lr,
+                                                             message):
+  config = tiny_config(toy_data, f"train.stages.stage2.peak_lr={peak_lr}",
                        "train.stages.stage2.warmup_steps=0")
-  with pytest.raises(TrainingDiverged, match=r"loss is nan at step 6 \(stage stage2\).*kept"):
+  with pytest.raises(TrainingDiverged, match=message):
     train(config, tmp_path)
   checkpoints = Checkpoints(tmp_path / "checkpoints", keep=3)
   assert checkpoints.steps() == [2, 4]
@@ -170,3 +177,46 @@ def test_one_stage_at_a_time(reference_run, toy_data, tmp_path):
   train(tiny_config(toy_data), tmp_path, only_stage="stage2")
   assert max(losses(tmp_path)) == 8
   assert {s: losses(tmp_path)[s] for s in range(1, 9)} == {s: reference[s] for s in range(1, 9)}
+
+
+def test_resume_refuses_changed_data_settings_and_unknown_stages(toy_data, tmp_path):
+  train(tiny_config(toy_data), tmp_path, max_steps=2)
+  with pytest.raises(ConfigError, match=r"data.seed differs from the checkpoint at step 2"):
+    train(tiny_config(toy_data, "data.seed=1"), tmp_path)
+  config = tiny_config(toy_data)
+  stages = {"warmup" if name == "stage1" else name: stage
+            for name, stage in config.train.stages.items()}
+  config = dataclasses.replace(config, train=dataclasses.replace(config.train, stages=stages))
+  with pytest.raises(ConfigError, match="written by stage 'stage1', which train.stages no longer"):
+    train(config, tmp_path)
+  # Nothing was set aside: a config mistake is not a corrupt checkpoint.
+  assert not list((tmp_path / "checkpoints").glob("*.unreadable.*"))
+
+
+def test_a_stage_mixture_without_data_fails_before_training(toy_data, tmp_path):
+  only_images = tmp_path / "data"
+  from omnijax.data.toyworld.prepare import prepare
+  from omnijax.data.toyworld.world import ToyWorldSpec
+  prepare(only_images, ToyWorldSpec(n=10, seed=0, grid=8))
+  for shard in (only_images / "train").glob("svqa*"):
+    shard.unlink()
+  manifest = json.loads((only_images / "train" / "manifest.json").read_text())
+  del manifest["tasks"]["svqa"]
+  (only_images / "train" / "manifest.json").write_text(json.dumps(manifest))
+  with pytest.raises(ConfigError, match=r"train.stages.stage3.mixture.*holds no svqa records"):
+    train(tiny_config(only_images), tmp_path / "run")
+  assert not (tmp_path / "run" / "metrics.jsonl").exists() or not read_metrics(tmp_path / "run")
+
+
+def test_training_starts_from_init_from_weights(toy_data, tmp_path):
+  from omnijax.model.build import create_model
+  from omnijax.model.params_io import save_model
+  config = tiny_config(toy_data)
+  save_model(create_model(config.model, seed=5), config.model, tmp_path / "weights")
+  train(tiny_config(toy_data, "train.seed=5"), tmp_path / "seeded", max_steps=1)
+  train(tiny_config(toy_data, f"train.init_from={tmp_path / 'weights'}", "train.seed=5"),
+        tmp_path / "loaded", max_steps=1)
+  assert losses(tmp_path / "loaded") == losses(tmp_path / "seeded")
+  with pytest.raises(ConfigError, match="train.init_from=.*do not match model"):
+    train(tiny_config(toy_data, f"train.init_from={tmp_path / 'weights'}",
+                      "model.mlp_size=64"), tmp_path / "mismatch", max_steps=1)

@@ -50,7 +50,8 @@ class ToyWorldSpec:
 
   @property
   def vocab(self) -> Vocab:
-    return Vocab.compact(self.text_size, self.n_image_codes, self.n_speech_codes)
+    return Vocab.compact(self.text_size, n_image_codes=self.n_image_codes,
+                         n_speech_codes=self.n_speech_codes)
 
   @property
   def images(self) -> ImageCodebook:
