@@ -86,9 +86,7 @@ def compile_train_step(config: Config, stage: str | None = None) -> tuple[Compil
   stages = config.train.ordered_stages
   if not stages:
     raise ConfigError("train.stages is empty: the train step needs a stage's optimizer")
-  stage_name = stage or stages[0][0]
-  if stage_name not in config.train.stages:
-    raise ConfigError(f"--stage {stage_name}: not one of {sorted(config.train.stages)}")
+  stage_name = config.train.resolve_stage(stage) if stage else stages[0][0]
   shape = (config.data.global_batch_size, config.data.seq_len)
   layout = StateLayout.create(config, mesh)
   tx = layout.optimizer(config, config.train.stages[stage_name])

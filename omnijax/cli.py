@@ -82,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
   _add_config_args(train)
   train.add_argument("--workdir", default=None,
                      help="checkpoints, metrics and plots (default runs/<config name>)")
-  train.add_argument("--stage", default=None, help="run only this stage, e.g. stage2")
+  train.add_argument("--stage", default=None,
+                     help="run only this stage: its number (2) or name (stage2)")
   train.add_argument("--max-steps", type=int, default=None,
                      help="stop after this global step, with a checkpoint")
   train.add_argument("--checkpoint-every", type=int, default=None)

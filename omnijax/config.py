@@ -330,6 +330,15 @@ class TrainConfig:
   def ordered_stages(self) -> list[tuple[str, StageConfig]]:
     return list(self.stages.items())
 
+  def resolve_stage(self, stage: str) -> str:
+    """`--stage` value -> stage name: a name from train.stages, or its 1-based position."""
+    names = list(self.stages)
+    if stage in names:
+      return stage
+    if stage.isdigit() and 1 <= int(stage) <= len(names):
+      return names[int(stage) - 1]
+    raise ConfigError(f"--stage {stage}: expected one of {names} or a number 1..{len(names)}")
+
 
 @dataclasses.dataclass(frozen=True)
 class Config:

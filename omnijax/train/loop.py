@@ -153,8 +153,8 @@ def train(config: Config, workdir: str | os.PathLike, *, only_stage: str | None 
   stages = stage_boundaries(train_config)
   if not stages:
     raise ConfigError("train.stages is empty: configure at least one stage")
-  if only_stage is not None and only_stage not in train_config.stages:
-    raise ConfigError(f"--stage {only_stage}: not one of {sorted(train_config.stages)}")
+  if only_stage is not None:
+    only_stage = train_config.resolve_stage(only_stage)
   ensure_data(config)
   vocab = config.model.vocab.build()
   split_dir = pathlib.Path(config.data.dir) / config.data.split

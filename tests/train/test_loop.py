@@ -174,8 +174,11 @@ def test_one_stage_at_a_time(reference_run, toy_data, tmp_path):
     train(tiny_config(toy_data), tmp_path, only_stage="stage3")
   train(tiny_config(toy_data), tmp_path, only_stage="stage1")
   assert max(losses(tmp_path)) == 4
-  train(tiny_config(toy_data), tmp_path, only_stage="stage2")
+  train(tiny_config(toy_data), tmp_path, only_stage="2")  # by number, as `--stage 2`
   assert max(losses(tmp_path)) == 8
+  with pytest.raises(ConfigError, match=r"--stage 4: expected one of \['stage1', 'stage2', "
+                                        r"'stage3'\] or a number 1..3"):
+    train(tiny_config(toy_data), tmp_path, only_stage="4")
   assert {s: losses(tmp_path)[s] for s in range(1, 9)} == {s: reference[s] for s in range(1, 9)}
 
 
