@@ -95,12 +95,6 @@ def _logical_axes(variable: nnx.Variable) -> tuple:
   return tuple(names)
 
 
-def state_specs(state) -> object:
-  """nnx.State of Variables -> matching tree of PartitionSpecs (mesh-independent)."""
-  return jax.tree.map(lambda v: logical_to_spec(_logical_axes(v)), state,
-                      is_leaf=lambda x: isinstance(x, nnx.Variable))
-
-
 def state_shardings(state, mesh) -> object:
   """nnx.State of Variables -> matching tree of NamedShardings on `mesh`."""
   return jax.tree.map(lambda v: NamedSharding(mesh, logical_to_spec(_logical_axes(v), mesh)),
