@@ -208,7 +208,9 @@ def test_a_stage_mixture_without_data_fails_before_training(toy_data, tmp_path):
   (only_images / "train" / "manifest.json").write_text(json.dumps(manifest))
   with pytest.raises(ConfigError, match=r"train.stages.stage3.mixture.*holds no svqa records"):
     train(tiny_config(only_images), tmp_path / "run")
-  assert not (tmp_path / "run" / "metrics.jsonl").exists() or not read_metrics(tmp_path / "run")
+  # Refused before any step: no metrics and no checkpoint were written.
+  assert not (tmp_path / "run" / "metrics.jsonl").exists()
+  assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_training_starts_from_init_from_weights(toy_data, tmp_path):
