@@ -109,6 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
 
   from omnijax.data import cli as data_cli  # argparse only; heavy imports stay in the handlers
   data_cli.register(commands)
+  from omnijax.generate import cli as generate_cli
+  generate_cli.register(commands)
+  from omnijax.eval import cli as eval_cli
+  eval_cli.register(commands)
   return parser
 
 

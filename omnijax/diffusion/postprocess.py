@@ -16,6 +16,19 @@ def trim(canvas, vocab: Vocab) -> np.ndarray:
   return canvas[:ends[0]] if len(ends) else canvas
 
 
+def spoken_answer(canvas, vocab: Vocab) -> tuple[np.ndarray, np.ndarray]:
+  """A spoken answer's canvas (text, then `<|begin_of_audio|>` and speech codes) -> (text part,
+  speech part): the text before the first `<|begin_of_audio|>` (trimmed), and after it the ids
+  up to `<|end_of_audio|>`, `<|im_end|>` or `<|endoftext|>`."""
+  canvas = np.asarray(canvas)
+  boa = np.flatnonzero(canvas == vocab.begin_audio_id)
+  if not len(boa):
+    return trim(canvas, vocab), canvas[:0]
+  speech = canvas[boa[0] + 1:]
+  ends = np.flatnonzero(np.isin(speech, [vocab.end_audio_id, vocab.im_end_id, vocab.pad_id]))
+  return trim(canvas[:boa[0]], vocab), speech[:ends[0]] if len(ends) else speech
+
+
 @dataclasses.dataclass(frozen=True)
 class Parts:
   text: np.ndarray  # text token ids (specials dropped, as decode(skip_special_tokens=True))
