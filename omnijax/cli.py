@@ -48,6 +48,10 @@ def _run_train(args) -> int:
     return 3
   if result["stopped"]:
     print(f"stopped by {result['stopped']} at step {result['step']} after saving a checkpoint")
+  elif (config.eval.after_training and args.stage is None
+        and result["step"] == sum(stage.steps for stage in config.train.stages.values())):
+    from omnijax.eval.cli import evaluate_after_training
+    evaluate_after_training(workdir)
   return 0
 
 

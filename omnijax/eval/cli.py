@@ -83,3 +83,23 @@ def run_and_write(generator, split_dir, tasks, steps, out: pathlib.Path, *, limi
   print(format_table(results))
   print("wrote " + ", ".join(map(str, written)))
   return results
+
+
+def evaluate_after_training(workdir: str | pathlib.Path) -> dict:
+  """The main job's last act: the final model on `eval.samples` held-out samples of every
+  task at `eval.steps` -> WORKDIR/eval.json, eval.png and eval_samples.png."""
+  from omnijax.data.tasks import TASKS
+  from omnijax.generate.run import Generator
+  from omnijax.runtime import restore_workdir
+
+  run = restore_workdir(workdir)
+  settings = run.config.eval
+  split_dir = pathlib.Path(run.config.data.dir) / settings.split
+  generator = Generator.for_data(run.model, run.config.model.vocab.build(), split_dir,
+                                 settings.batch_size)
+  print(f"evaluating step {run.step} on {settings.samples} samples of each task in {split_dir}",
+        flush=True)
+  return run_and_write(generator, split_dir, TASKS, settings.steps,
+                       pathlib.Path(workdir) / "eval.json", limit=settings.samples,
+                       meta={"checkpoint": str(workdir), "step": run.step,
+                             "split": settings.split})
