@@ -90,21 +90,27 @@ def ctrl_scale(logits: jax.Array, factor: jax.Array) -> jax.Array:
   return jnp.where(logits < 0, logits * factor, logits / factor)
 
 
-def top_p_filter(logits: jax.Array, top_p: float) -> jax.Array:
-  """Dream's nucleus: a token is dropped when the tokens ranked above it already hold more than
-  top_p of the probability, so the top token always stays. Dropped tokens get -inf."""
-  order = jnp.sort(logits, axis=-1)[..., ::-1]
-  probs = jax.nn.softmax(order, axis=-1)
-  mass_above = jnp.cumsum(probs, axis=-1) - probs
-  kept = jnp.sum(mass_above <= top_p, axis=-1, keepdims=True)
-  cutoff = jnp.take_along_axis(order, kept - 1, axis=-1)
+def top_p_top_k_filter(logits: jax.Array, top_p: float = 1.0, top_k: int = 0) -> jax.Array:
+  """Dream's nucleus, then top-k; dropped tokens get -inf.
+
+  Nucleus: a token is dropped when the tokens ranked above it already hold more than top_p of
+  the probability, so the top token always stays. Top-k: logits below the k-th largest are
+  dropped. Both keep a prefix of the same ranking, so together they keep the first
+  min(nucleus, k) tokens, and with top_k only the k largest need sorting (not the vocabulary).
+  """
+  vocab = logits.shape[-1]
+  ranked_count = vocab if top_k <= 0 else min(top_k, vocab)
+  if ranked_count == vocab:
+    ranked = jnp.sort(logits, axis=-1)[..., ::-1]
+  else:
+    ranked = jax.lax.top_k(logits, ranked_count)[0]
+  kept = jnp.full(logits.shape[:-1] + (1,), ranked_count)
+  if top_p < 1:
+    probs = jnp.exp(ranked - jax.nn.logsumexp(logits, axis=-1, keepdims=True))
+    mass_above = jnp.cumsum(probs, axis=-1) - probs
+    kept = jnp.sum(mass_above <= top_p, axis=-1, keepdims=True)
+  cutoff = jnp.take_along_axis(ranked, kept - 1, axis=-1)
   return jnp.where(logits >= cutoff, logits, -jnp.inf)
-
-
-def top_k_filter(logits: jax.Array, top_k: int) -> jax.Array:
-  """Logits below the k-th largest get -inf."""
-  kth = jax.lax.top_k(logits, min(top_k, logits.shape[-1]))[0][..., -1:]
-  return jnp.where(logits >= kth, logits, -jnp.inf)
 
 
 def position_factors(masked: jax.Array, gamma: float) -> jax.Array:
@@ -125,10 +131,8 @@ def choose_tokens(logits: jax.Array, canvas: jax.Array, plan: _Plan,
   logits = jnp.where(allowed, logits.astype(jnp.float32), -jnp.inf)
   if plan.temperature > 0:
     logits = logits / plan.temperature
-  if plan.top_p < 1:
-    logits = top_p_filter(logits, plan.top_p)
-  if plan.top_k > 0:
-    logits = top_k_filter(logits, plan.top_k)
+  if plan.top_p < 1 or plan.top_k > 0:
+    logits = top_p_top_k_filter(logits, plan.top_p, plan.top_k)
   if plan.repeat_penalty != 1:
     rows = jnp.arange(canvas.shape[0])[:, None]
     present = jnp.zeros((canvas.shape[0], logits.shape[-1]), bool).at[rows, canvas].set(True)

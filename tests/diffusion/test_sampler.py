@@ -182,12 +182,17 @@ def test_top_p_uses_dreams_rule_and_top_k_keeps_k():
   logits = jnp.log(jnp.asarray([0.5, 0.3, 0.15, 0.05]))
   # Mass ranked above: 0, .5, .8, .95 -> dropped where it exceeds top_p.
   kept = lambda x: np.isfinite(np.asarray(x)).tolist()  # noqa: E731
-  assert kept(sampler_lib.top_p_filter(logits, 0.6)) == [True, True, False, False]
-  assert kept(sampler_lib.top_p_filter(logits, 0.5)) == [True, True, False, False]
-  assert kept(sampler_lib.top_p_filter(logits, 0.1)) == [True, False, False, False]
-  assert kept(sampler_lib.top_p_filter(logits, 1.0)) == [True] * 4
-  assert kept(sampler_lib.top_k_filter(jnp.asarray([1.0, 4.0, 2.0, 3.0]), 2)) == [
-      False, True, False, True]
+  nucleus = sampler_lib.top_p_top_k_filter
+  assert kept(nucleus(logits, 0.6)) == [True, True, False, False]
+  assert kept(nucleus(logits, 0.5)) == [True, True, False, False]
+  assert kept(nucleus(logits, 0.1)) == [True, False, False, False]
+  assert kept(nucleus(logits, 1.0)) == [True] * 4
+  assert kept(nucleus(jnp.asarray([1.0, 4.0, 2.0, 3.0]), top_k=2)) == [False, True, False, True]
+  # Together: the shorter prefix wins, whichever it is; the nucleus is measured on the whole
+  # distribution even when only the top k are ranked.
+  assert kept(nucleus(logits, 0.9, top_k=2)) == [True, True, False, False]
+  assert kept(nucleus(logits, 0.6, top_k=3)) == [True, True, False, False]
+  assert kept(nucleus(logits, 0.9, top_k=3)) == [True, True, True, False]
   # Greedy with top_p: the confidence comes from the renormalised nucleus (.5 / .8).
   _, confidence = sampler_lib.choose_tokens(logits_for([0.5, 0.3, 0.15, 0.05]), masked_canvas(),
                                             plan(top_p=0.6), None)
