@@ -56,7 +56,8 @@ class _Plan:
   """Everything static about one decode: one compiled loop per distinct plan."""
 
   canvas: int
-  blocks: tuple[tuple[int, int, int], ...]  # (start, end, steps) per block, left to right
+  blocks: tuple[tuple[int, int], ...]  # (start, end) per block, left to right; the steps per
+  # block are an input of the compiled loop, so step counts share one compilation
   alg: str
   temperature: float
   top_p: float
@@ -175,13 +176,14 @@ def _rows_with_canvas(base: jax.Array, canvas: jax.Array, starts: jax.Array) -> 
                                                                                 starts)
 
 
-def _decode_loop(graphdef, params, base, segment_ids, starts, canvas, active, key, *, plan: _Plan):
+def _decode_loop(graphdef, params, base, segment_ids, starts, canvas, active, steps_per_block,
+                 key, *, plan: _Plan):
   """The compiled loop. base/segment_ids/starts: [R] forward rows (R = B, or 2B with CFG: the
   unconditional rows after the conditional ones); canvas/active: [B]."""
   model = nnx.merge(graphdef, params)
   batch, n = canvas.shape
   blocks = np.asarray(plan.blocks, np.int32)
-  block_start, block_end, steps_per_block = (jnp.asarray(blocks[:, i]) for i in range(3))
+  block_start, block_end = jnp.asarray(blocks[:, 0]), jnp.asarray(blocks[:, 1])
   columns = jnp.arange(n)
   positions = jnp.broadcast_to(jnp.arange(base.shape[1], dtype=jnp.int32), base.shape)
   row_keys = jax.vmap(lambda row: jax.random.fold_in(key, row))(jnp.arange(batch))
@@ -349,7 +351,8 @@ def sample_with_stats(model, vocab: Vocab, prompts: Sequence, *, canvas: int, st
   for offset, token in _prefill_items(prefill, canvas, vocab):
     start_canvas[:, offset] = token
   active = np.arange(padded_batch) < batch
-  plan = _Plan(canvas=int(canvas), blocks=block_plan(int(canvas), int(steps), int(block_size)),
+  blocks = block_plan(int(canvas), int(steps), int(block_size))
+  plan = _Plan(canvas=int(canvas), blocks=tuple((start, end) for start, end, _ in blocks),
                alg=alg, temperature=float(temperature), top_p=float(top_p), top_k=int(top_k),
                repeat_penalty=float(repeat_penalty), position_penalty=float(position_penalty),
                cfg=float(cfg), threshold=None if threshold is None else float(threshold),
@@ -359,7 +362,8 @@ def sample_with_stats(model, vocab: Vocab, prompts: Sequence, *, canvas: int, st
     spec = logical_to_spec(("batch",), mesh)
     inputs = tuple(jax.device_put(x, NamedSharding(mesh, PartitionSpec(*spec, *[None] * (x.ndim - 1))))
                    for x in inputs)
-  args = (params, *inputs, jax.random.key(seed))
+  steps_per_block = jnp.asarray([block_steps for _, _, block_steps in blocks], jnp.int32)
+  args = (params, *inputs, steps_per_block, jax.random.key(seed))
   with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
     run = _compiled(graphdef, plan, args)
     start = time.perf_counter()

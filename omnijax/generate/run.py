@@ -28,7 +28,7 @@ IMAGE_TASKS = ("t2i", "s2i")
 SPEECH_TASKS = ("tts", "svqa")
 # Canvases from length rules (asr, tts) round up to this: a few shapes to compile, not one per
 # input length; the model fills the spare positions with <|endoftext|>.
-CANVAS_BUCKET = 8
+CANVAS_BUCKET = 16
 
 
 @dataclasses.dataclass(frozen=True)
