@@ -18,15 +18,20 @@ def trim(canvas, vocab: Vocab) -> np.ndarray:
 
 def spoken_answer(canvas, vocab: Vocab) -> tuple[np.ndarray, np.ndarray]:
   """A spoken answer's canvas (text, then `<|begin_of_audio|>` and speech codes) -> (text part,
-  speech part): the text before the first `<|begin_of_audio|>` (trimmed), and after it the ids
-  up to `<|end_of_audio|>`, `<|im_end|>` or `<|endoftext|>`."""
+  speech part): the ids before the first `<|begin_of_audio|>` (up to an `<|im_end|>`; the
+  `<|endoftext|>` filler a prefilled `<|begin_of_audio|>` leaves around the text stays in, as
+  a special token that decoding drops), and after it the ids up to `<|end_of_audio|>`,
+  `<|im_end|>` or `<|endoftext|>`."""
   canvas = np.asarray(canvas)
   boa = np.flatnonzero(canvas == vocab.begin_audio_id)
   if not len(boa):
     return trim(canvas, vocab), canvas[:0]
+  text = canvas[:boa[0]]
+  text_end = np.flatnonzero(text == vocab.im_end_id)
   speech = canvas[boa[0] + 1:]
   ends = np.flatnonzero(np.isin(speech, [vocab.end_audio_id, vocab.im_end_id, vocab.pad_id]))
-  return trim(canvas[:boa[0]], vocab), speech[:ends[0]] if len(ends) else speech
+  return (text[:text_end[0]] if len(text_end) else text,
+          speech[:ends[0]] if len(ends) else speech)
 
 
 @dataclasses.dataclass(frozen=True)

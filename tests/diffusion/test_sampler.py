@@ -11,7 +11,7 @@ from flax import nnx
 from omnijax.config import load_config
 from omnijax.diffusion import sample, sample_with_stats
 from omnijax.diffusion import sampler as sampler_lib
-from omnijax.diffusion.postprocess import image_grid, split_modalities, trim
+from omnijax.diffusion.postprocess import image_grid, split_modalities, spoken_answer, trim
 from omnijax.model.build import create_model
 from omnijax.sharding import make_mesh
 from omnijax.config import MeshConfig
@@ -346,3 +346,15 @@ def test_trim_split_and_image_grid():
   np.testing.assert_array_equal(image_grid([1, 2, 3, 4, 5], 4, 16), [1, 2, 3, 4])
   np.testing.assert_array_equal(image_grid([], 2, 16), [0, 0])
   np.testing.assert_array_equal(image_grid([20, -1], 2, 16), [15, 0])
+
+
+def test_spoken_answer_splits_at_the_prefilled_begin_of_audio():
+  v = VOCAB
+  speech = [v.speech_offset + 4, v.speech_offset + 5]
+  canvas = np.asarray([v.pad_id, 7, 8, v.pad_id, v.begin_audio_id, *speech, v.end_audio_id,
+                       v.im_end_id, v.pad_id])
+  text, spoken = spoken_answer(canvas, v)
+  np.testing.assert_array_equal(split_modalities(text, v).text, [7, 8])  # filler dropped
+  np.testing.assert_array_equal(split_modalities(spoken, v).speech, [4, 5])
+  text, spoken = spoken_answer(np.asarray([7, v.im_end_id, 9]), v)  # no speech at all
+  np.testing.assert_array_equal(text, [7]) and len(spoken) == 0
