@@ -15,6 +15,10 @@ import sys
 
 
 def register(subparsers) -> None:
+  """Adds `eval`, and extends `train` (registered before) with the evaluation after the last
+  stage that `eval.after_training` asks for."""
+  train = subparsers.choices["train"]
+  train.set_defaults(func=_then_evaluate(train.get_default("func")))
   parser = subparsers.add_parser("eval", help="evaluate a trained model on held-out tasks")
   parser.add_argument("--checkpoint", required=True, help="training workdir (latest checkpoint)")
   parser.add_argument("--split", default="heldout", help="split directory under the data dir")
@@ -85,17 +89,33 @@ def run_and_write(generator, split_dir, tasks, steps, out: pathlib.Path, *, limi
   return results
 
 
-def evaluate_after_training(workdir: str | pathlib.Path) -> dict:
-  """The main job's last act: the final model on `eval.samples` held-out samples of every
-  task at `eval.steps` -> WORKDIR/eval.json, eval.png and eval_samples.png."""
+def _then_evaluate(run_train):
+  def train_then_evaluate(args: argparse.Namespace) -> int:
+    code = run_train(args)
+    if code == 0 and args.stage is None:
+      evaluate_after_training(args.workdir)
+    return code
+
+  return train_then_evaluate
+
+
+def evaluate_after_training(workdir: str | pathlib.Path) -> dict | None:
+  """The main job's last act, when the run's `eval.after_training` is on and its last stage is
+  done: the final model on `eval.samples` held-out samples of every task at `eval.steps` (and
+  the defaults) -> WORKDIR/eval.json, eval.png and eval_samples.png."""
   from omnijax.data.tasks import TASKS
   from omnijax.generate.run import Generator
-  from omnijax.runtime import restore_workdir
+  from omnijax.runtime import read_run_config, restore_workdir
 
+  config = read_run_config(workdir)
+  if not config.eval.after_training:
+    return None
   run = restore_workdir(workdir)
-  settings = run.config.eval
-  split_dir = pathlib.Path(run.config.data.dir) / settings.split
-  generator = Generator.for_data(run.model, run.config.model.vocab.build(), split_dir,
+  if run.step != sum(stage.steps for stage in config.train.stages.values()):
+    return None  # stopped early (SIGTERM, --max-steps): the final model does not exist yet
+  settings = config.eval
+  split_dir = pathlib.Path(config.data.dir) / settings.split
+  generator = Generator.for_data(run.model, config.model.vocab.build(), split_dir,
                                  settings.batch_size)
   print(f"evaluating step {run.step} on {settings.samples} samples of each task in {split_dir}",
         flush=True)
