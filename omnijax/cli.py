@@ -105,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="token layout when config.json has none: omni_diffusion or "
                             "compact:TEXT,IMAGE_CODES,SPEECH_CODES")
   convert.add_argument("--dtype", default="float32", help="export dtype (to-hf)")
+  convert.add_argument("--force", action="store_true",
+                       help="from-hf: replace an existing omnijax model directory")
   convert.set_defaults(func=_run_convert)
 
   from omnijax.data import cli as data_cli  # argparse only; heavy imports stay in the handlers
