@@ -15,7 +15,7 @@ import pathlib
 import shutil
 from typing import Any
 
-from array_record.python.array_record_module import ArrayRecordWriter
+from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
 
 from omnijax.data import record
 from omnijax.data.record import Sample
@@ -33,6 +33,10 @@ WRITER_OPTIONS = "group_size:1"
 
 class ManifestError(ValueError):
   """A shard directory's manifest is missing, unreadable or incompatible with the model."""
+
+
+class ShardError(ValueError):
+  """A shard's content is corrupt or disagrees with its manifest."""
 
 
 class ShardWriter:
@@ -160,3 +164,34 @@ def check_vocab(manifest: dict, vocab: Vocab, where: str) -> None:
 def shard_paths(shard_dir: str | os.PathLike, manifest: dict, task: str) -> list[str]:
   return [str(pathlib.Path(shard_dir) / shard["file"])
           for shard in manifest["shards"] if shard["task"] == task]
+
+
+def open_shard(path: str | os.PathLike, expected_records: int) -> ArrayRecordReader:
+  """A reader of one shard, after checking it holds the records its manifest lists (a truncated
+  file reads back as fewer, often none)."""
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise ShardError(f"{path}: record 0: the shard listed in the manifest is missing")
+  try:
+    reader = ArrayRecordReader(str(path))
+  except RuntimeError as e:  # a damaged footer fails at open
+    raise ShardError(f"{path}: record 0: unreadable: {str(e).splitlines()[0]}") from None
+  count = reader.num_records()
+  if count != expected_records:
+    close_quietly(reader)
+    raise ShardError(f"{path}: record {min(count, expected_records)}: the shard holds {count} "
+                     f"records, the manifest lists {expected_records} (truncated or replaced file)")
+  return reader
+
+
+def close_quietly(reader: ArrayRecordReader) -> None:
+  try:
+    reader.close()
+  except RuntimeError:
+    pass  # a damaged file's reader fails to close too; the error already raised says more
+
+
+def check_shards(shard_dir: str | os.PathLike, manifest: dict) -> None:
+  """Every shard the manifest lists exists and holds as many records as it says."""
+  for shard in manifest["shards"]:
+    close_quietly(open_shard(pathlib.Path(shard_dir) / shard["file"], shard["records"]))

@@ -31,21 +31,21 @@ def prepared(toy_data, tmp_path_factory):
   return root, good, out
 
 
-@pytest.mark.parametrize("fault,content,message", [
+@pytest.mark.parametrize("fault,line,message", [
     # A failure halfway used to truncate the existing shards and keep the old manifest.
-    ("bad record halfway", lambda good: good + b'{"task": "caption", "messages": []}\n',
-     r"bad\.jsonl:4: "),
-    ("not JSON", lambda good: good + b"{not json\n", r"bad\.jsonl:4: not valid JSON"),
-    ("not UTF-8", lambda good: good + b'{"task": "caption \xff\xfe"}\n',
-     r"bad\.jsonl:4: not UTF-8 \(byte 0xff at column 19\)"),
-    ("unknown task", lambda good: good + json.dumps({**CAPTION, "task": "dance"}).encode() + b"\n",
-     r"bad\.jsonl:4: unknown task 'dance'"),
+    ("bad record halfway", b'{"task": "caption", "messages": []}', r"bad\.jsonl:3: "),
+    ("not JSON", b"{not json", r"bad\.jsonl:3: not valid JSON"),
+    ("not UTF-8", b'{"task": "caption \xff\xfe"}',
+     r"bad\.jsonl:3: not UTF-8 \(byte 0xff at column 19\)"),
+    ("unknown task", json.dumps({**CAPTION, "task": "dance"}).encode(),
+     r"bad\.jsonl:3: unknown task 'dance'"),
 ])
 def test_failed_prepare_jsonl_names_the_line_and_keeps_the_existing_dataset(
-    prepared, toy_data, fault, content, message):
+    prepared, toy_data, fault, line, message):
   root, good, out = prepared
   bad = root / "bad.jsonl"
-  bad.write_bytes(content(good.read_bytes() + b"\n"))
+  # More good records than the dataset holds come first: the writer is halfway when it fails.
+  bad.write_bytes((json.dumps(CAPTION) + "\n\n").encode() + line + b"\n")
   before = snapshot(out)
   assert_refused(prepare_jsonl(toy_data, out, good, bad), 1, r"^omnijax prepare jsonl: .*" + message)
   assert snapshot(out) == before, fault
