@@ -26,11 +26,26 @@ from omnijax.train.step import (batch_sharding, check_batch_fits_mesh, jit_train
                                 make_train_step)
 
 
+class LibtpuMissingError(RuntimeError):
+  """Compiling for a TPU topology needs libtpu (the TPU compiler), which is not installed."""
+
+
+def _require_libtpu(topology_name: str) -> None:
+  # Without this check a missing compiler reads like a misspelt topology name.
+  try:
+    import libtpu  # noqa: F401
+  except ImportError:
+    raise LibtpuMissingError(f"compiling for topology.name={topology_name!r} needs libtpu, the "
+                             "TPU compiler, which is not installed: pip install -e '.[tpu]'") \
+        from None
+
+
 def topology_devices(config: Config) -> list:
   """Compile-only TPU devices of `config.topology`."""
   topology = config.topology
   if not topology.name:
     raise ConfigError("topology.name is empty: set a TPU topology, e.g. topology.name=v5e:2x4")
+  _require_libtpu(topology.name)
   # libtpu guards real chips with a lock file; compile-only use touches none.
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   from jax.experimental import topologies

@@ -18,6 +18,9 @@ def _quiet_libtpu_off_tpu() -> None:
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     # libtpu's lock file guards chips against a second process; without chips there is none.
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    # Off a TPU VM libtpu cannot find the host's accelerator type and says so on every load;
+    # compile-only use describes its topology explicitly (topology.*), so any valid type does.
+    os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-8")
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
