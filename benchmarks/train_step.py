@@ -49,9 +49,10 @@ def main() -> None:
   graphdef, state = nnx.split(model)
   params = nnx.to_pure_dict(state)
   stage = config.train.stages["stage1"]
-  tx = optimizer.make_optimizer(config.train.optimizer,
-                                optimizer.trainable_labels(params, stage.trainable))
-  step_fn = jax.jit(make_train_step(config, graphdef, tx, optimizer.global_schedule(config.train)),
+  labels = optimizer.trainable_labels(params, stage.trainable)
+  tx = optimizer.make_optimizer(config.train.optimizer, labels)
+  step_fn = jax.jit(make_train_step(config, graphdef, tx, optimizer.global_schedule(config.train),
+                                    labels),
                     donate_argnums=(0,))
   train_state = [TrainState(params, tx.init(params), np.int32(20))]
 

@@ -106,7 +106,8 @@ def compile_train_step(config: Config, stage: str | None = None) -> tuple[Compil
   layout = StateLayout.create(config, mesh)
   tx = layout.optimizer(config, config.train.stages[stage_name])
   step = jit_train_step(make_train_step(config, layout.graphdef, tx,
-                                        global_schedule(config.train)),
+                                        global_schedule(config.train),
+                                        layout.trainable(config.train.stages[stage_name])),
                         layout.shardings(tx), mesh)
   abstract_state = layout.abstract_state(tx)
   batch = {name: jax.ShapeDtypeStruct(shape, np.int32, sharding=batch_sharding(mesh))

@@ -245,7 +245,8 @@ def train(config: Config, workdir: str | os.PathLike, *, only_stage: str | None 
       data_state = None
 
       ###################### Stage: steps ######################
-      step_fn = jit_train_step(make_train_step(config, graphdef, tx, schedule), shardings, mesh)
+      step_fn = jit_train_step(make_train_step(config, graphdef, tx, schedule,
+                                               layout.trainable(stage)), shardings, mesh)
       stage_stop = stage_end if max_steps is None else min(stage_end, max_steps)
       window_start, window_tokens = time.perf_counter(), 0
       with jax.set_mesh(mesh):

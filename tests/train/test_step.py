@@ -30,9 +30,10 @@ def run_step(config, batch, mesh=None, steps=1):
   graphdef, state = nnx.split(model)
   params = nnx.to_pure_dict(state)
   stage = config.train.stages["stage1"]
-  tx = optimizer.make_optimizer(config.train.optimizer,
-                                optimizer.trainable_labels(params, stage.trainable))
-  step_fn = jax.jit(make_train_step(config, graphdef, tx, optimizer.global_schedule(config.train)))
+  labels = optimizer.trainable_labels(params, stage.trainable)
+  tx = optimizer.make_optimizer(config.train.optimizer, labels)
+  step_fn = jax.jit(make_train_step(config, graphdef, tx, optimizer.global_schedule(config.train),
+                                    labels))
   train_state = TrainState(params, tx.init(params), np.int32(0))
   history = []
   with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
