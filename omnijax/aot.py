@@ -10,7 +10,6 @@ memory analysis.
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 
 import jax
@@ -18,12 +17,9 @@ import numpy as np
 
 from omnijax.config import Config, ConfigError
 from omnijax.data.pipeline import BATCH_FIELDS
+from omnijax.runtime import build_train_program
 from omnijax.sharding import make_mesh
 from omnijax.train import flops
-from omnijax.train.optimizer import global_schedule
-from omnijax.train.state import StateLayout
-from omnijax.train.step import (batch_sharding, check_batch_fits_mesh, jit_train_step,
-                                make_train_step)
 
 
 class LibtpuMissingError(RuntimeError):
@@ -46,8 +42,6 @@ def topology_devices(config: Config) -> list:
   if not topology.name:
     raise ConfigError("topology.name is empty: set a TPU topology, e.g. topology.name=v5e:2x4")
   _require_libtpu(topology.name)
-  # libtpu guards real chips with a lock file; compile-only use touches none.
-  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   from jax.experimental import topologies
 
   kwargs = {}
@@ -97,26 +91,16 @@ def compile_train_step(config: Config, stage: str | None = None) -> tuple[Compil
   """Compiles one train step of `stage` (default: the first) for `config.topology`."""
   devices = topology_devices(config)
   mesh = make_mesh(config.mesh, devices)
-  check_batch_fits_mesh(config, mesh)
-  stages = config.train.ordered_stages
-  if not stages:
-    raise ConfigError("train.stages is empty: the train step needs a stage's optimizer")
-  stage_name = config.train.resolve_stage(stage) if stage else stages[0][0]
+  program = build_train_program(config, stage, mesh=mesh)
   shape = (config.data.global_batch_size, config.data.seq_len)
-  layout = StateLayout.create(config, mesh)
-  tx = layout.optimizer(config, config.train.stages[stage_name])
-  step = jit_train_step(make_train_step(config, layout.graphdef, tx,
-                                        global_schedule(config.train),
-                                        layout.trainable(config.train.stages[stage_name])),
-                        layout.shardings(tx), mesh)
-  abstract_state = layout.abstract_state(tx)
-  batch = {name: jax.ShapeDtypeStruct(shape, np.int32, sharding=batch_sharding(mesh))
+  batch = {name: jax.ShapeDtypeStruct(shape, np.int32, sharding=program.batch_sharding)
            for name in BATCH_FIELDS}
+  abstract_state = program.abstract_state()
   # Lowering needs the TPU mesh in context (some Mosaic rules read the device kind from it);
   # only lowering: optax's eager init above would otherwise run on compile-only devices.
   start = time.perf_counter()
   with jax.set_mesh(mesh):
-    compiled = step.lower(abstract_state, batch).compile()
+    compiled = program.step.lower(abstract_state, batch).compile()
   seconds = time.perf_counter() - start
   memory = compiled.memory_analysis()
   tokens_per_device = shape[0] * shape[1] / len(devices)

@@ -1,91 +1,43 @@
-"""The `omnijax` command: one entry point, one subcommand per job."""
+"""The `omnijax` command: one entry point, one subcommand per job.
+
+Each area registers its own subcommands (`register(subparsers)` in its `cli` module) and keeps
+heavy imports inside the handlers, so `omnijax --help` stays fast. The global options set up
+the process (omnijax.runtime.initialize) before any subcommand runs.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import io
 import logging
 import os
 import sys
 import threading
 
-
-def _quiet_libtpu_off_tpu() -> None:
-  # libtpu (installed for AOT compilation) probes GCE metadata at import and warns loudly on
-  # machines that are not TPU VMs; TPU VMs expose /dev/accel* or vfio devices.
-  if not (os.path.exists("/dev/accel0") or os.path.exists("/dev/vfio/0")):
-    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
-    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
-    # libtpu's lock file guards chips against a second process; without chips there is none.
-    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-    # Off a TPU VM libtpu cannot find the host's accelerator type and says so on every load;
-    # compile-only use describes its topology explicitly (topology.*), so any valid type does.
-    os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-8")
-
-
-def _add_config_args(parser: argparse.ArgumentParser) -> None:
-  parser.add_argument("--config", required=True, help="YAML config under tpu_configs/")
-  parser.add_argument("overrides", nargs="*", metavar="key=value",
-                      help="config overrides, e.g. model.num_layers=4 mesh.tensor=2")
-
-
-def _run_info(args) -> int:
-  from omnijax.info import print_info
-  return print_info(args.config, args.overrides)
-
-
-def _run_train(args) -> int:
-  import pathlib
-
-  from omnijax.config import load_config
-  from omnijax.train.loop import TrainingDiverged, train
-
-  overrides = list(args.overrides)
-  if args.checkpoint_every is not None:
-    overrides.append(f"train.checkpoint_every={args.checkpoint_every}")
-  if args.log_every is not None:
-    overrides.append(f"train.log_every={args.log_every}")
-  config = load_config(args.config, overrides)
-  workdir = args.workdir or str(pathlib.Path("runs") / pathlib.Path(args.config).stem)
-  try:
-    result = train(config, workdir, only_stage=args.stage, max_steps=args.max_steps)
-  except TrainingDiverged as e:
-    print(f"omnijax train: {e}", file=sys.stderr)
-    return 3
-  if result["stopped"]:
-    print(f"stopped by {result['stopped']} at step {result['step']} after saving a checkpoint")
-  return 0
-
-
-def _run_compile(args) -> int:
-  from omnijax.aot import compile_train_step
-  from omnijax.config import load_config
-
-  overrides = list(args.overrides)
-  if args.topology:
-    overrides.append(f"topology.name={args.topology}")
-  report, _ = compile_train_step(load_config(args.config, overrides), stage=args.stage)
-  print(report.describe())
-  return 0
-
-
-def _run_convert(args) -> int:
-  from omnijax.convert import run_convert
-  return run_convert(args)
+# The modules whose `register(subparsers)` add subcommands, in `omnijax --help` order.
+COMMAND_AREAS = ("omnijax.train.cli", "omnijax.model.cli", "omnijax.data.cli")
 
 
 def _add_global_args(parser: argparse.ArgumentParser, top_level: bool) -> None:
-  parser.add_argument("--host-devices", type=int,
-                      default=None if top_level else argparse.SUPPRESS,
+  """The options of the whole command. Subcommands accept them too, with SUPPRESS defaults so a
+  value given before the subcommand is kept."""
+  default = lambda value: value if top_level else argparse.SUPPRESS
+  parser.add_argument("--host-devices", type=int, default=default(None),
                       help="force N host (CPU) devices, e.g. 8 to inspect an 8-way mesh on a CPU")
-  parser.add_argument("--debug", action="store_true",
-                      default=False if top_level else argparse.SUPPRESS,
+  parser.add_argument("--debug", action="store_true", default=default(False),
                       help="show the full traceback of an error")
+  processes = parser.add_argument_group(
+      "multi-process jobs (all three, or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and "
+      "JAX_PROCESS_ID; TPU VM slices need none of them)")
+  processes.add_argument("--coordinator", default=default(None), metavar="HOST:PORT",
+                         help="address of process 0's coordination service")
+  processes.add_argument("--num-processes", type=int, default=default(None), metavar="N")
+  processes.add_argument("--process-id", type=int, default=default(None), metavar="I")
 
 
 def _accept_global_args_everywhere(parser: argparse.ArgumentParser) -> None:
-  """`omnijax train ... --debug` works like `omnijax --debug train ...` (SUPPRESS keeps a value
-  given before the subcommand)."""
+  """`omnijax train ... --debug` works like `omnijax --debug train ...`."""
   for action in parser._actions:
     if isinstance(action, argparse._SubParsersAction):
       for subparser in action.choices.values():
@@ -94,47 +46,11 @@ def _accept_global_args_everywhere(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog="omnijax", description=__doc__)
+  parser = argparse.ArgumentParser(prog="omnijax", description=__doc__.split("\n")[0])
   _add_global_args(parser, top_level=True)
   commands = parser.add_subparsers(dest="command", required=True)
-
-  info = commands.add_parser("info", help="parameter counts, mesh and sharding table of a config")
-  _add_config_args(info)
-  info.set_defaults(func=_run_info)
-
-  train = commands.add_parser("train", help="run the configured training stages (resumes)")
-  _add_config_args(train)
-  train.add_argument("--workdir", default=None,
-                     help="checkpoints, metrics and plots (default runs/<config name>)")
-  train.add_argument("--stage", default=None,
-                     help="run only this stage: its number (2) or name (stage2)")
-  train.add_argument("--max-steps", type=int, default=None,
-                     help="stop after this global step, with a checkpoint")
-  train.add_argument("--checkpoint-every", type=int, default=None)
-  train.add_argument("--log-every", type=int, default=None)
-  train.set_defaults(func=_run_train)
-
-  compile_ = commands.add_parser(
-      "compile", help="compile the train step for a TPU topology ahead of time (needs libtpu)")
-  _add_config_args(compile_)
-  compile_.add_argument("--topology", default=None, help="override topology.name, e.g. v5e:2x4")
-  compile_.add_argument("--stage", default=None, help="whose optimizer (default: first stage)")
-  compile_.set_defaults(func=_run_compile)
-
-  convert = commands.add_parser("convert", help="Hugging Face safetensors <-> omnijax weights")
-  convert.add_argument("direction", choices=["from-hf", "to-hf"])
-  convert.add_argument("source", help="HF directory (from-hf) or omnijax checkpoint dir (to-hf)")
-  convert.add_argument("dest", help="omnijax checkpoint dir (from-hf) or HF directory (to-hf)")
-  convert.add_argument("--vocab", default=None,
-                       help="token layout when config.json has none: omni_diffusion or "
-                            "compact:TEXT,IMAGE_CODES,SPEECH_CODES")
-  convert.add_argument("--dtype", default="float32", help="export dtype (to-hf)")
-  convert.add_argument("--force", action="store_true",
-                       help="from-hf: replace an existing omnijax model directory")
-  convert.set_defaults(func=_run_convert)
-
-  from omnijax.data import cli as data_cli  # argparse only; heavy imports stay in the handlers
-  data_cli.register(commands)
+  for area in COMMAND_AREAS:
+    importlib.import_module(area).register(commands)
   _accept_global_args_everywhere(parser)
   return parser
 
@@ -223,18 +139,18 @@ def main(argv: list[str] | None = None) -> int:
   """The `omnijax` command. Errors print one line on stderr (the traceback with --debug); from
   the command line (argv None) a failure ends the process at once."""
   args = parse_args(argv)
-  _quiet_libtpu_off_tpu()
-  if args.host_devices is not None:
-    if args.host_devices < 1:
-      print(f"omnijax: --host-devices {args.host_devices}: expected a number of devices >= 1",
-            file=sys.stderr)
-      return 2
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                               f" --xla_force_host_platform_device_count={args.host_devices}")
+  if args.host_devices is not None and args.host_devices < 1:
+    print(f"omnijax: --host-devices {args.host_devices}: expected a number of devices >= 1",
+          file=sys.stderr)
+    return 2
   if not args.debug and argv is None:
     _quiet_background_failures()
+  from omnijax import runtime
   from omnijax.config import ConfigError
   try:
+    runtime.initialize(host_devices=args.host_devices, coordinator=args.coordinator,
+                       num_processes=args.num_processes, process_id=args.process_id,
+                       distributed=getattr(args, "distributed", False))
     status = args.func(args)
   except Exception as e:
     if args.debug:
