@@ -105,6 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="token layout when config.json has none: omni_diffusion or "
                             "compact:TEXT,IMAGE_CODES,SPEECH_CODES")
   convert.add_argument("--dtype", default="float32", help="export dtype (to-hf)")
+  convert.add_argument("--grow-vocab", default=None, metavar="LAYOUT",
+                       help="from-hf: import into this bigger layout (omni_diffusion or "
+                            "compact:TEXT,IMAGE_CODES,SPEECH_CODES), keeping the checkpoint's rows "
+                            "and drawing the new ones from their mean and covariance")
+  convert.add_argument("--seed", type=int, default=0, help="seed of the --grow-vocab draws")
   convert.set_defaults(func=_run_convert)
 
   from omnijax.data import cli as data_cli  # argparse only; heavy imports stay in the handlers

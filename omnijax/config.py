@@ -35,7 +35,8 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class VocabConfig:
-  """`layout: omni_diffusion` reproduces the release ids; `compact` derives a small layout."""
+  """`layout: omni_diffusion` reproduces the release ids; `compact` derives a small layout;
+  `text` is text and specials only (codes must be 0): an imported text checkpoint."""
 
   layout: str = "compact"
   text_size: int = 1024
@@ -43,8 +44,12 @@ class VocabConfig:
   n_speech_codes: int = 256
 
   def __post_init__(self):
-    if self.layout not in ("omni_diffusion", "compact"):
-      raise ConfigError(f"model.vocab.layout={self.layout!r}: expected 'omni_diffusion' or 'compact'")
+    if self.layout not in ("omni_diffusion", "compact", "text"):
+      raise ConfigError(f"model.vocab.layout={self.layout!r}: expected 'omni_diffusion', "
+                        "'compact' or 'text'")
+    if self.layout == "text" and (self.n_image_codes or self.n_speech_codes):
+      raise ConfigError("model.vocab: layout 'text' has no codes; set n_image_codes and "
+                        "n_speech_codes to 0")
     try:
       self.build()
     except ValueError as e:  # e.g. a non-positive size: name the config key, not Vocab's field
@@ -53,6 +58,8 @@ class VocabConfig:
   def build(self) -> Vocab:
     if self.layout == "omni_diffusion":
       return Vocab.omni_diffusion()
+    if self.layout == "text":
+      return Vocab.text_only(self.text_size)
     return Vocab.compact(self.text_size, n_image_codes=self.n_image_codes,
                          n_speech_codes=self.n_speech_codes)
 
