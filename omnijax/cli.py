@@ -114,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
 
   from omnijax.data import cli as data_cli  # argparse only; heavy imports stay in the handlers
   data_cli.register(commands)
+  from omnijax import golden
+  golden.register(commands)
   return parser
 
 
