@@ -52,7 +52,7 @@ def _run_train(args) -> int:
 
 
 def _run_compile(args) -> int:
-  from omnijax.aot import compile_train_step
+  from omnijax.aot import DOES_NOT_FIT_EXIT, compile_train_step, write_report
   from omnijax.config import load_config
 
   overrides = list(args.overrides)
@@ -60,7 +60,9 @@ def _run_compile(args) -> int:
     overrides.append(f"topology.name={args.topology}")
   report, _ = compile_train_step(load_config(args.config, overrides), stage=args.stage)
   print(report.describe())
-  return 0
+  if args.out:
+    write_report(report, args.out)
+  return 0 if report.fits else DOES_NOT_FIT_EXIT
 
 
 def _run_convert(args) -> int:
@@ -95,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
   _add_config_args(compile_)
   compile_.add_argument("--topology", default=None, help="override topology.name, e.g. v5e:2x4")
   compile_.add_argument("--stage", default=None, help="whose optimizer (default: first stage)")
+  compile_.add_argument("--out", default=None, metavar="REPORT.json",
+                        help="also write the report as JSON (exit status 3: does not fit)")
   compile_.set_defaults(func=_run_compile)
 
   convert = commands.add_parser("convert", help="Hugging Face safetensors <-> omnijax weights")

@@ -25,7 +25,7 @@ import numpy as np
 from omnijax.config import Config, ModelConfig
 from omnijax.train.optimizer import trainable_labels
 from omnijax.train.state import StateLayout
-from omnijax.train.step import batch_shards
+from omnijax.sharding import logical_to_spec
 
 # fp32 gradient + AdamW's mu and nu, per trainable parameter, in units of the parameter's bytes.
 TRAINABLE_STATE_COPIES = 3
@@ -64,6 +64,13 @@ class AnalyticMemory:
   @property
   def total_bytes(self) -> int:
     return self.state_bytes + self.activation_bytes
+
+
+def batch_shards(mesh) -> int:
+  """How many ways the batch dimension of a micro-batch is split."""
+  entry = logical_to_spec(("batch",), mesh)[0]
+  axes = (entry,) if isinstance(entry, str) else (entry or ())
+  return math.prod(mesh.shape[axis] for axis in axes)
 
 
 def analytic_minimum(config: Config, mesh, stage: str) -> AnalyticMemory:

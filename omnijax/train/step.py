@@ -97,16 +97,11 @@ def batch_sharding(mesh) -> jax.sharding.NamedSharding:
   return jax.sharding.NamedSharding(mesh, logical_to_spec(("batch", "length"), mesh))
 
 
-def batch_shards(mesh) -> int:
-  """How many ways the batch dimension of a (micro-)batch is split."""
-  entry = logical_to_spec(("batch",), mesh)[0]
-  axes = (entry,) if isinstance(entry, str) else (entry or ())
-  return math.prod(mesh.shape[axis] for axis in axes)
-
-
 def check_batch_fits_mesh(config: Config, mesh) -> None:
   """Every micro-batch must split evenly over the mesh's batch shards."""
-  shards = batch_shards(mesh)
+  entry = logical_to_spec(("batch",), mesh)[0]
+  axes = (entry,) if isinstance(entry, str) else (entry or ())
+  shards = math.prod(mesh.shape[axis] for axis in axes)
   micro_batch = config.data.global_batch_size // config.train.grad_accum_steps
   if micro_batch % shards:
     raise ConfigError(f"data.global_batch_size={config.data.global_batch_size} / "
