@@ -118,8 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
 
   from omnijax.data import cli as data_cli  # argparse only; heavy imports stay in the handlers
   data_cli.register(commands)
-  from omnijax import golden
+  from omnijax import golden, scaling
   golden.register(commands)
+  scaling.register(commands)
   return parser
 
 
