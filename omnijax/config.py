@@ -236,16 +236,16 @@ class ObjectiveConfig:
   eps: float = 1e-3
   # Tail pads are masked at this fraction of a token's threshold (attenuated tail-pad masking).
   pad_mask_ratio: float = 0.6
-  # Sequence positions whose fp32 logits the loss holds at once (forward and backward); the
-  # full [tokens, vocab] logits are never materialised. Smaller saves memory, larger runs fewer
-  # (bigger) lm_head matmuls.
-  logits_chunk_len: int = 512
+  # The loss applies the lm_head in this many vocabulary chunks (forward and backward): the full
+  # [tokens, vocab] logits are never materialised. More saves memory, fewer runs fewer (bigger)
+  # lm_head matmuls; 1 is the whole vocabulary at once.
+  vocab_chunks: int = 8
 
   def __post_init__(self):
     if self.kind not in ("omni", "llada"):
       raise ConfigError(f"train.objective.kind={self.kind!r}: expected 'omni' or 'llada'")
-    if self.logits_chunk_len < 1:
-      raise ConfigError(f"train.objective.logits_chunk_len={self.logits_chunk_len} must be >= 1")
+    if self.vocab_chunks < 1:
+      raise ConfigError(f"train.objective.vocab_chunks={self.vocab_chunks} must be >= 1")
     if not 0 < self.eps < 1 or not 0 < self.pad_mask_ratio <= 1:
       raise ConfigError("train.objective.eps must lie in (0, 1) and pad_mask_ratio in (0, 1]")
 

@@ -11,10 +11,11 @@ Randomness is a pure function of (seed, step, global row index), so masks do not
 mesh, the micro-batch split or a restart.
 
 The cross-entropy never materialises the [tokens, vocab] fp32 logits (2 GiB per chip for omni7b at
-3072 tokens, and as much again for their gradient): `token_cross_entropy` applies the lm_head and
-the log-sum-exp `logits_chunk_len` positions at a time under lax.scan, and its custom gradient
-recomputes each chunk's logits in the backward pass (MaxText's vocabulary tiling, over positions
-so that the batch sharding of the hidden states is kept).
+3072 tokens, and as much again for their gradient): `token_cross_entropy` applies the lm_head in
+`vocab_chunks` vocabulary chunks under lax.scan with an online log-sum-exp, and its custom
+gradient recomputes each chunk's logits in the backward pass (MaxText's vocabulary tiling).
+Chunking the vocabulary rather than the positions also splits the FSDP all-gather of the
+lm_head and its gradient's partial sums, which are as large as the logits at 7B scale.
 """
 
 from __future__ import annotations
@@ -88,88 +89,97 @@ def corrupt(batch: dict, config: ObjectiveConfig, vocab: Vocab, seed: int, step:
                     weights=jnp.where(masked, weights, 0.0).astype(jnp.float32))
 
 
-def _split_positions(x: jax.Array, chunk_len: int) -> jax.Array:
-  """[B, L, ...] -> [L / chunk_len, B, chunk_len, ...] (chunks first, for lax.scan)."""
-  batch, length = x.shape[:2]
-  return jnp.swapaxes(x.reshape(batch, length // chunk_len, chunk_len, *x.shape[2:]), 0, 1)
+def _vocab_chunks(head: jax.Array, chunks: int) -> jax.Array:
+  """lm_head [d, V] -> [chunks, d, ceil(V / chunks)]; chunk j holds the columns i * chunks + j.
+
+  Strided chunks keep the tensor sharding: every vocabulary shard (a contiguous block of
+  columns) holds its share of every chunk, so no chunk lives on one shard alone. Columns past V
+  (padding) are zero and masked out of the softmax.
+  """
+  width, vocab = head.shape
+  padded = -(-vocab // chunks) * chunks
+  head = jnp.pad(head, ((0, 0), (0, padded - vocab)))
+  return jnp.moveaxis(head.reshape(width, padded // chunks, chunks), 2, 0)
 
 
-def _merge_positions(x: jax.Array) -> jax.Array:
-  """Inverse of `_split_positions`."""
-  chunks, batch, chunk_len = x.shape[:3]
-  return jnp.swapaxes(x, 0, 1).reshape(batch, chunks * chunk_len, *x.shape[3:])
-
-
-def _chunk_logits(hidden_chunk: jax.Array, head: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """fp32 logits of one chunk and their log-sum-exp (the model's logits, cast as the loss did)."""
-  logits = output_logits(hidden_chunk, head).astype(jnp.float32)
-  return logits, jax.nn.logsumexp(logits, axis=-1)
-
-
-def _is_target(logits: jax.Array, targets: jax.Array) -> jax.Array:
-  # A comparison with the vocabulary iota (not a gather) stays local to each vocabulary shard.
-  return jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1) == targets[..., None]
+def _chunk_logits(hidden: jax.Array, head_chunk: jax.Array, chunk: jax.Array, chunks: int,
+                  vocab: int) -> tuple[jax.Array, jax.Array]:
+  """fp32 logits [B, L, V / chunks] of one chunk (the model's, cast as the loss always did) and
+  the vocabulary id of each column."""
+  logits = output_logits(hidden, head_chunk).astype(jnp.float32)
+  ids = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 2) * chunks + chunk
+  return jnp.where(ids < vocab, logits, -jnp.inf), ids
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _cross_entropy(hidden: jax.Array, head: jax.Array, targets: jax.Array,
-                   chunk_len: int) -> jax.Array:
-  return _cross_entropy_forward(hidden, head, targets, chunk_len)[0]
+                   chunks: int) -> jax.Array:
+  return _cross_entropy_forward(hidden, head, targets, chunks)[0]
 
 
-def _cross_entropy_forward(hidden, head, targets, chunk_len):
-  def chunk(_, inputs):
-    hidden_chunk, target_chunk = inputs
-    logits, log_z = _chunk_logits(hidden_chunk, head)
-    target_logit = jnp.sum(jnp.where(_is_target(logits, target_chunk), logits, 0.0), axis=-1)
-    return None, (log_z - target_logit, log_z)
+def _cross_entropy_forward(hidden, head, targets, chunks):
+  vocab = head.shape[1]
 
-  _, (ce, log_z) = jax.lax.scan(chunk, None, (_split_positions(hidden, chunk_len),
-                                              _split_positions(targets, chunk_len)))
-  return _merge_positions(ce), (hidden, head, targets, _merge_positions(log_z))
+  def chunk(carry, inputs):
+    running_max, scaled_sum, target_logit = carry
+    index, head_chunk = inputs
+    logits, ids = _chunk_logits(hidden, head_chunk, index, chunks, vocab)
+    # Online log-sum-exp: rescale the running sum to the new maximum.
+    new_max = jnp.maximum(running_max, jnp.max(logits, axis=-1))
+    scaled_sum = (scaled_sum * jnp.exp(running_max - new_max) +
+                  jnp.sum(jnp.exp(logits - new_max[..., None]), axis=-1))
+    # A comparison with the ids (not a gather) stays local to each vocabulary shard.
+    target_logit = target_logit + jnp.sum(jnp.where(ids == targets[..., None], logits, 0.0),
+                                          axis=-1)
+    return (new_max, scaled_sum, target_logit), None
+
+  zeros = jnp.zeros(targets.shape, jnp.float32)
+  (running_max, scaled_sum, target_logit), _ = jax.lax.scan(
+      chunk, (jnp.full(targets.shape, -jnp.inf), zeros, zeros),
+      (jnp.arange(chunks), _vocab_chunks(head, chunks)))
+  log_z = running_max + jnp.log(scaled_sum)
+  return log_z - target_logit, (hidden, head, targets, log_z)
 
 
-def _cross_entropy_backward(chunk_len, residuals, ce_grad):
+def _cross_entropy_backward(chunks, residuals, ce_grad):
   """d ce / d logits = softmax - one_hot, applied to the lm_head chunk by chunk."""
   hidden, head, targets, log_z = residuals
-  compute_head = head.astype(hidden.dtype)
+  vocab = head.shape[1]
 
-  def chunk(head_grad, inputs):
-    hidden_chunk, target_chunk, log_z_chunk, grad_chunk = inputs
-    logits, _ = _chunk_logits(hidden_chunk, head)
-    probs = jnp.exp(logits - log_z_chunk[..., None])
-    logits_grad = (grad_chunk[..., None] * (probs - _is_target(logits, target_chunk))
-                   ).astype(hidden.dtype)
-    hidden_grad = jnp.einsum("bcv,dv->bcd", logits_grad, compute_head)
-    # Accumulated in fp32 and kept sharded like the lm_head (replicated it would be 2.5 GiB).
-    head_grad = constrain(head_grad + jnp.einsum("bcd,bcv->dv", hidden_chunk, logits_grad,
-                                                 preferred_element_type=jnp.float32),
-                          ("embed", "vocab"))
-    return head_grad, hidden_grad
+  def chunk(hidden_grad, inputs):
+    index, head_chunk = inputs
+    logits, ids = _chunk_logits(hidden, head_chunk, index, chunks, vocab)
+    probs = jnp.exp(logits - log_z[..., None])
+    logits_grad = (ce_grad[..., None] * (probs - (ids == targets[..., None]))).astype(hidden.dtype)
+    hidden_grad = hidden_grad + jnp.einsum("blv,dv->bld", logits_grad,
+                                           head_chunk.astype(hidden.dtype),
+                                           preferred_element_type=jnp.float32)
+    # Each chunk's weight gradient is reduced onto the lm_head's shards right away: only a
+    # [d, V / chunks] partial sum ever exists whole.
+    head_grad = constrain(jnp.einsum("bld,blv->dv", hidden, logits_grad,
+                                     preferred_element_type=jnp.float32), ("embed", "vocab"))
+    return hidden_grad, head_grad
 
-  head_grad, hidden_grad = jax.lax.scan(
-      chunk, constrain(jnp.zeros(head.shape, jnp.float32), ("embed", "vocab")),
-      tuple(_split_positions(x, chunk_len) for x in (hidden, targets, log_z, ce_grad)))
-  return _merge_positions(hidden_grad), head_grad.astype(head.dtype), None
+  hidden_grad, head_grads = jax.lax.scan(
+      chunk, jnp.zeros(hidden.shape, jnp.float32),
+      (jnp.arange(chunks), _vocab_chunks(head, chunks)))
+  # [chunks, d, V / chunks] -> [d, V]: undo the strided split.
+  width = head.shape[0]
+  head_grad = jnp.moveaxis(head_grads, 0, 2).reshape(width, -1)[:, :vocab]
+  return hidden_grad.astype(hidden.dtype), head_grad.astype(head.dtype), None
 
 
 _cross_entropy.defvjp(_cross_entropy_forward, _cross_entropy_backward)
 
 
 def token_cross_entropy(hidden: jax.Array, head: jax.Array, targets: jax.Array,
-                        chunk_len: int) -> jax.Array:
+                        chunks: int) -> jax.Array:
   """-log softmax(hidden @ head)[targets] per position: [B, L, d], [d, V], [B, L] -> [B, L] fp32.
 
-  At most `chunk_len` positions' logits exist at a time (forward and backward); the sequence is
-  padded up to a multiple of it.
+  The vocabulary is split into `chunks` strided chunks: at most one chunk's logits exist at a
+  time, forward and backward (which recomputes them).
   """
-  length = hidden.shape[1]
-  chunk_len = min(chunk_len, length)
-  padding = -length % chunk_len
-  if padding:
-    hidden = jnp.pad(hidden, ((0, 0), (0, padding), (0, 0)))
-    targets = jnp.pad(targets, ((0, 0), (0, padding)))
-  return _cross_entropy(hidden, head, targets.astype(jnp.int32), chunk_len)[:, :length]
+  return _cross_entropy(hidden, head, targets.astype(jnp.int32), min(chunks, head.shape[1]))
 
 
 def loss_sums(hidden: jax.Array, head: jax.Array, batch: dict, corruption: Corruption,
@@ -187,7 +197,7 @@ def loss_sums(hidden: jax.Array, head: jax.Array, batch: dict, corruption: Corru
   targets = batch["tokens"][:, 1:]
   target_mask = corruption.masked[:, 1:]
   next_tokens = jnp.pad(targets, ((0, 0), (0, 1)))
-  ce = token_cross_entropy(hidden, head, next_tokens, config.logits_chunk_len)[:, :-1]
+  ce = token_cross_entropy(hidden, head, next_tokens, config.vocab_chunks)[:, :-1]
   ce = jnp.where(target_mask, ce, 0.0)
   task_one_hot = (batch["task_ids"][:, 1:, None] == jnp.arange(len(TASKS))) & target_mask[..., None]
   n_targets = jnp.sum(target_mask.astype(jnp.float32))

@@ -98,7 +98,7 @@ def test_llada_shares_one_threshold_per_sample_and_weights_by_its_inverse():
 
 def test_loss_is_the_shifted_cross_entropy_over_targets():
   batch = packed_batch(rows=4, length=96)
-  config = ObjectiveConfig(logits_chunk_len=40)  # 96 positions: two chunks and a padded third
+  config = ObjectiveConfig(vocab_chunks=4)  # 177 ids: 4 chunks of 45, the last 3 columns padding
   c = objective.corrupt(batch, config, VOCAB, seed=0, step=jnp.int32(0))
   hidden = jax.random.normal(jax.random.key(0), (4, 96, 16))
   head = jax.random.normal(jax.random.key(1), (16, VOCAB.size))
@@ -126,11 +126,10 @@ def full_logits_loss_sum(hidden, head, batch, corruption):
   return jnp.sum(ce * corruption.weights[:, 1:])
 
 
-@pytest.mark.parametrize("kind,chunk_len", [("omni", 96), ("omni", 32), ("omni", 7),
-                                            ("llada", 40)])
-def test_chunked_loss_and_gradients_equal_the_full_logits_ones(kind, chunk_len):
+@pytest.mark.parametrize("kind,chunks", [("omni", 1), ("omni", 3), ("omni", 7), ("llada", 4)])
+def test_chunked_loss_and_gradients_equal_the_full_logits_ones(kind, chunks):
   batch = packed_batch(rows=4, length=96, seed=3)
-  config = ObjectiveConfig(kind=kind, logits_chunk_len=chunk_len)
+  config = ObjectiveConfig(kind=kind, vocab_chunks=chunks)
   c = objective.corrupt(batch, config, VOCAB, seed=2, step=jnp.int32(1))
   hidden = jax.random.normal(jax.random.key(2), (4, 96, 24))
   head = 0.5 * jax.random.normal(jax.random.key(3), (24, VOCAB.size))
@@ -152,20 +151,20 @@ def test_chunked_loss_never_holds_the_full_logits():
   head = jax.ShapeDtypeStruct((width, vocab), jnp.float32)
   targets = jax.ShapeDtypeStruct((rows, length), jnp.int32)
 
-  def temp_bytes(chunk_len):
-    loss = lambda h, w, t: objective.token_cross_entropy(h, w, t, chunk_len).sum()
+  def temp_bytes(chunks):
+    loss = lambda h, w, t: objective.token_cross_entropy(h, w, t, chunks).sum()
     compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(hidden, head, targets).compile()
     return compiled.memory_analysis().temp_size_in_bytes
 
   full_logits = rows * length * vocab * 4  # 64 MiB
-  assert temp_bytes(1024) >= full_logits
-  assert temp_bytes(64) < full_logits / 4
+  assert temp_bytes(1) >= full_logits
+  assert temp_bytes(16) < full_logits / 4
 
 
 def test_objective_config_is_validated():
   from omnijax.config import ConfigError
   with pytest.raises(ConfigError, match="train.objective.kind='mdlm'"):
     ObjectiveConfig(kind="mdlm")
-  with pytest.raises(ConfigError, match="train.objective.logits_chunk_len=0"):
-    ObjectiveConfig(logits_chunk_len=0)
+  with pytest.raises(ConfigError, match="train.objective.vocab_chunks=0"):
+    ObjectiveConfig(vocab_chunks=0)
   assert dataclasses.replace(ObjectiveConfig(), pad_mask_ratio=1.0).pad_mask_ratio == 1.0
