@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from omnijax.kernels import flash_attention
 from omnijax.kernels.cudnn import cudnn_attention
-from omnijax.model.attention import xla_attention
+from omnijax.kernels.reference import xla_attention
 
 
 def _parse_args():

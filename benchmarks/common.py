@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import os
 import tempfile
 import time
 
-os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
-os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+import numpy as np
 
-import numpy as np  # noqa: E402
+from omnijax import convert, runtime
+from omnijax.model.rope import segment_positions
 
-from omnijax import convert  # noqa: E402
-from omnijax.model.rope import segment_positions  # noqa: E402
+runtime.configure_environment()
 
 
 def time_per_call(fn, steps: int) -> float:

@@ -18,13 +18,13 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from omnijax import runtime  # noqa: E402
 from omnijax.config import CONFIG_ROOT, load_config  # noqa: E402
 from omnijax.data.pipeline import Batches  # noqa: E402
 from omnijax.diffusion import objective  # noqa: E402
 from omnijax.model.build import create_model  # noqa: E402
-from omnijax.train import flops, optimizer  # noqa: E402
+from omnijax.train import flops  # noqa: E402
 from omnijax.train.loop import ensure_data  # noqa: E402
-from omnijax.train.step import TrainState, make_train_step  # noqa: E402
 
 
 def main() -> None:
@@ -44,19 +44,13 @@ def main() -> None:
   batch = next(batches)
   batches.close()
 
-  model = create_model(config.model, seed=0)
+  program = runtime.build_train_program(config, "stage1")
+  model = create_model(config.model, program.mesh, seed=0)
   torch_model = torch_twin(model, config.model).train()  # before donation consumes the weights
-  graphdef, state = nnx.split(model)
-  params = nnx.to_pure_dict(state)
-  stage = config.train.stages["stage1"]
-  tx = optimizer.make_optimizer(config.train.optimizer,
-                                optimizer.trainable_labels(params, stage.trainable))
-  step_fn = jax.jit(make_train_step(config, graphdef, tx, optimizer.global_schedule(config.train)),
-                    donate_argnums=(0,))
-  train_state = [TrainState(params, tx.init(params), np.int32(20))]
+  train_state = [program.init_state(nnx.to_pure_dict(nnx.state(model)), np.int32(20))]
 
   def jax_step():
-    train_state[0], metrics = step_fn(train_state[0], batch)
+    train_state[0], metrics = program.step(train_state[0], batch)
     jax.block_until_ready(metrics)
 
   jax_seconds = time_per_call(jax_step, args.steps)

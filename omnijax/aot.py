@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import re
 import time
 
@@ -24,13 +23,10 @@ import numpy as np
 
 from omnijax.config import Config, ConfigError
 from omnijax.data.pipeline import BATCH_FIELDS
+from omnijax.runtime import build_train_program
 from omnijax.sharding import make_mesh
 from omnijax.train import flops
 from omnijax.train.memory import analytic_minimum
-from omnijax.train.optimizer import global_schedule
-from omnijax.train.state import StateLayout
-from omnijax.train.step import (batch_sharding, check_batch_fits_mesh, jit_train_step,
-                                make_train_step)
 
 
 def topology_devices(config: Config) -> list:
@@ -38,8 +34,6 @@ def topology_devices(config: Config) -> list:
   topology = config.topology
   if not topology.name:
     raise ConfigError("topology.name is empty: set a TPU topology, e.g. topology.name=v5e:2x4")
-  # libtpu guards real chips with a lock file; compile-only use touches none.
-  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   from jax.experimental import topologies
 
   kwargs = {}
@@ -164,20 +158,11 @@ def compile_train_step(config: Config, stage: str | None = None) -> tuple[Compil
   """
   devices = topology_devices(config)
   mesh = make_mesh(config.mesh, devices)
-  check_batch_fits_mesh(config, mesh)
-  stages = config.train.ordered_stages
-  if not stages:
-    raise ConfigError("train.stages is empty: the train step needs a stage's optimizer")
-  stage_name = config.train.resolve_stage(stage) if stage else stages[0][0]
+  program = build_train_program(config, stage, mesh=mesh)
   shape = (config.data.global_batch_size, config.data.seq_len)
-  layout = StateLayout.create(config, mesh)
-  tx = layout.optimizer(config, config.train.stages[stage_name])
-  step = jit_train_step(make_train_step(config, layout.graphdef, tx,
-                                        global_schedule(config.train)),
-                        layout.shardings(tx), mesh)
-  abstract_state = layout.abstract_state(tx)
-  batch = {name: jax.ShapeDtypeStruct(shape, np.int32, sharding=batch_sharding(mesh))
+  batch = {name: jax.ShapeDtypeStruct(shape, np.int32, sharding=program.batch_sharding)
            for name in BATCH_FIELDS}
+  abstract_state = program.abstract_state()
   kind = devices[0].device_kind
   hbm = HBM_BYTES_BY_DEVICE_KIND.get(kind)
   if hbm is None:
@@ -189,19 +174,19 @@ def compile_train_step(config: Config, stage: str | None = None) -> tuple[Compil
   compiled, oom = None, None
   try:
     with jax.set_mesh(mesh):
-      compiled = step.lower(abstract_state, batch).compile()
+      compiled = program.step.lower(abstract_state, batch).compile()
   except Exception as e:  # the compiler reports OOM as a runtime error; anything else is a bug
     oom = out_of_memory(e)
     if oom is None:
       raise
   seconds = time.perf_counter() - start
-  analytic = analytic_minimum(config, mesh, stage_name)
+  analytic = analytic_minimum(config, mesh, program.stage)
   tflops = shape[0] * shape[1] / len(devices) * flops.training_flops_per_token(
       config.model, config.data.seq_len) / 1e12
   peak_flops = flops.PEAK_FLOPS_BY_DEVICE_KIND.get(kind)
   common = dict(
       topology=config.topology.name, device_kind=kind, chips=len(devices), mesh=dict(mesh.shape),
-      stage=stage_name, hbm_bytes_per_chip=hbm, analytic_min_bytes_per_chip=analytic.total_bytes,
+      stage=program.stage, hbm_bytes_per_chip=hbm, analytic_min_bytes_per_chip=analytic.total_bytes,
       analytic_state_bytes_per_chip=analytic.state_bytes,
       analytic_activation_bytes_per_chip=analytic.activation_bytes,
       params_per_chip=analytic.params_per_chip, tflops_per_chip_per_step=tflops,

@@ -24,6 +24,15 @@ CONFIG_ROOT = pathlib.Path(__file__).resolve().parent.parent / "tpu_configs"
 DTYPES = ("float32", "bfloat16", "float16")
 # Remat policies by name; the model maps them onto jax.checkpoint_policies.
 REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_except_mlp", "save_attention_out")
+# Every value the model config key `attention` accepts (omnijax.kernels.attention dispatches):
+#   xla: plain jnp ops, any platform;
+#   pallas: omnijax's Pallas flash attention (TPU Mosaic / GPU Triton; interpreted on CPU);
+#   splash: JAX's TPU splash attention (interpreted on CPU);
+#   cudnn: cuDNN fused attention, GPU only.
+ATTENTION_BACKENDS: tuple[str, ...] = ("xla", "pallas", "splash", "cudnn")
+# The tasks omnijax trains on. The order defines task indices in shard headers and the
+# `task_ids` batch field, so append new tasks at the end.
+TASKS: tuple[str, ...] = ("t2i", "caption", "vqa", "asr", "tts", "s2i", "svqa")
 
 
 class ConfigError(ValueError):
@@ -92,8 +101,6 @@ class ModelConfig:
   attention: str = "xla"
 
   def __post_init__(self):
-    from omnijax.model.attention import ATTENTION_BACKENDS
-
     for key in ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "mlp_size",
                 "vocab_pad_multiple"):
       if getattr(self, key) < 1:
@@ -200,8 +207,6 @@ class DataConfig:
   worker_buffer_size: int = 2
 
   def __post_init__(self):
-    from omnijax.data.tasks import TASKS
-
     if self.seq_len < 2 or self.global_batch_size < 1:
       raise ConfigError("data.seq_len must be >= 2 and data.global_batch_size >= 1")
     if not 0 <= self.tail_pads_min <= self.tail_pads_max:
@@ -300,8 +305,6 @@ class StageConfig:
         re.compile(pattern)
       except re.error as e:
         raise ConfigError(f"trainable pattern {pattern!r} is not a valid regex: {e}") from None
-    from omnijax.data.tasks import TASKS
-
     for task, weight in self.mixture.items():
       if task not in TASKS:
         raise ConfigError(f"mixture.{task}: unknown task; known tasks: {', '.join(TASKS)}")
@@ -530,6 +533,13 @@ def load_config(path: str | os.PathLike | None = None, overrides: typing.Iterabl
     return from_dict(cls, tree)
   except ConfigError as e:
     raise ConfigError(f"{path}: {e}" if path is not None else str(e)) from None
+
+
+def add_config_args(parser) -> None:
+  """`--config FILE` and trailing `key=value` overrides, for an argparse (sub)parser."""
+  parser.add_argument("--config", required=True, help="YAML config under tpu_configs/")
+  parser.add_argument("overrides", nargs="*", metavar="key=value",
+                      help="config overrides, e.g. model.num_layers=4 mesh.tensor=2")
 
 
 def to_dict(config) -> dict:

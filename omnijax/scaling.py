@@ -24,8 +24,8 @@ import pathlib
 import re
 import sys
 
-from omnijax.config import (CONFIG_ROOT, Config, ConfigError, apply_overrides, from_dict,
-                            load_yaml_tree)
+from omnijax.config import (CONFIG_ROOT, Config, ConfigError, add_config_args, apply_overrides,
+                            from_dict, load_yaml_tree)
 
 STRATEGIES = ("fsdp", "fsdp_tensor", "data_fsdp")
 GENERATIONS = ("v4", "v5e", "v5p", "v6e")
@@ -224,8 +224,7 @@ def register(commands: argparse._SubParsersAction) -> None:
   parser = commands.add_parser(
       "scaling", help="compile the train step over a TPU generation's slices and strategies; "
                       "table + plot of per-chip memory and predicted step time (needs libtpu)")
-  parser.add_argument("--config", required=True, help="experiment or model YAML")
-  parser.add_argument("overrides", nargs="*", metavar="key=value")
+  add_config_args(parser)
   parser.add_argument("--generation", required=True, choices=GENERATIONS)
   parser.add_argument("--chips", default="8,16,32,64,128,256",
                       help="comma-separated chip counts (shipped topologies)")

@@ -79,6 +79,13 @@ def logical_to_spec(names: Sequence[str | None], mesh=None) -> PartitionSpec:
   return PartitionSpec(*spec)
 
 
+def shard_count(name: str, mesh) -> int:
+  """Into how many pieces the logical axis `name` is split on `mesh`."""
+  entry = logical_to_spec((name,), mesh)[0]
+  axes = (entry,) if isinstance(entry, str) else (entry or ())
+  return math.prod(mesh.shape[axis] for axis in axes)
+
+
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
   """Sharding constraint by logical names; a no-op when no mesh is set (single-device use)."""
   mesh = jax.sharding.get_abstract_mesh()

@@ -1,17 +1,16 @@
-"""Test setup: 8 forced host devices and CPU-only JAX, set before anything imports jax."""
+"""Test setup: CPU-only JAX (read when jax is imported) with 8 forced host devices, and the
+rest of omnijax's process environment, before any test touches a backend."""
 
 import importlib.util
 import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# libtpu (installed for AOT tests) otherwise probes GCE metadata and warns at import.
-os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
-os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
-# Compile-only libtpu use touches no chip, so a second process holding libtpu's lock is fine.
-os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 import pytest  # noqa: E402
+
+from omnijax import runtime  # noqa: E402
+
+runtime.configure_environment(host_devices=8)
 
 
 def pytest_collection_modifyitems(config, items):

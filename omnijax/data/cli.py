@@ -11,8 +11,6 @@ import argparse
 import pathlib
 import sys
 
-from omnijax.data.shards import ShardWriter
-from omnijax.data.templates import ChatTemplate, ImageLengths
 from omnijax.vocab import Vocab
 
 
@@ -84,6 +82,8 @@ def _vocab(args: argparse.Namespace) -> Vocab:
 
 def run_prepare_jsonl(args: argparse.Namespace) -> int:
   from omnijax.data.jsonl import prepare_jsonl
+  from omnijax.data.shards import ShardWriter
+  from omnijax.data.templates import ChatTemplate, ImageLengths
 
   try:
     vocab = _vocab(args)

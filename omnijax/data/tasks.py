@@ -1,10 +1,10 @@
 """The tasks omnijax trains on, and their fixed instruction texts (reference §2.4).
 
-`TASKS` is the one canonical list: its order defines task indices in shard headers and the
-`task_ids` batch field, so append new tasks at the end.
+`TASKS` (defined with the config, which validates mixtures against it) is the one canonical
+list: its order defines task indices in shard headers and the `task_ids` batch field.
 """
 
-TASKS: tuple[str, ...] = ("t2i", "caption", "vqa", "asr", "tts", "s2i", "svqa")
+from omnijax.config import TASKS
 
 T2I_PROMPT = "Generate an image based on the provided text description."
 ASR_PROMPT = "Convert the speech to text."

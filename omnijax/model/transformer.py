@@ -16,7 +16,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from omnijax.config import REMAT_POLICIES, ModelConfig
-from omnijax.model.attention import get_attention
+from omnijax.kernels.attention import get_attention
 from omnijax.model.rope import apply_rope, segment_positions
 from omnijax.sharding import constrain
 

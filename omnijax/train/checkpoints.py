@@ -16,8 +16,6 @@ from typing import Any
 
 import orbax.checkpoint as ocp
 
-from omnijax.train import multihost
-
 log = logging.getLogger(__name__)
 
 
@@ -26,12 +24,13 @@ class CheckpointRestoreError(RuntimeError):
 
 
 class Checkpoints:
-  def __init__(self, directory: str | os.PathLike, keep: int):
+  def __init__(self, directory: str | os.PathLike, keep: int | None, create: bool = True):
+    """`keep` None keeps every checkpoint; `create=False` is for reading another run's."""
     self.directory = pathlib.Path(directory).resolve()
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True,
-                                             create=True),
+                                             create=create),
         item_names=("state", "data", "meta"))
 
   def steps(self) -> list[int]:
@@ -47,6 +46,28 @@ class Checkpoints:
   def read_meta(self, step: int) -> dict:
     return self._manager.restore(step, args=ocp.args.Composite(
         meta=ocp.args.JsonRestore()))["meta"]
+
+  def restore(self, step: int, target_for_meta) -> tuple[int, Any, dict, dict]:
+    """(step, state, data_state, meta) of checkpoint `step`; see `restore_latest`."""
+    if step not in self.steps():
+      raise CheckpointRestoreError(f"no checkpoint at step {step} in {self.directory} (it has "
+                                   f"{', '.join(map(str, self.steps())) or 'none'})")
+    try:
+      meta = self.read_meta(step)
+    except Exception as e:  # truncated or missing JSON
+      raise CheckpointRestoreError(f"checkpoint {self.directory}/{step} is unreadable: "
+                                   f"{type(e).__name__}: {str(e)[:200]}") from None
+    target = target_for_meta(meta)  # its errors (config vs checkpoint) propagate as they are
+    try:
+      return self._restore(step, meta, target)
+    except Exception as e:  # truncated files fail in tensorstore, zarr or json layers
+      raise CheckpointRestoreError(f"checkpoint {self.directory}/{step} is unreadable: "
+                                   f"{type(e).__name__}: {str(e)[:200]}") from None
+
+  def _restore(self, step: int, meta: dict, target) -> tuple[int, Any, dict, dict]:
+    restored = self._manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
+    return step, restored["state"], restored["data"], meta
 
   def restore_latest(self, target_for_meta) -> tuple[int, Any, dict, dict] | None:
     """(step, state, data_state, meta) of the newest readable checkpoint, or None if none exist.
@@ -66,8 +87,7 @@ class Checkpoints:
         continue
       target = target_for_meta(meta)
       try:
-        restored = self._manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
+        restored = self._restore(step, meta, target)
       except Exception as e:  # a truncated array fails in tensorstore, zarr or json layers
         errors.append(f"step {step}: {type(e).__name__}: {str(e)[:200]}")
         log.warning("checkpoint %s/%d is unreadable (%s); trying the previous one",
@@ -77,7 +97,7 @@ class Checkpoints:
         log.warning("restored checkpoint %d instead of newer unreadable ones: %s", step,
                     "; ".join(errors))
         self._set_aside([s for s in steps if s > step])
-      return step, restored["state"], restored["data"], meta
+      return restored
     if steps:
       raise CheckpointRestoreError(f"no readable checkpoint in {self.directory}: "
                                    + "; ".join(errors))
@@ -86,12 +106,13 @@ class Checkpoints:
   def _set_aside(self, unreadable: list[int]) -> None:
     """Renames unreadable checkpoints (kept for inspection, never deleted) so that training
     can write those steps again."""
-    if multihost.is_primary():
+    # Orbax's own process agreement (this module sits below omnijax.runtime).
+    if ocp.multihost.is_primary_host(0):
       for step in unreadable:
         target = self.directory / f"{step}.unreadable.{int(time.time())}"
         os.replace(self.directory / str(step), target)
         log.warning("moved unreadable checkpoint %d to %s", step, target)
-    multihost.barrier("omnijax-checkpoints-set-aside")
+    ocp.multihost.sync_global_processes("omnijax-checkpoints-set-aside")
     self._manager.reload()
 
   def close(self) -> None:

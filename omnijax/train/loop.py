@@ -24,15 +24,14 @@ from omnijax.data.pipeline import Batches, mixture_weights
 from omnijax.files import atomic_write_text
 from omnijax.model.build import create_model
 from omnijax.model.params_io import load_model
+from omnijax import runtime
 from omnijax.sharding import make_mesh
 from omnijax.train import flops as flops_lib
-from omnijax.train import multihost
 from omnijax.train.checkpoints import Checkpoints
 from omnijax.train.metrics import MetricsLogger, plot_loss_curves, step_record
-from omnijax.train.optimizer import global_schedule, stage_boundaries
+from omnijax.train.optimizer import stage_boundaries
 from omnijax.train.state import StateLayout
-from omnijax.train.step import (TrainState, batch_sharding, check_batch_fits_mesh, jit_train_step,
-                                make_train_step)
+from omnijax.train.step import check_batch_fits_mesh
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +46,8 @@ def ensure_data(config: Config) -> None:
   split_dir = pathlib.Path(config.data.dir) / config.data.split
   if (split_dir / shards.MANIFEST).is_file():
     return
-  if not multihost.is_primary():
-    multihost.barrier("omnijax-toyworld")
+  if not runtime.is_primary():
+    runtime.barrier("omnijax-toyworld")
     return
   if config.toyworld.scenes <= 0:
     raise ConfigError(f"data.dir={config.data.dir!r}: no {shards.MANIFEST} under {split_dir}; "
@@ -63,7 +62,7 @@ def ensure_data(config: Config) -> None:
                       cells=config.toyworld.cells)
   print(f"preparing the toy world ({spec.n} scenes) in {config.data.dir} ...", flush=True)
   prepare(config.data.dir, spec)
-  multihost.barrier("omnijax-toyworld")
+  runtime.barrier("omnijax-toyworld")
 
 
 def stage_data_config(config: Config, stage: StageConfig) -> DataConfig:
@@ -132,7 +131,7 @@ class _StopRequest:
 
   def agreed(self) -> bool:
     """All hosts stop at the same step, so their collective checkpoint save lines up."""
-    return multihost.any_process(self.requested)
+    return runtime.any_process(self.requested)
 
   def restore(self):
     signal.signal(signal.SIGTERM, self._previous)
@@ -164,23 +163,14 @@ def train(config: Config, workdir: str | os.PathLike, *, only_stage: str | None 
     # Every stage's mixture must find its tasks now, not after the earlier stages have run.
     mixture_weights(stage_data_config(config, stage), manifest,
                     f"{split_dir} (train.stages.{name}.mixture)")
-  schedule = global_schedule(train_config)
   total_steps = stages[-1][2] if max_steps is None else min(max_steps, stages[-1][2])
-  if multihost.is_primary():
+  if runtime.is_primary():
     atomic_write_text(workdir / "config.yaml", yaml.safe_dump(to_dict(config), sort_keys=False))
 
   ###################### Model (abstract), shardings, checkpoints ######################
   layout = StateLayout.create(config, mesh)
-  graphdef = layout.graphdef
-
-  def abstract_train_state(meta: dict) -> TrainState:
-    if meta["stage"] not in train_config.stages:
-      raise ConfigError(f"the checkpoint at step {meta['step']} was written by stage "
-                        f"{meta['stage']!r}, which train.stages no longer defines")
-    return layout.abstract_state(layout.optimizer(config, train_config.stages[meta["stage"]]))
-
   checkpoints = Checkpoints(workdir / "checkpoints", train_config.keep_checkpoints)
-  restored = checkpoints.restore_latest(abstract_train_state)
+  restored = checkpoints.restore_latest(lambda meta: layout.checkpoint_target(config, meta))
   if restored is None:
     step, state, data_state, meta = 0, None, None, {"stage": None}
   else:
@@ -189,7 +179,7 @@ def train(config: Config, workdir: str | os.PathLike, *, only_stage: str | None 
 
   peak_flops, peak_source = flops_lib.peak_flops_per_device(train_config.peak_flops_per_device)
   flops_per_token = flops_lib.training_flops_per_token(config.model, config.data.seq_len)
-  metrics_log = MetricsLogger(workdir, step, total_steps, enabled=multihost.is_primary())
+  metrics_log = MetricsLogger(workdir, step, total_steps, enabled=runtime.is_primary())
   stop = _StopRequest()
   last_record: dict = {}
   stopped = None
@@ -198,7 +188,7 @@ def train(config: Config, workdir: str | os.PathLike, *, only_stage: str | None 
   def save(stage_name: str, data: Batches, data_config: DataConfig) -> None:
     # Each host reads its own slice of the data, so every host's iterator state is saved.
     data_states = {"fingerprint": _data_fingerprint(data_config),
-                   "processes": multihost.gather_json(data.get_state())}
+                   "processes": runtime.gather(data.get_state())}
     checkpoints.save(step, state, data_states, {"stage": stage_name, "step": step})
 
   try:
@@ -218,12 +208,9 @@ def train(config: Config, workdir: str | os.PathLike, *, only_stage: str | None 
       stage = train_config.stages[stage_name]
 
       ###################### Stage: optimizer and state ######################
-      tx = layout.optimizer(config, stage)
-      shardings = layout.shardings(tx)
-      init_opt = jax.jit(tx.init, out_shardings=shardings.opt_state)
+      program = runtime.build_train_program(config, stage_name, mesh=mesh, layout=layout)
       if state is None:
-        params = initial_params(config, layout, mesh)
-        state = TrainState(params, init_opt(params), jax.device_put(step, layout.replicated))
+        state = program.init_state(initial_params(config, layout, mesh), step)
       elif meta["stage"] != stage_name:
         # Entering a new stage from the previous stage's final weights.
         previous = train_config.stages[meta["stage"]]
@@ -231,26 +218,25 @@ def train(config: Config, workdir: str | os.PathLike, *, only_stage: str | None 
           if stage.carry_optimizer:
             log.warning("%s: trainable parameters differ from %s; optimizer state reset",
                         stage_name, meta["stage"])
-          state = TrainState(state.params, init_opt(state.params), state.step)
+          state = program.init_state(state.params, state.step)
       print(f"stage {stage_name}: steps {step}..{stage_end} "
             f"(mixture {stage.mixture or 'all tasks'})", flush=True)
 
       ###################### Stage: data ######################
       data_config = stage_data_config(config, stage)
-      data = Batches(data_config, vocab, batch_sharding(mesh))
+      data = Batches(data_config, vocab, program.batch_sharding)
       if data_state is not None and meta["stage"] == stage_name:
         data.set_state(_this_process_state(data_state, data_config, step))
       meta = {"stage": stage_name}
       data_state = None
 
       ###################### Stage: steps ######################
-      step_fn = jit_train_step(make_train_step(config, graphdef, tx, schedule), shardings, mesh)
       stage_stop = stage_end if max_steps is None else min(stage_end, max_steps)
       window_start, window_tokens = time.perf_counter(), 0
       with jax.set_mesh(mesh):
         while step < stage_stop:
           batch = next(data)
-          state, metrics = step_fn(state, batch)
+          state, metrics = program.step(state, batch)
           step += 1
           window_tokens += config.data.global_batch_size * config.data.seq_len
           metrics_log.advance()
@@ -280,7 +266,7 @@ def train(config: Config, workdir: str | os.PathLike, *, only_stage: str | None 
     stop.restore()
     checkpoints.close()
     metrics_log.close()
-  if multihost.is_primary():
+  if runtime.is_primary():
     plot_loss_curves(workdir)
   print(f"done at step {step}; MFU against {peak_source}: "
         f"{peak_flops / 1e9:.1f} GFLOP/s per device", flush=True)

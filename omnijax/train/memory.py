@@ -25,7 +25,7 @@ import numpy as np
 from omnijax.config import Config, ModelConfig
 from omnijax.train.optimizer import trainable_labels
 from omnijax.train.state import StateLayout
-from omnijax.sharding import logical_to_spec
+from omnijax.sharding import shard_count
 
 # fp32 gradient + AdamW's mu and nu, per trainable parameter, in units of the parameter's bytes.
 TRAINABLE_STATE_COPIES = 3
@@ -66,13 +66,6 @@ class AnalyticMemory:
     return self.state_bytes + self.activation_bytes
 
 
-def batch_shards(mesh) -> int:
-  """How many ways the batch dimension of a micro-batch is split."""
-  entry = logical_to_spec(("batch",), mesh)[0]
-  axes = (entry,) if isinstance(entry, str) else (entry or ())
-  return math.prod(mesh.shape[axis] for axis in axes)
-
-
 def analytic_minimum(config: Config, mesh, stage: str) -> AnalyticMemory:
   """The analytic minimum (module docstring) of `stage`'s train step on `mesh`."""
   layout = StateLayout.create(config, mesh)
@@ -86,7 +79,7 @@ def analytic_minimum(config: Config, mesh, stage: str) -> AnalyticMemory:
     params_per_chip += elements
     state_bytes += elements * np.dtype(value.dtype).itemsize * copies
   micro_batch = config.data.global_batch_size // config.train.grad_accum_steps
-  rows_per_chip = micro_batch / batch_shards(mesh)
+  rows_per_chip = micro_batch / shard_count("batch", mesh)
   activations = (config.model.num_layers * rows_per_chip * config.data.seq_len *
                  kept_per_token(config.model, mesh.shape.get("tensor", 1)) *
                  np.dtype(config.model.compute_dtype).itemsize)

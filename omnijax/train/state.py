@@ -9,7 +9,7 @@ import jax
 import optax
 from flax import nnx
 
-from omnijax.config import Config, StageConfig
+from omnijax.config import Config, ConfigError, StageConfig
 from omnijax.model.build import abstract_model
 from omnijax.sharding import assert_sufficiently_sharded, state_shardings
 from omnijax.train.optimizer import make_optimizer, trainable_labels
@@ -43,6 +43,13 @@ class StateLayout:
         tx, lambda _, sharding: sharding, jax.eval_shape(tx.init, self.abstract_params),
         self.param_shardings, transform_non_params=lambda _: self.replicated)
     return TrainState(self.param_shardings, opt_shardings, self.replicated)
+
+  def checkpoint_target(self, config: Config, meta: dict) -> TrainState:
+    """The abstract state of the checkpoint described by `meta` (its stage's optimizer)."""
+    if meta["stage"] not in config.train.stages:
+      raise ConfigError(f"the checkpoint at step {meta['step']} was written by stage "
+                        f"{meta['stage']!r}, which train.stages no longer defines")
+    return self.abstract_state(self.optimizer(config, config.train.stages[meta["stage"]]))
 
   def abstract_state(self, tx: optax.GradientTransformation) -> TrainState:
     shapes = TrainState(self.abstract_params, jax.eval_shape(tx.init, self.abstract_params),

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Callable
 
 import jax
@@ -13,7 +12,7 @@ from flax import nnx
 
 from omnijax.config import Config, ConfigError
 from omnijax.diffusion import objective
-from omnijax.sharding import logical_to_spec
+from omnijax.sharding import logical_to_spec, shard_count
 
 
 @dataclasses.dataclass
@@ -99,9 +98,7 @@ def batch_sharding(mesh) -> jax.sharding.NamedSharding:
 
 def check_batch_fits_mesh(config: Config, mesh) -> None:
   """Every micro-batch must split evenly over the mesh's batch shards."""
-  entry = logical_to_spec(("batch",), mesh)[0]
-  axes = (entry,) if isinstance(entry, str) else (entry or ())
-  shards = math.prod(mesh.shape[axis] for axis in axes)
+  shards = shard_count("batch", mesh)
   micro_batch = config.data.global_batch_size // config.train.grad_accum_steps
   if micro_batch % shards:
     raise ConfigError(f"data.global_batch_size={config.data.global_batch_size} / "

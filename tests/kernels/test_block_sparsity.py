@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from omnijax.kernels.block_sparsity import block_overlap, fetch_schedule
-from omnijax.model.attention import segment_mask
+from omnijax.kernels.reference import segment_mask
 from kernel_segments import random_segment_ids
 
 

@@ -7,7 +7,9 @@ import pytest
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from kernel_segments import random_segment_ids
-from omnijax.model.attention import ATTENTION_BACKENDS, get_attention, xla_attention
+from omnijax.config import ATTENTION_BACKENDS
+from omnijax.kernels.attention import get_attention
+from omnijax.kernels.reference import xla_attention
 
 
 @pytest.fixture(scope="module")

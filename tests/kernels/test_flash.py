@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from omnijax.kernels import flash_attention, splash_attention
-from omnijax.model.attention import xla_attention
+from omnijax.kernels.reference import xla_attention
 from kernel_segments import random_segment_ids
 
 KERNELS = {

@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from omnijax.config import CONFIG_ROOT, load_config
-from omnijax.model.attention import xla_attention
+from omnijax.kernels.reference import xla_attention
 from omnijax.model.build import create_model
 from omnijax.model.rope import segment_positions
 

@@ -1,6 +1,5 @@
 """The train step: gradient accumulation, sharding and the attention backend change no numbers."""
 
-import contextlib
 import dataclasses
 
 import jax
@@ -12,9 +11,9 @@ from train_helpers import tiny_config
 from omnijax.config import MeshConfig
 from omnijax.data.pipeline import Batches
 from omnijax.model.build import create_model
+from omnijax.runtime import build_train_program
 from omnijax.sharding import make_mesh
-from omnijax.train import flops, optimizer
-from omnijax.train.step import TrainState, make_train_step
+from omnijax.train import flops
 
 
 def one_batch(config):
@@ -25,19 +24,17 @@ def one_batch(config):
 
 
 def run_step(config, batch, mesh=None, steps=1):
-  """Runs `steps` train steps from the same initial weights; returns (params, metrics list)."""
+  """Runs `steps` train steps from the same initial weights; returns (params, metrics list).
+  Without a mesh, on one device."""
+  if mesh is None:
+    mesh = make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1])
+  program = build_train_program(config, "stage1", mesh=mesh)
   model = create_model(config.model, mesh, seed=0)
-  graphdef, state = nnx.split(model)
-  params = nnx.to_pure_dict(state)
-  stage = config.train.stages["stage1"]
-  tx = optimizer.make_optimizer(config.train.optimizer,
-                                optimizer.trainable_labels(params, stage.trainable))
-  step_fn = jax.jit(make_train_step(config, graphdef, tx, optimizer.global_schedule(config.train)))
-  train_state = TrainState(params, tx.init(params), np.int32(0))
+  train_state = program.init_state(nnx.to_pure_dict(nnx.state(model)), np.int32(0))
   history = []
-  with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+  with jax.set_mesh(mesh):
     for _ in range(steps):
-      train_state, metrics = step_fn(train_state, batch)
+      train_state, metrics = program.step(train_state, batch)
       history.append(jax.device_get(metrics))
   return jax.device_get(train_state.params), history
 

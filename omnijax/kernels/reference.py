@@ -1,4 +1,5 @@
-"""Segment-masked bidirectional attention: the plain-XLA implementation and the dispatch point.
+"""Segment-masked bidirectional attention: the semantics every kernel implements, and the
+plain-XLA reference implementation of them.
 
 Semantics shared by every backend (and tested against `xla_attention`):
   * q [B, L, Hq, D], k/v [B, L, Hkv, D], Hq a multiple of Hkv (grouped-query attention);
@@ -10,12 +11,8 @@ Semantics shared by every backend (and tested against `xla_attention`):
 
 from __future__ import annotations
 
-from typing import Callable
-
 import jax
 import jax.numpy as jnp
-
-AttentionFn = Callable[..., jax.Array]
 
 
 def segment_mask(segment_ids: jax.Array) -> jax.Array:
@@ -51,27 +48,3 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Arr
                    preferred_element_type=jnp.float32)
   out = out.reshape(batch, kv_heads, groups, length, head_dim).transpose(0, 3, 1, 2, 4)
   return out.reshape(batch, length, q_heads, head_dim).astype(q.dtype)
-
-
-# Every value the model config key `attention` accepts; config validation reads this tuple.
-#   xla: this module's jnp version, any platform;
-#   pallas: omnijax.kernels flash attention (TPU Mosaic / GPU Triton; interpreted on CPU);
-#   splash: JAX's TPU splash attention (interpreted on CPU);
-#   cudnn: cuDNN fused attention, GPU only.
-ATTENTION_BACKENDS: tuple[str, ...] = ("xla", "pallas", "splash", "cudnn")
-
-
-def get_attention(name: str) -> AttentionFn:
-  """The single dispatch point: model config `attention` -> attn(q, k, v, segment_ids).
-
-  The kernel backends pick their variant from the platform they are traced for (the context
-  mesh's devices, else `jax.default_backend()`) and, when called under `jax.set_mesh`, run per
-  shard via shard_map (omnijax.kernels.sharded).
-  """
-  if name == "xla":
-    return xla_attention
-  if name not in ATTENTION_BACKENDS:
-    raise ValueError(f"model.attention={name!r} is not one of {ATTENTION_BACKENDS}")
-  # Imported here: the kernels import this module for the shared mask semantics.
-  from omnijax.kernels.sharded import backend_attention
-  return backend_attention(name)

@@ -1,0 +1,98 @@
+"""omnijax.runtime: the one train-program builder and restoring a workdir onto any mesh."""
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from train_helpers import tiny_config
+from omnijax.config import ConfigError, MeshConfig
+from omnijax.runtime import ProcessGroup, WorkdirError, build_train_program, restore_workdir
+from omnijax.sharding import make_mesh
+from omnijax.train.loop import train
+
+
+@pytest.fixture(scope="module")
+def trained(toy_data, tmp_path_factory):
+  """Three steps on a (data 2, fsdp 4) mesh; the checkpoint at step 3 holds the trained params."""
+  workdir = tmp_path_factory.mktemp("run")
+  train(tiny_config(toy_data, "mesh.data=2", "mesh.fsdp=4"), workdir, max_steps=3)
+  saved = ocp.StandardCheckpointer().restore(workdir / "checkpoints" / "3" / "state")
+  return workdir, jax.tree.map(np.asarray, saved["params"])
+
+
+def _params(model):
+  return jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model)))
+
+
+@pytest.mark.parametrize("shape", [(1, 2, 4), (1, 8, 1)])
+def test_restore_on_another_mesh_equals_the_trained_params(trained, shape):
+  workdir, saved = trained
+  mesh = make_mesh(MeshConfig(*shape))
+  run = restore_workdir(workdir, mesh=mesh)
+  assert (run.step, run.stage) == (3, "stage1")
+  assert run.config.mesh == MeshConfig(2, 4, 1)  # the run's own config.yaml
+  restored = _params(run.model)
+  assert jax.tree.structure(restored) == jax.tree.structure(saved)
+  for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(saved)):
+    np.testing.assert_array_equal(got, want)
+  q_kernel = nnx.to_pure_dict(nnx.state(run.model))["layers"]["self_attn"]["q_proj"]["kernel"]
+  assert q_kernel.sharding.mesh.shape == mesh.shape
+  expected = P(None, "fsdp", "tensor") if shape[2] > 1 else P(None, "fsdp", None)
+  assert q_kernel.sharding.spec == expected
+
+
+def test_restore_defaults_to_the_run_mesh_and_picks_a_step(trained):
+  workdir, _ = trained
+  run = restore_workdir(workdir, step=2)
+  assert run.step == 2
+  embedding = nnx.to_pure_dict(nnx.state(run.model))["embed_tokens"]
+  assert dict(embedding.sharding.mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
+  with pytest.raises(WorkdirError, match=r"no checkpoint at step 7 .*\(it has 2, 3\)"):
+    restore_workdir(workdir, step=7)
+
+
+def test_workdirs_without_a_run_fail_in_one_line(tmp_path, trained):
+  with pytest.raises(WorkdirError, match="cannot read the run's config"):
+    restore_workdir(tmp_path)
+  workdir, _ = trained
+  (tmp_path / "config.yaml").write_text((workdir / "config.yaml").read_text())
+  with pytest.raises(WorkdirError, match="no checkpoints directory"):
+    restore_workdir(tmp_path)
+  assert issubclass(WorkdirError, ConfigError)  # the CLI prints it as one line
+
+
+def test_one_program_builder_serves_every_stage(toy_data):
+  config = tiny_config(toy_data)
+  program = build_train_program(config, "2")
+  assert program.stage == "stage2"
+  assert program.batch_sharding.spec == P("fsdp", None)
+  state = program.abstract_state()
+  assert state.params["embed_tokens"].sharding.spec == P(None, "fsdp")
+  assert build_train_program(config).stage == "stage1"
+
+
+@pytest.mark.parametrize("options,message", [
+    (dict(num_processes=2, process_id=0), "need --coordinator"),
+    (dict(coordinator="localhost", num_processes=2, process_id=0), "expected HOST:PORT"),
+    (dict(coordinator="localhost:1234"), "needs --num-processes N and --process-id I"),
+    (dict(coordinator="localhost:1234", num_processes=2, process_id=2), r"must lie in \[0"),
+])
+def test_process_options_are_checked(monkeypatch, options, message):
+  for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+    monkeypatch.delenv(name, raising=False)
+  with pytest.raises(ConfigError, match=message):
+    ProcessGroup.resolve(**options)
+
+
+def test_process_group_from_the_environment(monkeypatch):
+  monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "10.0.0.2:8476")
+  monkeypatch.setenv("JAX_NUM_PROCESSES", "4")
+  monkeypatch.setenv("JAX_PROCESS_ID", "3")
+  assert ProcessGroup.resolve() == ProcessGroup("10.0.0.2:8476", 4, 3)
+  assert ProcessGroup.resolve(process_id=1).process_id == 1  # options beat the environment
+  monkeypatch.setenv("JAX_NUM_PROCESSES", "four")
+  with pytest.raises(ConfigError, match="JAX_NUM_PROCESSES='four': expected an integer"):
+    ProcessGroup.resolve()
