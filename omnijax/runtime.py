@@ -17,7 +17,6 @@ import dataclasses
 import functools
 import json
 import os
-import pathlib
 from typing import Callable
 
 import jax
@@ -27,6 +26,7 @@ import yaml
 from flax import nnx
 
 from omnijax.config import Config, ConfigError, from_dict
+from omnijax.files import resolve
 from omnijax.sharding import make_mesh
 from omnijax.train.checkpoints import Checkpoints, CheckpointRestoreError
 from omnijax.train.optimizer import global_schedule
@@ -174,6 +174,30 @@ def gather(obj) -> list:
   return [json.loads(bytes(row[:length])) for row, length in zip(rows, lengths)]
 
 
+class ProcessFailed(RuntimeError):
+  """Another process failed in work the others were waiting for."""
+
+
+def primary_first(work: Callable[[], object]) -> None:
+  """Runs `work` on process 0 while the others wait for it. If it raises, every process raises:
+  process 0 its own exception, the others the same one-line message (a ConfigError stays a
+  ConfigError), so no host waits for a primary that is gone."""
+  error = None
+  if is_primary():
+    try:
+      work()
+    except Exception as e:  # noqa: BLE001 -- every failure must reach the other hosts
+      error = e
+  if jax.process_count() > 1:
+    message = None if error is None else [isinstance(error, ConfigError), str(error)]
+    first = gather(message)[0]  # also the barrier
+    if error is None and first is not None:
+      is_config_error, text = first
+      raise (ConfigError if is_config_error else ProcessFailed)(f"process 0 failed: {text}")
+  if error is not None:
+    raise error
+
+
 def barrier(name: str) -> None:
   """Waits until every process has reached the barrier `name`."""
   if jax.process_count() > 1:
@@ -247,7 +271,7 @@ class RestoredRun:
 
 def read_run_config(workdir: str | os.PathLike) -> Config:
   """The config a training run wrote into its workdir."""
-  path = pathlib.Path(workdir) / "config.yaml"
+  path = resolve(workdir) / "config.yaml"
   try:
     tree = yaml.safe_load(path.read_text())
   except OSError as e:
@@ -268,7 +292,7 @@ def restore_workdir(workdir: str | os.PathLike, *, mesh: jax.sharding.Mesh | Non
     mesh = make_mesh(config.mesh, jax.local_devices())
   layout = StateLayout.create(config, mesh)
 
-  directory = pathlib.Path(workdir) / "checkpoints"
+  directory = resolve(workdir) / "checkpoints"
   if not directory.is_dir():
     raise WorkdirError(f"{workdir}: no checkpoints directory ({directory}); has training saved "
                        "a checkpoint yet?")

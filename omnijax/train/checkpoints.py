@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import logging
 import os
-import pathlib
 import time
 from typing import Any
 
 import orbax.checkpoint as ocp
+
+from omnijax.files import resolve
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +27,7 @@ class CheckpointRestoreError(RuntimeError):
 class Checkpoints:
   def __init__(self, directory: str | os.PathLike, keep: int | None, create: bool = True):
     """`keep` None keeps every checkpoint; `create=False` is for reading another run's."""
-    self.directory = pathlib.Path(directory).resolve()
+    self.directory = resolve(directory)  # local or gs://
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True,
@@ -110,7 +111,7 @@ class Checkpoints:
     if ocp.multihost.is_primary_host(0):
       for step in unreadable:
         target = self.directory / f"{step}.unreadable.{int(time.time())}"
-        os.replace(self.directory / str(step), target)
+        (self.directory / str(step)).rename(target)
         log.warning("moved unreadable checkpoint %d to %s", step, target)
     ocp.multihost.sync_global_processes("omnijax-checkpoints-set-aside")
     self._manager.reload()
