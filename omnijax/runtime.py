@@ -14,7 +14,6 @@ programs that drive them (train/loop.py, eval, generate, aot).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import os
 from typing import Callable
@@ -291,16 +290,20 @@ def restore_workdir(workdir: str | os.PathLike, *, mesh: jax.sharding.Mesh | Non
   if mesh is None:
     mesh = make_mesh(config.mesh, jax.local_devices())
   layout = StateLayout.create(config, mesh)
+  params = jax.tree.map(lambda x, sharding: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                                 sharding=sharding),
+                        layout.abstract_params, layout.param_shardings)
 
   directory = resolve(workdir) / "checkpoints"
   if not directory.is_dir():
     raise WorkdirError(f"{workdir}: no checkpoints directory ({directory}); has training saved "
                        "a checkpoint yet?")
-  checkpoints = Checkpoints(directory, keep=None, create=False)
+  checkpoints = Checkpoints(directory, keep=None, read_only=True)
   try:
-    target = functools.partial(layout.checkpoint_target, config)
-    restored = (checkpoints.restore_latest(target) if step is None
-                else checkpoints.restore(step, target))
+    # The parameters are the same for every stage (only the optimizer state differs).
+    restored = (checkpoints.restore_latest(lambda meta: params, params_only=True)
+                if step is None else checkpoints.restore(step, lambda meta: params,
+                                                         params_only=True))
   except CheckpointRestoreError as e:
     raise WorkdirError(str(e)) from None
   finally:
@@ -308,5 +311,5 @@ def restore_workdir(workdir: str | os.PathLike, *, mesh: jax.sharding.Mesh | Non
   if restored is None:
     raise WorkdirError(f"{workdir}: no checkpoint under {checkpoints.directory}")
   restored_step, state, _, meta = restored
-  model = nnx.merge(layout.graphdef, state.params)
+  model = nnx.merge(layout.graphdef, state["params"])
   return RestoredRun(config=config, model=model, step=restored_step, stage=meta["stage"])
