@@ -44,7 +44,8 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class VocabConfig:
-  """`layout: omni_diffusion` reproduces the release ids; `compact` derives a small layout."""
+  """`layout: omni_diffusion` reproduces the release ids; `compact` derives a small layout;
+  `text` is text and specials only (codes must be 0): an imported text checkpoint."""
 
   layout: str = "compact"
   text_size: int = 1024
@@ -52,8 +53,12 @@ class VocabConfig:
   n_speech_codes: int = 256
 
   def __post_init__(self):
-    if self.layout not in ("omni_diffusion", "compact"):
-      raise ConfigError(f"model.vocab.layout={self.layout!r}: expected 'omni_diffusion' or 'compact'")
+    if self.layout not in ("omni_diffusion", "compact", "text"):
+      raise ConfigError(f"model.vocab.layout={self.layout!r}: expected 'omni_diffusion', "
+                        "'compact' or 'text'")
+    if self.layout == "text" and (self.n_image_codes or self.n_speech_codes):
+      raise ConfigError("model.vocab: layout 'text' has no codes; set n_image_codes and "
+                        "n_speech_codes to 0")
     try:
       self.build()
     except ValueError as e:  # e.g. a non-positive size: name the config key, not Vocab's field
@@ -62,6 +67,8 @@ class VocabConfig:
   def build(self) -> Vocab:
     if self.layout == "omni_diffusion":
       return Vocab.omni_diffusion()
+    if self.layout == "text":
+      return Vocab.text_only(self.text_size)
     return Vocab.compact(self.text_size, n_image_codes=self.n_image_codes,
                          n_speech_codes=self.n_speech_codes)
 
@@ -240,6 +247,26 @@ class ToyWorldConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class EvalConfig:
+  """What `omnijax train` evaluates after its last stage (the main job's eval.json and plots):
+  `samples` held-out samples of each task, decoded at each of `steps` and at the task's
+  default setting."""
+
+  after_training: bool = False
+  split: str = "heldout"
+  samples: int = 16
+  steps: tuple[int, ...] = (4, 10, 64)
+  batch_size: int = 16
+
+  def __post_init__(self):
+    if self.samples < 1 or self.batch_size < 1:
+      raise ConfigError(f"eval.samples={self.samples} and eval.batch_size={self.batch_size} "
+                        "must be >= 1")
+    if not self.steps or min(self.steps) < 1:
+      raise ConfigError(f"eval.steps={list(self.steps)}: expected positive step counts")
+
+
+@dataclasses.dataclass(frozen=True)
 class ObjectiveConfig:
   """`omni`: the release's per-token masking; `llada`: one t per sample, CE weighted by 1/t."""
 
@@ -247,10 +274,16 @@ class ObjectiveConfig:
   eps: float = 1e-3
   # Tail pads are masked at this fraction of a token's threshold (attenuated tail-pad masking).
   pad_mask_ratio: float = 0.6
+  # The loss applies the lm_head in this many vocabulary chunks (forward and backward): the full
+  # [tokens, vocab] logits are never materialised. More saves memory, fewer runs fewer (bigger)
+  # lm_head matmuls; 1 is the whole vocabulary at once.
+  vocab_chunks: int = 8
 
   def __post_init__(self):
     if self.kind not in ("omni", "llada"):
       raise ConfigError(f"train.objective.kind={self.kind!r}: expected 'omni' or 'llada'")
+    if self.vocab_chunks < 1:
+      raise ConfigError(f"train.objective.vocab_chunks={self.vocab_chunks} must be >= 1")
     if not 0 < self.eps < 1 or not 0 < self.pad_mask_ratio <= 1:
       raise ConfigError("train.objective.eps must lie in (0, 1) and pad_mask_ratio in (0, 1]")
 
@@ -364,6 +397,7 @@ class Config:
   data: DataConfig = DataConfig()
   toyworld: ToyWorldConfig = ToyWorldConfig()
   train: TrainConfig = TrainConfig()
+  eval: EvalConfig = EvalConfig()
 
   def __post_init__(self):
     if self.data.global_batch_size % self.train.grad_accum_steps:
