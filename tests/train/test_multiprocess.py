@@ -157,6 +157,6 @@ def test_process_0_failing_before_a_barrier_fails_every_process(tmp_path):
   assert codes == [2, 2], job.output()
   for index in range(2):
     output = job.output(index)
-    assert "omnijax: config error:" in output and "no manifest.json" in output
+    assert "omnijax train: config error:" in output and "no manifest.json" in output
     assert "Traceback" not in output
   assert "process 0 failed:" in job.output(1)

@@ -122,5 +122,5 @@ def test_the_cli_reports_bad_process_options_in_one_line():
       capture_output=True, text=True, timeout=120)
   assert result.returncode == 2
   assert result.stderr.strip().splitlines()[-1] == (
-      "omnijax: config error: --coordinator='localhost': expected HOST:PORT, e.g. 10.0.0.2:8476")
+      "omnijax info: config error: --coordinator='localhost': expected HOST:PORT, e.g. 10.0.0.2:8476")
   assert "Traceback" not in result.stderr
