@@ -19,6 +19,7 @@ INSTALL_REQUIRES = [
     "tensorboardX>=2.6",
     "matplotlib>=3.8",
     "tqdm>=4.66",
+    "jiwer>=3.0,<5",  # word error rate (omnijax.eval.wer)
 ]
 EXTRAS = {
     # libtpu for ahead-of-time compilation against real TPU topologies (runs on a CPU host).

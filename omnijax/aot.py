@@ -29,11 +29,26 @@ from omnijax.train import flops
 from omnijax.train.memory import analytic_minimum
 
 
+class LibtpuMissingError(RuntimeError):
+  """Compiling for a TPU topology needs libtpu (the TPU compiler), which is not installed."""
+
+
+def _require_libtpu(topology_name: str) -> None:
+  # Without this check a missing compiler reads like a misspelt topology name.
+  try:
+    import libtpu  # noqa: F401
+  except ImportError:
+    raise LibtpuMissingError(f"compiling for topology.name={topology_name!r} needs libtpu, the "
+                             "TPU compiler, which is not installed: pip install -e '.[tpu]'") \
+        from None
+
+
 def topology_devices(config: Config) -> list:
   """Compile-only TPU devices of `config.topology`."""
   topology = config.topology
   if not topology.name:
     raise ConfigError("topology.name is empty: set a TPU topology, e.g. topology.name=v5e:2x4")
+  _require_libtpu(topology.name)
   from jax.experimental import topologies
 
   kwargs = {}

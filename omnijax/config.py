@@ -234,6 +234,26 @@ class ToyWorldConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class EvalConfig:
+  """What `omnijax train` evaluates after its last stage (the main job's eval.json and plots):
+  `samples` held-out samples of each task, decoded at each of `steps` and at the task's
+  default setting."""
+
+  after_training: bool = False
+  split: str = "heldout"
+  samples: int = 16
+  steps: tuple[int, ...] = (4, 10, 64)
+  batch_size: int = 16
+
+  def __post_init__(self):
+    if self.samples < 1 or self.batch_size < 1:
+      raise ConfigError(f"eval.samples={self.samples} and eval.batch_size={self.batch_size} "
+                        "must be >= 1")
+    if not self.steps or min(self.steps) < 1:
+      raise ConfigError(f"eval.steps={list(self.steps)}: expected positive step counts")
+
+
+@dataclasses.dataclass(frozen=True)
 class ObjectiveConfig:
   """`omni`: the release's per-token masking; `llada`: one t per sample, CE weighted by 1/t."""
 
@@ -364,6 +384,7 @@ class Config:
   data: DataConfig = DataConfig()
   toyworld: ToyWorldConfig = ToyWorldConfig()
   train: TrainConfig = TrainConfig()
+  eval: EvalConfig = EvalConfig()
 
   def __post_init__(self):
     if self.data.global_batch_size % self.train.grad_accum_steps:

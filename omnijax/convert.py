@@ -14,6 +14,8 @@ import json
 import logging
 import os
 import pathlib
+import shutil
+import sys
 
 import jax
 import numpy as np
@@ -22,7 +24,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from omnijax.config import ConfigError, ModelConfig, VocabConfig
-from omnijax.files import atomic_write, atomic_write_text
+from omnijax.files import atomic_write, atomic_write_text, replace_dir, staging_dir
 from omnijax.model.build import model_from_arrays
 from omnijax.model.transformer import Transformer
 from omnijax.sharding import path_str
@@ -30,6 +32,9 @@ from omnijax.vocab import Vocab
 from omnijax.vocab_growth import VocabGrowth, VocabGrowthError, text_layout
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# config.json `model_type`s of the backbone omnijax implements (Qwen2 and Dream, its diffusion
+# variant); others (llama, mistral, ...) differ in ways the tensor names do not show.
+SUPPORTED_MODEL_TYPES = ("qwen2", "dream")
 # Buffers some exporters write that carry no learned weights.
 IGNORED_TENSOR_SUFFIXES = ("rotary_emb.inv_freq",)
 # The release's continuous speech-input path (SenseVoice encoder + projector, reference §1.4):
@@ -82,6 +87,14 @@ def config_from_hf(hf: dict, vocab: VocabConfig | None = None, where: str = "con
     raise CheckpointError(f"{where}: missing key {missing[0]}")
   if hf.get("hidden_act", "silu") != "silu":
     raise CheckpointError(f"{where}: hidden_act {hf['hidden_act']!r} is not supported (silu)")
+  model_type = hf.get("model_type", "qwen2")
+  if str(model_type).lower() not in SUPPORTED_MODEL_TYPES:
+    raise CheckpointError(f"{where}: model_type {model_type!r} is not supported (this backbone "
+                          f"is {' / '.join(SUPPORTED_MODEL_TYPES)})")
+  windowed = [kind for kind in hf.get("layer_types") or () if kind != "full_attention"]
+  if hf.get("use_sliding_window") or windowed:
+    raise CheckpointError(f"{where}: sliding-window attention is not supported (full attention "
+                          "only; use_sliding_window must be false)")
   fields = dict(
       name=hf.get("_name_or_path") or hf.get("model_type", "hf"),
       vocab=_vocab_config(hf, vocab, where),
@@ -212,8 +225,13 @@ def from_hf(path: str | os.PathLike, vocab: VocabConfig | None = None,
   config_file = directory / "config.json"
   if not config_file.is_file():
     raise CheckpointError(f"{directory}: no config.json")
-  config = config_from_hf(json.loads(config_file.read_text()), vocab, str(config_file),
-                          **model_overrides)
+  try:
+    hf_config = json.loads(config_file.read_text())
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise CheckpointError(f"{config_file}: not valid JSON: {e}") from None
+  if not isinstance(hf_config, dict):
+    raise CheckpointError(f"{config_file}: expected a JSON object")
+  config = config_from_hf(hf_config, vocab, str(config_file), **model_overrides)
   growth = None
   if grow_vocab is not None:
     try:
@@ -340,21 +358,47 @@ def parse_vocab(spec: str | None, flag: str = "--vocab") -> VocabConfig | None:
   return VocabConfig(layout="compact", text_size=text, n_image_codes=image, n_speech_codes=speech)
 
 
+def check_model_destination(path: str | os.PathLike, force: bool) -> None:
+  """An existing non-empty `path` is refused, or with `force` replaced if it is an omnijax model
+  directory (anything else there might be the user's and is never replaced)."""
+  from omnijax.model.params_io import CONFIG_FILE
+
+  directory = pathlib.Path(path)
+  if not directory.exists():
+    return
+  if not directory.is_dir():
+    raise CheckpointError(f"{directory} exists and is not a directory")
+  if not any(directory.iterdir()):
+    return
+  if not (directory / CONFIG_FILE).is_file():
+    raise CheckpointError(f"{directory} is not empty and not an omnijax model directory; "
+                          "choose a new or empty directory")
+  if not force:
+    raise CheckpointError(f"{directory} already holds a model; pass --force to replace it")
+
+
 def run_convert(args) -> int:
   """`omnijax convert from-hf HF_DIR OUT_DIR` / `omnijax convert to-hf MODEL_DIR HF_DIR`."""
   from omnijax.model.params_io import load_model, save_model
 
   try:
     if args.direction == "from-hf":
+      check_model_destination(args.dest, args.force)
       config, model = from_hf(args.source, vocab=parse_vocab(args.vocab),
                               grow_vocab=parse_vocab(args.grow_vocab, "--grow-vocab"),
                               seed=args.seed)
-      save_model(model, config, args.dest)
+      # Written beside the destination and swapped in whole: a failure leaves it as it was.
+      staged = staging_dir(args.dest)
+      try:
+        save_model(model, config, staged)
+        replace_dir(staged, args.dest)
+      finally:
+        shutil.rmtree(staged, ignore_errors=True)
     else:
       config, model = load_model(args.source)
       to_hf(model, config, args.dest, dtype=args.dtype)
   except (CheckpointError, FileNotFoundError) as e:
-    print(f"omnijax convert: {e}")
+    print(f"omnijax convert: {e}", file=sys.stderr)
     return 1
   print(f"converted {args.source} -> {args.dest}: {config.param_count():,} parameters")
   return 0

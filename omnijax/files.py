@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import pathlib
+import shutil
 import tempfile
 from typing import Callable
 
@@ -23,3 +25,47 @@ def atomic_write(target: str | os.PathLike, write: Callable[[str], None]) -> Non
 
 def atomic_write_text(target: str | os.PathLike, text: str) -> None:
   atomic_write(target, lambda tmp: pathlib.Path(tmp).write_text(text))
+
+
+def staging_dir(target: str | os.PathLike) -> pathlib.Path:
+  """A fresh empty directory beside `target` (same filesystem, so `replace_dir` is a rename)."""
+  target = pathlib.Path(target)
+  target.parent.mkdir(parents=True, exist_ok=True)
+  staged = pathlib.Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.",
+                                         suffix=".partial"))
+  staged.chmod(0o755)  # mkdtemp's 0o700 would otherwise become the target's mode
+  return staged
+
+
+_RENAME_EXCHANGE = 2  # renameat2 flag (linux/fs.h): swap two paths atomically
+_AT_FDCWD = -100
+
+
+def _exchange(a: pathlib.Path, b: pathlib.Path) -> bool:
+  """Swaps two directories in one atomic step where the OS can (Linux >= 3.15, glibc >= 2.28)."""
+  renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+  if renameat2 is None:
+    return False
+  return renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0
+
+
+def replace_dir(staged: str | os.PathLike, target: str | os.PathLike) -> None:
+  """Moves the complete directory `staged` to `target`, replacing what `target` held.
+
+  Readers see the old directory or the new one, never a mix: a new target appears by one rename,
+  an existing one is swapped with the staged one in one rename (renameat2 RENAME_EXCHANGE) and the
+  old content then removed. Where the OS cannot swap, the old directory is moved aside first, so a
+  crash between the two renames leaves it whole under `.<name>.replaced-*`.
+  """
+  staged, target = pathlib.Path(staged), pathlib.Path(target)
+  if not target.exists():
+    os.rename(staged, target)
+    return
+  if _exchange(staged, target):
+    shutil.rmtree(staged)  # now holds the old content
+    return
+  aside = pathlib.Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.",
+                                        suffix=".replaced"))
+  os.rename(target, aside / target.name)
+  os.rename(staged, target)
+  shutil.rmtree(aside)

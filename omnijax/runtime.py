@@ -62,6 +62,9 @@ def configure_environment(host_devices: int | None = None) -> None:
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     # libtpu's lock file guards chips against a second process; without chips there is none.
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    # Off a TPU VM libtpu cannot find the host's accelerator type and says so on every load;
+    # compile-only use describes its topology explicitly (topology.*), so any valid type does.
+    os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-8")
   if host_devices:
     flag = f"--xla_force_host_platform_device_count={host_devices}"
     flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
@@ -225,8 +228,9 @@ def build_train_program(config: Config, stage: str | None = None, *,
   layout = StateLayout.create(config, mesh) if layout is None else layout
   tx = layout.optimizer(config, config.train.stages[stage_name])
   shardings = layout.shardings(tx)
-  step = jit_train_step(make_train_step(config, layout.graphdef, tx,
-                                        global_schedule(config.train)), shardings, mesh)
+  step = jit_train_step(make_train_step(config, layout.graphdef, tx, global_schedule(config.train),
+                                        layout.trainable(config.train.stages[stage_name])),
+                        shardings, mesh)
   return TrainProgram(mesh, layout, stage_name, tx, shardings, step)
 
 

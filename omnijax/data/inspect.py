@@ -12,16 +12,12 @@ import os
 import pathlib
 
 import numpy as np
-from array_record.python.array_record_module import ArrayRecordReader
 
 from omnijax.data import record, shards
+from omnijax.data.shards import ShardError
 from omnijax.data.tasks import TASKS
 from omnijax.data.validate import check_sample
 from omnijax.vocab import Vocab
-
-
-class ShardError(ValueError):
-  """A shard's content is corrupt or disagrees with its manifest."""
 
 
 def split_dirs(path: str | os.PathLike) -> list[pathlib.Path]:
@@ -36,23 +32,16 @@ def split_dirs(path: str | os.PathLike) -> list[pathlib.Path]:
 
 
 def _read_shard(path: pathlib.Path, expected_records: int):
-  reader = ArrayRecordReader(str(path))
+  reader = shards.open_shard(path, expected_records)
   try:
-    count = reader.num_records()
-    if count != expected_records:
-      raise ShardError(f"{path}: record {min(count, expected_records)}: the shard holds {count} "
-                       f"records, the manifest lists {expected_records} (truncated or replaced file)")
-    for index in range(count):
+    for index in range(expected_records):
       try:
         payload = reader.read([index])[0]
       except RuntimeError as e:
         raise ShardError(f"{path}: record {index}: unreadable: {e}") from None
       yield index, payload
   finally:
-    try:
-      reader.close()
-    except RuntimeError:
-      pass  # a damaged file's reader fails to close too; the error already raised says more
+    shards.close_quietly(reader)
 
 
 def inspect_split(shard_dir: str | os.PathLike) -> dict[str, dict]:
@@ -67,8 +56,6 @@ def inspect_split(shard_dir: str | os.PathLike) -> dict[str, dict]:
   response = collections.defaultdict(int)
   for shard in manifest["shards"]:
     path = shard_dir / shard["file"]
-    if not path.is_file():
-      raise ShardError(f"{path}: record 0: the shard listed in the manifest is missing")
     for index, payload in _read_shard(path, shard["records"]):
       try:
         sample = record.decode(payload)

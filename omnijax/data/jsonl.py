@@ -64,16 +64,31 @@ def parse_line(line: str, template: ChatTemplate):
   return template.encode(task, messages, media["image_codes"], media["speech_codes"])
 
 
+def _lines(path: pathlib.Path):
+  """(line number, text) of a UTF-8 file; a line that is not UTF-8 is an error naming it."""
+  with path.open("rb") as lines:
+    for number, raw in enumerate(lines, 1):
+      try:
+        yield number, raw.decode("utf-8")
+      except UnicodeDecodeError as e:
+        raise JsonlError(f"{path}:{number}: not UTF-8 (byte {raw[e.start]:#04x} at column "
+                         f"{e.start + 1})") from None
+
+
 def prepare_jsonl(inputs: Iterable[str | os.PathLike], writer: ShardWriter,
                   template: ChatTemplate) -> dict:
-  """Templates every line of every input into `writer`; returns the manifest."""
-  for path in map(pathlib.Path, inputs):
-    with path.open() as lines:
-      for number, line in enumerate(lines, 1):
+  """Templates every line of every input into `writer`; returns the manifest. On any error the
+  writer is aborted: whatever its output directory held before stays as it was."""
+  try:
+    for path in map(pathlib.Path, inputs):
+      for number, line in _lines(path):
         if not line.strip():
           continue
         try:
           writer.write(parse_line(line, template))
         except ValueError as e:  # TemplateError and RecordError included
           raise JsonlError(f"{path}:{number}: {e}") from None
+  except BaseException:
+    writer.abort()
+    raise
   return writer.close()

@@ -32,6 +32,7 @@ class _LoadWithTailPads(grain.transforms.MapWithIndex):
   """(index in the repeated task stream, record index) -> sample dict with fresh tail pads."""
 
   source: Any  # grain ArrayRecordDataSource of one task's shards
+  files: tuple[tuple[str, int], ...]  # (shard path, records) in source order, for error messages
   records: int
   task_id: int
   seed: int
@@ -39,8 +40,20 @@ class _LoadWithTailPads(grain.transforms.MapWithIndex):
   tail_pads_max: int
   pad_id: int
 
+  def _where(self, record_index: int) -> str:
+    for path, records in self.files:
+      if record_index < records:
+        return f"{path}: record {record_index}"
+      record_index -= records
+    return f"record {record_index}"
+
   def map_with_index(self, index: int, record_index: int) -> dict:
-    sample = record.decode(self.source[record_index])
+    try:
+      sample = record.decode(self.source[record_index])
+    except (record.RecordError, RuntimeError) as e:  # RuntimeError: array_record read failures
+      shard_dir = pathlib.Path(self.files[0][0]).parent
+      raise shards.ShardError(f"{self._where(record_index)}: {str(e).splitlines()[0]} (`omnijax "
+                              f"data inspect {shard_dir}` checks every record)") from None
     epoch = index // self.records
     rng = np.random.default_rng([self.seed, self.task_id, epoch, record_index])
     pads = int(rng.integers(self.tail_pads_min, self.tail_pads_max + 1))
@@ -66,16 +79,20 @@ def build_dataset(config: DataConfig, vocab: Vocab, process_index: int = 0,
   shard_dir = pathlib.Path(config.dir) / config.split
   manifest = shards.load_manifest(shard_dir)
   shards.check_vocab(manifest, vocab, str(shard_dir / shards.MANIFEST))
+  shards.check_shards(shard_dir, manifest)
   if config.global_batch_size % process_count:
     raise ConfigError(f"data.global_batch_size={config.global_batch_size} is not divisible by "
                       f"the {process_count} processes")
   weights = mixture_weights(config, manifest, str(shard_dir))
   streams = []
   for task, weight in weights.items():
-    source = grain.sources.ArrayRecordDataSource(shards.shard_paths(shard_dir, manifest, task))
+    paths = shards.shard_paths(shard_dir, manifest, task)
+    source = grain.sources.ArrayRecordDataSource(paths)
     task_id = TASKS.index(task)
-    load = _LoadWithTailPads(source, len(source), task_id, config.seed, config.tail_pads_min,
-                             config.tail_pads_max, vocab.pad_id)
+    files = tuple(zip(paths, (shard["records"] for shard in manifest["shards"]
+                              if shard["task"] == task)))
+    load = _LoadWithTailPads(source, files, len(source), task_id, config.seed,
+                             config.tail_pads_min, config.tail_pads_max, vocab.pad_id)
     streams.append(grain.MapDataset.range(len(source))
                    .shuffle(seed=config.seed * len(TASKS) + task_id)
                    .repeat(None)  # reseeds the shuffle every epoch

@@ -12,15 +12,17 @@ import collections
 import json
 import os
 import pathlib
+import shutil
 from typing import Any
 
-from array_record.python.array_record_module import ArrayRecordWriter
+from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
 
 from omnijax.data import record
 from omnijax.data.record import Sample
 from omnijax.data.tasks import TASKS
 from omnijax.data.templates import ImageLengths
 from omnijax.data.validate import check_sample
+from omnijax.files import replace_dir, staging_dir
 from omnijax.vocab import Vocab
 
 MANIFEST = "manifest.json"
@@ -33,19 +35,31 @@ class ManifestError(ValueError):
   """A shard directory's manifest is missing, unreadable or incompatible with the model."""
 
 
+class ShardError(ValueError):
+  """A shard's content is corrupt or disagrees with its manifest."""
+
+
 class ShardWriter:
-  """Validates and appends samples, rotating each task's shard once it passes `max_shard_bytes`."""
+  """Validates and appends samples, rotating each task's shard once it passes `max_shard_bytes`.
+
+  Shards are written into a staging directory beside `out_dir`; `close()` swaps the complete set
+  in, so an existing dataset in `out_dir` stays whole until then, and `abort()` (or an exception
+  inside `with`) leaves it exactly as it was.
+  """
 
   def __init__(self, out_dir: str | os.PathLike, vocab: Vocab, image_lengths: ImageLengths,
                max_shard_bytes: int = 256 << 20, extra: dict[str, Any] | None = None):
     self.out_dir = pathlib.Path(out_dir)
-    self.out_dir.mkdir(parents=True, exist_ok=True)
+    if self.out_dir.exists() and not self.out_dir.is_dir():
+      raise NotADirectoryError(f"{self.out_dir} exists and is not a directory")
+    self._staging = staging_dir(self.out_dir)
     self.vocab, self.image_lengths = vocab, image_lengths
     self.max_shard_bytes = max_shard_bytes
     self.extra = extra or {}
     self._open: dict[str, tuple[ArrayRecordWriter, dict]] = {}
     self._shards: list[dict] = []
     self._stats = collections.defaultdict(lambda: dict(records=0, tokens=0, response_tokens=0))
+    self._manifest: dict | None = None
 
   def write(self, sample: Sample) -> None:
     check_sample(sample, self.vocab, self.image_lengths)
@@ -67,14 +81,26 @@ class ShardWriter:
       number = sum(shard["task"] == task for shard in self._shards)
       shard = dict(file=f"{task}-{number:05d}{SHARD_SUFFIX}", task=task, records=0, bytes=0)
       self._shards.append(shard)
-      self._open[task] = (ArrayRecordWriter(str(self.out_dir / shard["file"]), WRITER_OPTIONS), shard)
+      self._open[task] = (ArrayRecordWriter(str(self._staging / shard["file"]), WRITER_OPTIONS),
+                          shard)
     return self._open[task]
 
-  def close(self) -> dict:
-    """Closes open shards and writes the manifest (last, so a manifest means a complete set)."""
+  def _close_shards(self) -> None:
     for writer, _ in self._open.values():
       writer.close()
     self._open.clear()
+
+  def abort(self) -> None:
+    """Drops everything written so far; `out_dir` keeps what it held before."""
+    try:
+      self._close_shards()
+    finally:
+      shutil.rmtree(self._staging, ignore_errors=True)
+
+  def close(self) -> dict:
+    """Closes open shards, writes the manifest and swaps the complete directory into `out_dir`."""
+    if self._manifest is not None:
+      return self._manifest
     tasks = {task: self._stats[task] for task in TASKS if task in self._stats}
     manifest = dict(
         format_version=record.FORMAT_VERSION, vocab=self.vocab.describe(),
@@ -84,16 +110,24 @@ class ShardWriter:
         total={key: sum(stats[key] for stats in tasks.values())
                for key in ("records", "tokens", "response_tokens")},
         shards=self._shards, **self.extra)
-    tmp = self.out_dir / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
-    tmp.replace(self.out_dir / MANIFEST)
+    try:
+      self._close_shards()
+      (self._staging / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+      replace_dir(self._staging, self.out_dir)
+    except BaseException:
+      self.abort()
+      raise
+    self._manifest = manifest
     return manifest
 
   def __enter__(self):
     return self
 
-  def __exit__(self, *exc):
-    self.close()
+  def __exit__(self, exc_type, exc, traceback):
+    if exc_type is None:
+      self.close()
+    else:
+      self.abort()
 
 
 def load_manifest(shard_dir: str | os.PathLike) -> dict:
@@ -130,3 +164,34 @@ def check_vocab(manifest: dict, vocab: Vocab, where: str) -> None:
 def shard_paths(shard_dir: str | os.PathLike, manifest: dict, task: str) -> list[str]:
   return [str(pathlib.Path(shard_dir) / shard["file"])
           for shard in manifest["shards"] if shard["task"] == task]
+
+
+def open_shard(path: str | os.PathLike, expected_records: int) -> ArrayRecordReader:
+  """A reader of one shard, after checking it holds the records its manifest lists (a truncated
+  file reads back as fewer, often none)."""
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise ShardError(f"{path}: record 0: the shard listed in the manifest is missing")
+  try:
+    reader = ArrayRecordReader(str(path))
+  except RuntimeError as e:  # a damaged footer fails at open
+    raise ShardError(f"{path}: record 0: unreadable: {str(e).splitlines()[0]}") from None
+  count = reader.num_records()
+  if count != expected_records:
+    close_quietly(reader)
+    raise ShardError(f"{path}: record {min(count, expected_records)}: the shard holds {count} "
+                     f"records, the manifest lists {expected_records} (truncated or replaced file)")
+  return reader
+
+
+def close_quietly(reader: ArrayRecordReader) -> None:
+  try:
+    reader.close()
+  except RuntimeError:
+    pass  # a damaged file's reader fails to close too; the error already raised says more
+
+
+def check_shards(shard_dir: str | os.PathLike, manifest: dict) -> None:
+  """Every shard the manifest lists exists and holds as many records as it says."""
+  for shard in manifest["shards"]:
+    close_quietly(open_shard(pathlib.Path(shard_dir) / shard["file"], shard["records"]))

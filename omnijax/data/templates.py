@@ -57,7 +57,11 @@ class ChatTemplate:
 
   @classmethod
   def from_file(cls, tokenizer_json: str, vocab: Vocab, image_lengths: ImageLengths) -> ChatTemplate:
-    return cls(tokenizers.Tokenizer.from_file(str(tokenizer_json)), vocab, image_lengths)
+    try:
+      tokenizer = tokenizers.Tokenizer.from_file(str(tokenizer_json))
+    except Exception as e:  # tokenizers raises a bare Exception for missing and malformed files
+      raise TemplateError(f"{tokenizer_json}: not a readable tokenizer.json ({e})") from None
+    return cls(tokenizer, vocab, image_lengths)
 
   def _text_ids(self, text: str) -> list[int]:
     ids = self.tokenizer.encode(text, add_special_tokens=False).ids

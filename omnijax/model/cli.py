@@ -1,7 +1,7 @@
 """Command-line entry points of the model area, registered into `omnijax`'s argparse.
 
     omnijax info --config FILE [key=value ...]
-    omnijax convert {from-hf,to-hf} SOURCE DEST [--vocab LAYOUT] [--dtype DTYPE]
+    omnijax convert {from-hf,to-hf} SOURCE DEST [--vocab LAYOUT] [--dtype DTYPE] [--force]
                     [--grow-vocab LAYOUT [--seed N]]
 """
 
@@ -26,6 +26,8 @@ def register(subparsers) -> None:
                        help="token layout when config.json has none: omni_diffusion or "
                             "compact:TEXT,IMAGE_CODES,SPEECH_CODES")
   convert.add_argument("--dtype", default="float32", help="export dtype (to-hf)")
+  convert.add_argument("--force", action="store_true",
+                       help="from-hf: replace an existing omnijax model directory")
   convert.add_argument("--grow-vocab", default=None, metavar="LAYOUT",
                        help="from-hf: import into this bigger layout (omni_diffusion or "
                             "compact:TEXT,IMAGE_CODES,SPEECH_CODES), keeping the checkpoint's rows "

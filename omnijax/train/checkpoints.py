@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import pathlib
+import re
 import time
 from typing import Any
 
@@ -23,10 +24,39 @@ class CheckpointRestoreError(RuntimeError):
   """No checkpoint in the directory could be restored."""
 
 
+class CheckpointSaveError(OSError):
+  """A checkpoint could not be written (the directory is a file, read-only, or the disk full)."""
+
+
+def _root_cause(error: BaseException) -> BaseException:
+  """The innermost exception of a chain (Orbax wraps the OSError that says what went wrong)."""
+  seen = {id(error)}
+  while (error.__cause__ or error.__context__) is not None:
+    error = error.__cause__ or error.__context__
+    if id(error) in seen:
+      break
+    seen.add(id(error))
+  return error
+
+
+def check_writable(directory: pathlib.Path) -> None:
+  """Creates `directory` and proves a file can be written in it, before any step is spent."""
+  try:
+    directory.mkdir(parents=True, exist_ok=True)
+    probe = directory / f".omnijax-write-probe-{os.getpid()}"
+    probe.write_bytes(b"")
+    probe.unlink()
+  except OSError as e:
+    raise CheckpointSaveError(f"cannot write checkpoints to {directory}: "
+                              f"{e.strerror or e}") from None
+
+
 class Checkpoints:
   def __init__(self, directory: str | os.PathLike, keep: int | None, create: bool = True):
     """`keep` None keeps every checkpoint; `create=False` is for reading another run's."""
     self.directory = pathlib.Path(directory).resolve()
+    if create and ocp.multihost.is_primary_host(0):
+      check_writable(self.directory)
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True,
@@ -36,12 +66,34 @@ class Checkpoints:
   def steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
 
+  def _save_failed(self, error: Exception) -> CheckpointSaveError:
+    """One line saying which file could not be written and why (the OS error, not the stack)."""
+    cause = _root_cause(error)
+    if isinstance(cause, OSError) and cause.strerror:
+      where, detail = cause.filename or self.directory, cause.strerror
+    else:
+      # tensorstore reports OS errors inside a ValueError: 'Failed writing: "FILE": ...
+      # [os_error_code='28']'.
+      text = str(cause)
+      file = re.search(r'Failed writing: "([^"]+)"', text)
+      code = re.search(r"os_error_code='(\d+)'", text)
+      where = file.group(1) if file else self.directory
+      detail = os.strerror(int(code.group(1))) if code else text.splitlines()[0][:300]
+    return CheckpointSaveError(f"saving a checkpoint failed: {where}: {detail}; the checkpoints "
+                               f"already in {self.directory} were kept")
+
   def save(self, step: int, state: Any, data_state: dict, meta: dict) -> None:
-    """Starts an asynchronous save; the caller must have checked that `state` is finite."""
-    self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        data=ocp.args.JsonSave(data_state),
-        meta=ocp.args.JsonSave(meta)), force=True)
+    """Starts an asynchronous save; the caller must have checked that `state` is finite.
+
+    Raises CheckpointSaveError if this save cannot start or the previous one failed.
+    """
+    try:
+      self._manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state),
+          data=ocp.args.JsonSave(data_state),
+          meta=ocp.args.JsonSave(meta)), force=True)
+    except Exception as e:
+      raise self._save_failed(e) from e
 
   def read_meta(self, step: int) -> dict:
     return self._manager.restore(step, args=ocp.args.Composite(
@@ -116,6 +168,11 @@ class Checkpoints:
     self._manager.reload()
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
-    self._manager.close()
+    """Waits for the last save; raises CheckpointSaveError if it failed."""
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:
+      raise self._save_failed(e) from e
+    finally:
+      self._manager.close()
 

@@ -50,6 +50,7 @@ def run_train(args: argparse.Namespace) -> int:
     overrides.append(f"train.log_every={args.log_every}")
   config = load_config(args.config, overrides)
   workdir = args.workdir or str(pathlib.Path("runs") / pathlib.Path(args.config).stem)
+  args.workdir = workdir  # resolved, for what runs after training (omnijax.eval.cli)
   try:
     result = train(config, workdir, only_stage=args.stage, max_steps=args.max_steps)
   except TrainingDiverged as e:

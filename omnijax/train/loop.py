@@ -159,6 +159,7 @@ def train(config: Config, workdir: str | os.PathLike, *, only_stage: str | None 
   split_dir = pathlib.Path(config.data.dir) / config.data.split
   manifest = shards.load_manifest(split_dir)
   shards.check_vocab(manifest, vocab, str(split_dir / shards.MANIFEST))
+  shards.check_shards(split_dir, manifest)
   for name, stage in train_config.ordered_stages:
     # Every stage's mixture must find its tasks now, not after the earlier stages have run.
     mixture_weights(stage_data_config(config, stage), manifest,

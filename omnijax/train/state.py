@@ -33,15 +33,21 @@ class StateLayout:
     return cls(graphdef, nnx.to_pure_dict(abstract_state), nnx.to_pure_dict(shardings),
                jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
 
+  def trainable(self, stage: StageConfig) -> dict:
+    """'train' or 'frozen' per parameter in `stage`."""
+    return trainable_labels(self.abstract_params, stage.trainable)
+
   def optimizer(self, config: Config, stage: StageConfig) -> optax.GradientTransformation:
-    return make_optimizer(config.train.optimizer,
-                          trainable_labels(self.abstract_params, stage.trainable))
+    return make_optimizer(config.train.optimizer, self.trainable(stage))
 
   def shardings(self, tx: optax.GradientTransformation) -> TrainState:
-    """Optimizer moments are sharded like their parameters; counters are replicated."""
+    """Optimizer moments are sharded like their parameters; counters are replicated. Frozen
+    parameters have no moments: their place holds an empty optax.MaskedNode, kept as is."""
+    is_masked = lambda x: isinstance(x, optax.MaskedNode)
     opt_shardings = optax.tree_map_params(
-        tx, lambda _, sharding: sharding, jax.eval_shape(tx.init, self.abstract_params),
-        self.param_shardings, transform_non_params=lambda _: self.replicated)
+        tx, lambda moment, sharding: moment if is_masked(moment) else sharding,
+        jax.eval_shape(tx.init, self.abstract_params), self.param_shardings,
+        transform_non_params=lambda _: self.replicated, is_leaf=is_masked)
     return TrainState(self.param_shardings, opt_shardings, self.replicated)
 
   def checkpoint_target(self, config: Config, meta: dict) -> TrainState:

@@ -29,8 +29,12 @@ jax.tree_util.register_dataclass(TrainState, data_fields=["params", "opt_state",
 
 
 def make_train_step(config: Config, graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
-                    schedule: optax.Schedule) -> Callable:
-  """(state, batch) -> (state, metrics); jit it with shardings (see `jit_train_step`)."""
+                    schedule: optax.Schedule, trainable: Any) -> Callable:
+  """(state, batch) -> (state, metrics); jit it with shardings (see `jit_train_step`).
+
+  `trainable` ('train' / 'frozen' per parameter, the labels `tx` was built with) decides which
+  gradients `grad_norm` reports: those the optimizer uses.
+  """
   train, vocab = config.train, config.model.vocab.build()
   accum = train.grad_accum_steps
   micro_batch = config.data.global_batch_size // accum
@@ -78,7 +82,8 @@ def make_train_step(config: Config, graphdef: nnx.GraphDef, tx: optax.GradientTr
                                  jax.tree.map(lambda u: -learning_rate * u, updates))
     metrics = {
         "loss": loss,
-        "grad_norm": optax.tree.norm(grads),
+        "grad_norm": optax.tree.norm(jax.tree.map(
+            lambda g, label: g if label == "train" else None, grads, trainable)),
         "lr": learning_rate,
         "targets": sums["targets"],
         "task_loss": sums["task_loss_sum"] / jnp.maximum(sums["task_targets"], 1.0),
