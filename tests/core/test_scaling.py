@@ -59,3 +59,14 @@ def test_sweep_writes_table_json_and_plot_and_marks_the_smallest_fit(tmp_path):
   assert time[(16, "fsdp_tensor")] == pytest.approx(time[(8, "fsdp_tensor")] / 2)
   assert (out / "scaling.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   assert "fsdp: smallest slice that fits: v5e-8 (8 chips" in result.stdout
+
+
+def test_bad_sweep_arguments_fail_with_one_line_before_compiling(capsys):
+  from omnijax.cli import main
+  base = ["scaling", "--config", str(TINY), "--generation", "v5e", "--out", "unused"]
+  assert main(base + ["--chips", "12"]) == 2
+  assert "--chips 12: no shipped v5e topology with that many chips" in capsys.readouterr().err
+  assert main(base + ["--strategies", "fsdp,pipeline"]) == 2
+  assert "unknown strategy 'pipeline'" in capsys.readouterr().err
+  assert main(base + ["--chips", "8,x"]) == 2
+  assert "--chips '8,x': expected comma-separated integers" in capsys.readouterr().err
