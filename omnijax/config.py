@@ -151,22 +151,35 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-  """Device mesh axes; one of them may be -1 to take the remaining devices."""
+  """Device mesh axes. `data`, `fsdp`, `tensor` split the devices of one slice (ICI); the
+  `dcn_` sizes split the slices of a multi-slice job (data-center network), whose product is
+  the number of slices. Each level may have one -1, which takes what the others leave."""
 
   data: int = 1
   fsdp: int = -1
   tensor: int = 1
+  # Across slices only data parallelism by default: its one all-reduce per step is what the
+  # slow DCN links carry best (FSDP or tensor traffic across slices rarely pays).
+  dcn_data: int = -1
+  dcn_fsdp: int = 1
+  dcn_tensor: int = 1
 
   def __post_init__(self):
-    sizes = self.as_dict()
-    if sum(v == -1 for v in sizes.values()) > 1:
-      raise ConfigError(f"mesh: at most one axis may be -1, got {sizes}")
-    for axis, size in sizes.items():
-      if size == 0 or size < -1:
-        raise ConfigError(f"mesh.{axis}={size}: expected a positive size or -1")
+    for prefix, sizes in (("", self.as_dict()), ("dcn_", self.dcn_dict())):
+      if sum(v == -1 for v in sizes.values()) > 1:
+        raise ConfigError(f"mesh: at most one {prefix and 'dcn_ '}axis may be -1, got "
+                          f"{ {prefix + k: v for k, v in sizes.items()} }")
+      for axis, size in sizes.items():
+        if size == 0 or size < -1:
+          raise ConfigError(f"mesh.{prefix}{axis}={size}: expected a positive size or -1")
 
   def as_dict(self) -> dict[str, int]:
+    """Within a slice."""
     return {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
+
+  def dcn_dict(self) -> dict[str, int]:
+    """Across slices."""
+    return {"data": self.dcn_data, "fsdp": self.dcn_fsdp, "tensor": self.dcn_tensor}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,7 +21,7 @@ from flax import nnx
 from omnijax.config import Config, ConfigError, DataConfig, StageConfig, to_dict
 from omnijax.data import shards
 from omnijax.data.pipeline import Batches, mixture_weights
-from omnijax.files import atomic_write_text
+from omnijax.files import atomic_write_text, resolve
 from omnijax.model.build import create_model
 from omnijax.model.params_io import load_model
 from omnijax import runtime
@@ -42,12 +42,17 @@ class TrainingDiverged(RuntimeError):
 
 def ensure_data(config: Config) -> None:
   """Generates the toy world into data.dir when it is missing and config.toyworld asks for it
-  (on process 0; the others wait for it)."""
+  (on process 0 while the others wait; a failure there fails every process)."""
   split_dir = pathlib.Path(config.data.dir) / config.data.split
+  runtime.primary_first(lambda: _generate_toyworld_if_missing(config, split_dir))
+  if not (split_dir / shards.MANIFEST).is_file():
+    raise ConfigError(f"data.dir={config.data.dir!r}: process {jax.process_index()} sees no "
+                      f"{shards.MANIFEST} under {split_dir}, which process 0 has; on several "
+                      "hosts data.dir must be storage every host sees")
+
+
+def _generate_toyworld_if_missing(config: Config, split_dir: pathlib.Path) -> None:
   if (split_dir / shards.MANIFEST).is_file():
-    return
-  if not runtime.is_primary():
-    runtime.barrier("omnijax-toyworld")
     return
   if config.toyworld.scenes <= 0:
     raise ConfigError(f"data.dir={config.data.dir!r}: no {shards.MANIFEST} under {split_dir}; "
@@ -62,7 +67,6 @@ def ensure_data(config: Config) -> None:
                       cells=config.toyworld.cells)
   print(f"preparing the toy world ({spec.n} scenes) in {config.data.dir} ...", flush=True)
   prepare(config.data.dir, spec)
-  runtime.barrier("omnijax-toyworld")
 
 
 def stage_data_config(config: Config, stage: StageConfig) -> DataConfig:
@@ -140,7 +144,7 @@ class _StopRequest:
 def train(config: Config, workdir: str | os.PathLike, *, only_stage: str | None = None,
           max_steps: int | None = None) -> dict:
   """Trains; returns {'step', 'stopped', 'last': last logged record}."""
-  workdir = pathlib.Path(workdir)
+  workdir = resolve(workdir)  # local or gs://
   workdir.mkdir(parents=True, exist_ok=True)
   train_config = config.train
 

@@ -58,6 +58,36 @@ def test_bad_topology_names_fail_clearly():
     compile_train_step(config)
 
 
+@pytest.mark.libtpu
+def test_train_step_compiles_for_two_slices_with_data_parallelism_over_dcn(tmp_path):
+  experiment = tmp_path / "experiment.yaml"
+  experiment.write_text(f"defaults: [{TINY}, topology/v5e-8.yaml]\n")
+  config = load_config(experiment, ["topology.num_slices=2", "data.global_batch_size=32",
+                                    "data.seq_len=256"])
+  report, compiled = compile_train_step(config)
+  # Each v5e-8 slice: fsdp 4 x tensor 2 over ICI; the two slices: data 2 over DCN.
+  assert report.mesh == {"data": 2, "fsdp": 4, "tensor": 2}
+  (state_shardings, batch_shardings), _ = compiled.input_shardings
+  mesh = batch_shardings["tokens"].mesh
+  for index, row in enumerate(mesh.devices):
+    assert {device.slice_index for device in row.flat} == {index}
+  # The rules table maps onto the hybrid mesh unchanged: batch over data (= slices) and fsdp,
+  # parameters FSDP within a slice and replicated across slices.
+  assert batch_shardings["tokens"].spec[0] == ("data", "fsdp")
+  q_kernel = state_shardings.params["layers"]["self_attn"]["q_proj"]["kernel"]
+  assert q_kernel.spec == P(None, "fsdp", "tensor")
+
+
+def test_dcn_axes_are_checked():
+  with pytest.raises(ConfigError, match="at most one dcn_ axis may be -1"):
+    load_config(TINY, ["mesh.dcn_fsdp=-1"])
+  with pytest.raises(ConfigError, match="mesh.dcn_tensor=0: expected a positive size"):
+    load_config(TINY, ["mesh.dcn_tensor=0"])
+  from omnijax.sharding import make_mesh
+  with pytest.raises(ConfigError, match=r"mesh dcn_.* needs 2 slices but 1 are available"):
+    make_mesh(load_config(TINY, ["mesh.dcn_data=2"]).mesh)
+
+
 REPORT_FIELDS = {"fits", "hbm_bytes_per_chip", "peak_bytes_per_chip", "argument_bytes", "temp_bytes",
                  "analytic_min_bytes_per_chip", "ratio_to_analytic_min", "params_per_chip",
                  "tflops_per_chip_per_step", "compile_seconds", "predicted_step_seconds"}
