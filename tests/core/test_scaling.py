@@ -18,6 +18,8 @@ def test_shipped_topologies_cover_every_generation_from_8_chips_up():
     chips = sorted(scaling.shipped_topologies(generation))
     assert {8, 16, 32, 64, 128} <= set(chips), (generation, chips)
   assert scaling.shipped_topologies("v5p")[4].name == "v5p-8.yaml"  # v5p-N counts TensorCores
+  # Multi-slice topologies are not single slices of twice the chips.
+  assert scaling.shipped_topologies("v5p")[128].name == "v5p-256.yaml"
 
 
 def test_points_that_cannot_split_the_global_batch_say_why():
@@ -28,6 +30,12 @@ def test_points_that_cannot_split_the_global_batch_say_why():
   config = scaling.point_config(dict(tree, data={"global_batch_size": 32}), topology, 8,
                                 scaling.strategy_mesh("fsdp_tensor", 4, 2), 2)
   assert config.train.grad_accum_steps == 8 and config.mesh.tensor == 4  # 2 shards x 2 rows
+  # Multislice: two slices of the given topology, data parallel between them.
+  half = scaling.shipped_topologies("v5e")[8]
+  config = scaling.point_config(dict(tree, data={"global_batch_size": 32}), half, 16,
+                                scaling.strategy_mesh("multislice", 4, 2), 1)
+  assert config.topology.name == "v5e:2x4" and config.topology.num_slices == 2
+  assert config.mesh.dcn_data == 2 and config.train.grad_accum_steps == 2  # 16 shards x 1 row
 
 
 @pytest.mark.libtpu
