@@ -107,13 +107,13 @@ def sweep(config_path: str, overrides: list[str], generation: str, chips: list[i
   topologies = shipped_topologies(generation)
   meshes = {strategy: strategy_mesh(strategy, tensor, data) for strategy in strategies}
   # A point's slice: all its chips, or 1 / dcn_data of them on several slices.
-  slice_chips = {(count, strategy): count // meshes[strategy].get("dcn_data", 1)
-                 for count in chips for strategy in strategies}
-  missing = sorted({n for n in slice_chips.values() if n not in topologies})
-  if missing:
-    raise ConfigError(f"--chips: no shipped {generation} slice of {missing[0]} chips (shipped: "
-                      f"{sorted(topologies)}; multislice points use two slices of half the chips)")
   points = [(count, strategy) for count in sorted(chips) for strategy in strategies]
+  slice_chips = {(count, strategy): count // meshes[strategy].get("dcn_data", 1)
+                 for count, strategy in points}
+  for (count, strategy), per_slice in slice_chips.items():
+    if per_slice not in topologies:
+      raise ConfigError(f"--chips {count}: no shipped {generation} slice of {per_slice} chips for "
+                        f"strategy {strategy} (shipped: {sorted(topologies)})")
   rows = []
   progress = tqdm(points, desc=f"scaling {generation}", unit="compile", file=sys.stderr)
   for count, strategy in progress:

@@ -73,7 +73,11 @@ def test_bad_sweep_arguments_fail_with_one_line_before_compiling(capsys):
   from omnijax.cli import main
   base = ["scaling", "--config", str(TINY), "--generation", "v5e", "--out", "unused"]
   assert main(base + ["--chips", "12"]) == 2
-  assert "--chips 12: no shipped v5e topology with that many chips" in capsys.readouterr().err
+  assert ("--chips 12: no shipped v5e slice of 12 chips for strategy fsdp"
+          in capsys.readouterr().err)
+  assert main(base + ["--chips", "8", "--strategies", "multislice"]) == 2  # two slices of 4
+  assert ("--chips 8: no shipped v5e slice of 4 chips for strategy multislice"
+          in capsys.readouterr().err)
   assert main(base + ["--strategies", "fsdp,pipeline"]) == 2
   assert "unknown strategy 'pipeline'" in capsys.readouterr().err
   assert main(base + ["--chips", "8,x"]) == 2
