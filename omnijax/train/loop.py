@@ -144,8 +144,7 @@ class _StopRequest:
 def train(config: Config, workdir: str | os.PathLike, *, only_stage: str | None = None,
           max_steps: int | None = None) -> dict:
   """Trains; returns {'step', 'stopped', 'last': last logged record}."""
-  workdir = resolve(workdir)  # local or gs://
-  workdir.mkdir(parents=True, exist_ok=True)
+  workdir = resolve(workdir)  # local or gs://; created only once the config has been checked
   train_config = config.train
 
   ###################### Mesh, stages, data on disk ######################
@@ -170,6 +169,7 @@ def train(config: Config, workdir: str | os.PathLike, *, only_stage: str | None 
                     f"{split_dir} (train.stages.{name}.mixture)")
   total_steps = stages[-1][2] if max_steps is None else min(max_steps, stages[-1][2])
   if runtime.is_primary():
+    workdir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(workdir / "config.yaml", yaml.safe_dump(to_dict(config), sort_keys=False))
 
   ###################### Model (abstract), shardings, checkpoints ######################
