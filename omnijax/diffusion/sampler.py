@@ -384,7 +384,8 @@ def sample(model, vocab: Vocab, prompts: Sequence, *, canvas: int, steps: int,
   model: the NNX Transformer (sharded or not; a sharded model runs on its mesh);
   prompts: 1-D int arrays of any lengths; cfg > 0 needs `uncond_prompts` (one per prompt),
   whose rows hold the same canvas as the conditional ones. block_size > 0 decodes blocks left
-  to right; threshold commits every masked position above it (at least one per step), with
+  to right; threshold commits every masked position whose confidence is above it (at least one
+  per step; the confidence of `alg`: a probability, a margin, or a negative entropy), with
   `steps` as the ceiling; prefill: {canvas offset: token id} written before decoding. A row's
   tokens never depend on the other rows at temperature 0.
   """

@@ -51,6 +51,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
   from omnijax.eval.evaluate import parse_steps, parse_tasks
+  from omnijax.files import resolve
 
   tasks, steps = parse_tasks(args.tasks), parse_steps(args.steps)
   if args.limit is not None and args.limit < 1:
@@ -60,7 +61,7 @@ def _eval(args: argparse.Namespace) -> int:
   run, generator, split_dir = open_run(args.checkpoint, data_dir=args.data, split=args.split,
                                        batch_size=args.batch_size)
   print(f"evaluating {args.checkpoint} at step {run.step} on {split_dir}", flush=True)
-  run_and_write(generator, split_dir, tasks, steps, pathlib.Path(args.out), limit=args.limit,
+  run_and_write(generator, split_dir, tasks, steps, resolve(args.out), limit=args.limit,
                 meta={"checkpoint": str(args.checkpoint), "step": run.step, "split": args.split})
   return 0
 
@@ -105,10 +106,19 @@ def evaluate_after_training(workdir: str | pathlib.Path) -> dict | None:
   the defaults) -> WORKDIR/eval.json, eval.png and eval_samples.png."""
   from omnijax.data.tasks import TASKS
   from omnijax.generate.run import Generator
+  from omnijax.files import resolve
   from omnijax.runtime import read_run_config, restore_workdir
 
   config = read_run_config(workdir)
   if not config.eval.after_training:
+    return None
+  import jax
+
+  if jax.process_count() > 1:
+    # The sampler reads its results back on one host; a multi-host job leaves the
+    # evaluation to `omnijax eval` on a single host.
+    print("eval.after_training: skipped in a multi-process job; run `omnijax eval "
+          f"--checkpoint {workdir}` on one host", flush=True)
     return None
   run = restore_workdir(workdir)
   if run.step != sum(stage.steps for stage in config.train.stages.values()):
@@ -120,6 +130,6 @@ def evaluate_after_training(workdir: str | pathlib.Path) -> dict | None:
   print(f"evaluating step {run.step} on {settings.samples} samples of each task in {split_dir}",
         flush=True)
   return run_and_write(generator, split_dir, TASKS, settings.steps,
-                       pathlib.Path(workdir) / "eval.json", limit=settings.samples,
+                       resolve(workdir) / "eval.json", limit=settings.samples,
                        meta={"checkpoint": str(workdir), "step": run.step,
                              "split": settings.split})

@@ -109,15 +109,21 @@ def plot_quality(results: dict, path: str | pathlib.Path) -> None:
   import matplotlib.pyplot as plt
 
   figure, axis = plt.subplots(figsize=(6.5, 4.2))
+  lowest = 0.0
   for task, by_steps in results.items():
-    counts = sorted(int(k) for k in by_steps if k != DEFAULT)
-    if counts:
-      axis.plot(counts, [100 * by_steps[str(c)]["quality"] for c in counts], marker="o",
-                label=task)
+    # Each point sits at its mean forward passes: a step count's own, and the task's default
+    # (its table setting, marked with a star) where its passes fall.
+    points = sorted((m["forward_passes"], 100 * m["quality"], key == DEFAULT)
+                    for key, m in by_steps.items())
+    line, = axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=task)
+    for passes, quality, is_default in points:
+      if is_default:
+        axis.plot(passes, quality, marker="*", markersize=13, color=line.get_color())
+    lowest = min(lowest, *(p[1] for p in points))
   axis.set_xscale("log", base=2)
-  axis.set_xlabel("decoding steps (forward passes at most)")
+  axis.set_xlabel("forward passes per sample (= decoding steps; star: the task's default)")
   axis.set_ylabel("quality: accuracy or 1 - WER (%)")
-  axis.set_ylim(0, 101)
+  axis.set_ylim(lowest - 2, 101)
   axis.grid(alpha=0.3)
   axis.legend(fontsize=8, ncol=2)
   figure.tight_layout()
