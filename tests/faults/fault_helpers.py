@@ -46,8 +46,9 @@ def assert_refused(result, status: int, pattern: str) -> str:
   return lines[0]
 
 
-def snapshot(root) -> dict[str, str]:
-  """Relative path -> content hash ('dir' for directories) of everything under `root`."""
+def snapshot(root, ignore=("lock",)) -> dict[str, str]:
+  """Relative path -> content hash ('dir' for directories) of everything under `root`, except
+  the `ignore`d names (a workdir's lock file records who last held it)."""
   root = pathlib.Path(root)
   if not root.exists():
     return {}
@@ -55,7 +56,7 @@ def snapshot(root) -> dict[str, str]:
     return {".": hashlib.sha256(root.read_bytes()).hexdigest()}
   return {str(path.relative_to(root)): "dir" if path.is_dir()
           else hashlib.sha256(path.read_bytes()).hexdigest()
-          for path in sorted(root.rglob("*"))}
+          for path in sorted(root.rglob("*")) if path.name not in ignore}
 
 
 def copy_tree(source, target) -> pathlib.Path:
