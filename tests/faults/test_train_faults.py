@@ -2,8 +2,6 @@
 divergence. Each run is the tiny experiment for at most a few steps."""
 
 import json
-import resource
-import signal
 import time
 
 import pytest
@@ -82,14 +80,6 @@ def test_checkpoints_path_that_is_a_file_fails_before_training(toy_data, tmp_pat
   assert not (workdir / "metrics.jsonl").exists()
 
 
-def _disk_full_at(limit_bytes):
-  """Writes past `limit_bytes` fail with EFBIG, as a full disk fails them with ENOSPC."""
-  def limit():
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # fail the write, do not kill the process
-    resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
-  return limit
-
-
 def test_disk_full_during_a_checkpoint_save_exits_promptly_in_one_line(trained_workdir, toy_data,
                                                                       tmp_path):
   workdir = copy_tree(trained_workdir, tmp_path / "run")
@@ -97,7 +87,7 @@ def test_disk_full_during_a_checkpoint_save_exits_promptly_in_one_line(trained_w
   start = time.monotonic()
   # Resumes from step 4 and fails saving step 6: the tensors are larger than 50 kB.
   result = omnijax(*train_args(workdir, toy_data, "--max-steps", "6"), timeout=120,
-                   preexec_fn=_disk_full_at(50_000),
+                   file_size_limit=50_000,
                    env={"JAX_ENABLE_COMPILATION_CACHE": "false"})  # the cache would fill up too
   assert_refused(result, 1, r"^omnijax train: saving a checkpoint failed: .*checkpoints/6\..*: "
                             r"File too large; the checkpoints already in .* were kept$")
