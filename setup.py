@@ -19,10 +19,14 @@ INSTALL_REQUIRES = [
     "tensorboardX>=2.6",
     "matplotlib>=3.8",
     "tqdm>=4.66",
+    "jiwer>=3.0,<5",  # word error rate (omnijax.eval.wer)
 ]
 EXTRAS = {
     # libtpu for ahead-of-time compilation against real TPU topologies (runs on a CPU host).
     "tpu": ["jax[tpu]>=0.10.2,<0.13"],
+    # gs:// workdirs: etils.epath (checkpoint metadata, metrics, configs, plots) reads and writes
+    # Cloud Storage through gcsfs; TensorBoard events go through google-cloud-storage.
+    "gcs": ["gcsfs>=2024.2", "google-cloud-storage>=2.14"],
     # torch 2.13.0 is the CPU build this machine installs in seconds; unpinned pulls a CUDA build.
     "parity": ["torch==2.13.0", "transformers>=4.51,<6"],
 }

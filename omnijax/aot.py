@@ -3,13 +3,19 @@
 With libtpu installed, `jax.experimental.topologies` describes the devices of e.g. a v5p-128
 slice without owning one; the train step is lowered against ShapeDtypeStructs sharded on that
 mesh and compiled by the real TPU compiler. Out-of-memory, illegal kernel block shapes and
-sharding mistakes fail here, before a pod is rented. `omnijax compile` prints the per-device
-memory analysis.
+sharding mistakes fail here, before a pod is rented.
+
+`omnijax compile --out report.json` writes the per-chip verdict a script can read: whether the
+step fits the chip's HBM, its compiled peak against the analytic minimum (omnijax.train.memory)
+and the analytic FLOPs. Running out of HBM is a verdict, not an error: the compiler's refusal is
+turned into `fits: false` with the memory it asked for.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import time
 
 import jax
@@ -20,6 +26,7 @@ from omnijax.data.pipeline import BATCH_FIELDS
 from omnijax.runtime import build_train_program
 from omnijax.sharding import make_mesh
 from omnijax.train import flops
+from omnijax.train.memory import analytic_minimum
 
 
 class LibtpuMissingError(RuntimeError):
@@ -59,36 +66,111 @@ def topology_devices(config: Config) -> list:
   return list(description.devices)
 
 
+GIB = 2 ** 30
+# HBM per chip (vendors' spec sheets), keyed by `device.device_kind` ("TPU v5" is v5p).
+HBM_BYTES_BY_DEVICE_KIND = {
+    "TPU v4": 32 * GIB,
+    "TPU v5 lite": 16 * GIB,
+    "TPU v5": 95 * GIB,
+    "TPU v6 lite": 32 * GIB,
+}
+# The TPU compiler's out-of-memory messages: the total ("Used 20.25G of 15.75G hbm") or the
+# temporaries alone ("the total memory required for HLO temporaries (16.00G) exceeds available
+# HBM (15.75G)").
+_OOM_TOTAL = re.compile(r"Used ([\d.]+)([KMGT]?)i?B? of [\d.]+[KMGT]?i?B? hbm", re.IGNORECASE)
+_OOM_TEMPORARIES = re.compile(r"HLO temporaries \(([\d.]+)([KMGT]?)i?B?\)", re.IGNORECASE)
+_UNITS = {"": 1, "K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}
+
+
+@dataclasses.dataclass(frozen=True)
+class OutOfMemory:
+  """What the compiler said when the step did not fit: total or temporaries (bytes, or None)."""
+
+  message: str
+  total_bytes: int | None = None
+  temp_bytes: int | None = None
+
+
+def out_of_memory(error: Exception) -> OutOfMemory | None:
+  """The figures of a TPU compiler out-of-HBM error; None if `error` is something else."""
+  message = str(error).strip()
+  # VMEM exhaustion is a kernel's block sizes, not the model's fit: that stays an error.
+  if "RESOURCE_EXHAUSTED" not in message or "hbm" not in message.lower():
+    return None
+  figures = {}
+  for field, pattern in (("total_bytes", _OOM_TOTAL), ("temp_bytes", _OOM_TEMPORARIES)):
+    match = pattern.search(message)
+    if match:
+      figures[field] = int(float(match.group(1)) * _UNITS[match.group(2).upper()])
+  return OutOfMemory(message.splitlines()[0], **figures)
+
+
 @dataclasses.dataclass(frozen=True)
 class CompileReport:
+  """Per-chip figures of one compiled train step (all byte counts per chip).
+
+  When the compiler runs out of HBM, `fits` is False, `argument_bytes` are those of the
+  sharded state and batch, and `peak_bytes_per_chip` is what the compiler reported as required
+  (the arguments plus its temporaries when it names only those; 0 when it gives no figure).
+  """
+
   topology: str
   device_kind: str
+  chips: int
   mesh: dict
-  compile_seconds: float
+  stage: str
+  fits: bool
+  hbm_bytes_per_chip: int
+  peak_bytes_per_chip: int
   argument_bytes: int
-  output_bytes: int
-  temp_bytes: int
-  code_bytes: int
+  output_bytes: int | None
+  temp_bytes: int | None
+  code_bytes: int | None
+  analytic_min_bytes_per_chip: int
+  analytic_state_bytes_per_chip: int
+  analytic_activation_bytes_per_chip: int
+  params_per_chip: int
+  tflops_per_chip_per_step: float
+  # Analytic FLOPs / the chip's peak: the step time at 100% MFU (None for an unknown chip).
+  predicted_step_seconds: float | None
+  compile_seconds: float
   custom_calls: int
-  flops_per_step_per_device: float
+  error: str | None = None
 
   @property
-  def peak_bytes(self) -> int:
-    """Arguments (state + batch, donated so outputs alias them) + temporaries + code."""
-    return self.argument_bytes + self.temp_bytes + self.code_bytes
+  def ratio_to_analytic_min(self) -> float:
+    return self.peak_bytes_per_chip / self.analytic_min_bytes_per_chip
+
+  def to_json(self) -> dict:
+    return dict(dataclasses.asdict(self), ratio_to_analytic_min=self.ratio_to_analytic_min)
 
   def describe(self) -> str:
-    gib = 2 ** 30
-    return (f"{self.topology} ({self.device_kind}), mesh {self.mesh}: compiled in "
-            f"{self.compile_seconds:.1f} s; per device: arguments {self.argument_bytes / gib:.2f}"
-            f" GiB, temporaries {self.temp_bytes / gib:.2f} GiB, code "
-            f"{self.code_bytes / 2**20:.1f} MiB, total {self.peak_bytes / gib:.2f} GiB; "
-            f"{self.custom_calls} Mosaic kernel calls; analytic "
-            f"{self.flops_per_step_per_device / 1e12:.2f} TFLOP per step per device")
+    verdict = "fits" if self.fits else "DOES NOT FIT"
+    temporaries = ("" if self.temp_bytes is None else
+                   f" (arguments {self.argument_bytes / GIB:.2f} GiB, temporaries "
+                   f"{self.temp_bytes / GIB:.2f} GiB)")
+    step_time = ("" if self.predicted_step_seconds is None else
+                 f"; predicted step {self.predicted_step_seconds:.2f} s at peak FLOP/s")
+    return (f"{self.topology} ({self.chips} x {self.device_kind}), mesh {self.mesh}, stage "
+            f"{self.stage}: {verdict}: peak {self.peak_bytes_per_chip / GIB:.2f} GiB of "
+            f"{self.hbm_bytes_per_chip / GIB:.2f} GiB HBM per chip{temporaries}, "
+            f"{self.ratio_to_analytic_min:.2f}x the analytic minimum "
+            f"{self.analytic_min_bytes_per_chip / GIB:.2f} GiB; {self.params_per_chip:,} "
+            f"parameters and {self.tflops_per_chip_per_step:.2f} TFLOP per chip per step"
+            f"{step_time}; compiled in {self.compile_seconds:.1f} s, "
+            f"{self.custom_calls} Mosaic kernel calls")
+
+
+def _per_chip_bytes(tree) -> int:
+  return sum(math.prod(x.sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
+             for x in jax.tree.leaves(tree))
 
 
 def compile_train_step(config: Config, stage: str | None = None) -> tuple[CompileReport, object]:
-  """Compiles one train step of `stage` (default: the first) for `config.topology`."""
+  """Compiles one train step of `stage` (default: the first) for `config.topology`.
+
+  Returns the report and the compiled executable (None when the step does not fit).
+  """
   devices = topology_devices(config)
   mesh = make_mesh(config.mesh, devices)
   program = build_train_program(config, stage, mesh=mesh)
@@ -96,20 +178,62 @@ def compile_train_step(config: Config, stage: str | None = None) -> tuple[Compil
   batch = {name: jax.ShapeDtypeStruct(shape, np.int32, sharding=program.batch_sharding)
            for name in BATCH_FIELDS}
   abstract_state = program.abstract_state()
+  kind = devices[0].device_kind
+  hbm = HBM_BYTES_BY_DEVICE_KIND.get(kind)
+  if hbm is None:
+    raise ConfigError(f"topology.name={config.topology.name!r}: no HBM size known for "
+                      f"{kind!r} (known: {', '.join(HBM_BYTES_BY_DEVICE_KIND)})")
   # Lowering needs the TPU mesh in context (some Mosaic rules read the device kind from it);
   # only lowering: optax's eager init above would otherwise run on compile-only devices.
   start = time.perf_counter()
-  with jax.set_mesh(mesh):
-    compiled = program.step.lower(abstract_state, batch).compile()
+  compiled, oom = None, None
+  try:
+    with jax.set_mesh(mesh):
+      compiled = program.step.lower(abstract_state, batch).compile()
+  except Exception as e:  # the compiler reports OOM as a runtime error; anything else is a bug
+    oom = out_of_memory(e)
+    if oom is None:
+      raise
   seconds = time.perf_counter() - start
+  analytic = analytic_minimum(config, mesh, program.stage)
+  tflops = shape[0] * shape[1] / len(devices) * flops.training_flops_per_token(
+      config.model, config.data.seq_len) / 1e12
+  peak_flops = flops.PEAK_FLOPS_BY_DEVICE_KIND.get(kind)
+  common = dict(
+      topology=config.topology.name, device_kind=kind, chips=len(devices), mesh=dict(mesh.shape),
+      stage=program.stage, hbm_bytes_per_chip=hbm, analytic_min_bytes_per_chip=analytic.total_bytes,
+      analytic_state_bytes_per_chip=analytic.state_bytes,
+      analytic_activation_bytes_per_chip=analytic.activation_bytes,
+      params_per_chip=analytic.params_per_chip, tflops_per_chip_per_step=tflops,
+      predicted_step_seconds=tflops * 1e12 / peak_flops if peak_flops else None,
+      compile_seconds=seconds)
+  if oom is not None:
+    arguments = _per_chip_bytes((abstract_state, batch))
+    peak = (oom.total_bytes if oom.total_bytes is not None else
+            arguments + oom.temp_bytes if oom.temp_bytes is not None else 0)
+    report = CompileReport(
+        fits=False, peak_bytes_per_chip=peak, argument_bytes=arguments, output_bytes=None,
+        temp_bytes=oom.temp_bytes, code_bytes=None, custom_calls=0, error=oom.message, **common)
+    return report, None
   memory = compiled.memory_analysis()
-  tokens_per_device = shape[0] * shape[1] / len(devices)
+  # Arguments (state + batch; outputs alias the donated state) + temporaries + code.
+  peak = (memory.argument_size_in_bytes + memory.temp_size_in_bytes +
+          memory.generated_code_size_in_bytes)
   report = CompileReport(
-      topology=config.topology.name, device_kind=devices[0].device_kind, mesh=dict(mesh.shape),
-      compile_seconds=seconds, argument_bytes=memory.argument_size_in_bytes,
+      fits=peak <= hbm, peak_bytes_per_chip=peak, argument_bytes=memory.argument_size_in_bytes,
       output_bytes=memory.output_size_in_bytes, temp_bytes=memory.temp_size_in_bytes,
       code_bytes=memory.generated_code_size_in_bytes,
-      custom_calls=compiled.as_text().count("tpu_custom_call"),
-      flops_per_step_per_device=tokens_per_device * flops.training_flops_per_token(
-          config.model, config.data.seq_len))
+      custom_calls=compiled.as_text().count("tpu_custom_call"), **common)
   return report, compiled
+
+
+# `omnijax compile`'s exit status when the step does not fit (0: fits, 2: config error).
+DOES_NOT_FIT_EXIT = 3
+
+
+def write_report(report: CompileReport, path: str) -> None:
+  import json
+
+  from omnijax.files import atomic_write_text
+
+  atomic_write_text(path, json.dumps(report.to_json(), indent=2) + "\n")

@@ -15,8 +15,11 @@ import os
 import sys
 import threading
 
-# The modules whose `register(subparsers)` add subcommands, in `omnijax --help` order.
-COMMAND_AREAS = ("omnijax.train.cli", "omnijax.model.cli", "omnijax.data.cli")
+# The modules whose `register(subparsers)` add subcommands, in `omnijax --help` order (eval
+# after train: it extends `train` with the main job's evaluation).
+COMMAND_AREAS = ("omnijax.train.cli", "omnijax.model.cli", "omnijax.data.cli",
+                 "omnijax.generate.cli", "omnijax.eval.cli", "omnijax.scaling",
+                 "omnijax.golden")
 
 
 def _add_global_args(parser: argparse.ArgumentParser, top_level: bool) -> None:

@@ -44,7 +44,8 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class VocabConfig:
-  """`layout: omni_diffusion` reproduces the release ids; `compact` derives a small layout."""
+  """`layout: omni_diffusion` reproduces the release ids; `compact` derives a small layout;
+  `text` is text and specials only (codes must be 0): an imported text checkpoint."""
 
   layout: str = "compact"
   text_size: int = 1024
@@ -52,8 +53,12 @@ class VocabConfig:
   n_speech_codes: int = 256
 
   def __post_init__(self):
-    if self.layout not in ("omni_diffusion", "compact"):
-      raise ConfigError(f"model.vocab.layout={self.layout!r}: expected 'omni_diffusion' or 'compact'")
+    if self.layout not in ("omni_diffusion", "compact", "text"):
+      raise ConfigError(f"model.vocab.layout={self.layout!r}: expected 'omni_diffusion', "
+                        "'compact' or 'text'")
+    if self.layout == "text" and (self.n_image_codes or self.n_speech_codes):
+      raise ConfigError("model.vocab: layout 'text' has no codes; set n_image_codes and "
+                        "n_speech_codes to 0")
     try:
       self.build()
     except ValueError as e:  # e.g. a non-positive size: name the config key, not Vocab's field
@@ -62,6 +67,8 @@ class VocabConfig:
   def build(self) -> Vocab:
     if self.layout == "omni_diffusion":
       return Vocab.omni_diffusion()
+    if self.layout == "text":
+      return Vocab.text_only(self.text_size)
     return Vocab.compact(self.text_size, n_image_codes=self.n_image_codes,
                          n_speech_codes=self.n_speech_codes)
 
@@ -144,22 +151,35 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-  """Device mesh axes; one of them may be -1 to take the remaining devices."""
+  """Device mesh axes. `data`, `fsdp`, `tensor` split the devices of one slice (ICI); the
+  `dcn_` sizes split the slices of a multi-slice job (data-center network), whose product is
+  the number of slices. Each level may have one -1, which takes what the others leave."""
 
   data: int = 1
   fsdp: int = -1
   tensor: int = 1
+  # Across slices only data parallelism by default: its one all-reduce per step is what the
+  # slow DCN links carry best (FSDP or tensor traffic across slices rarely pays).
+  dcn_data: int = -1
+  dcn_fsdp: int = 1
+  dcn_tensor: int = 1
 
   def __post_init__(self):
-    sizes = self.as_dict()
-    if sum(v == -1 for v in sizes.values()) > 1:
-      raise ConfigError(f"mesh: at most one axis may be -1, got {sizes}")
-    for axis, size in sizes.items():
-      if size == 0 or size < -1:
-        raise ConfigError(f"mesh.{axis}={size}: expected a positive size or -1")
+    for prefix, sizes in (("", self.as_dict()), ("dcn_", self.dcn_dict())):
+      if sum(v == -1 for v in sizes.values()) > 1:
+        raise ConfigError(f"mesh: at most one {prefix and 'dcn_ '}axis may be -1, got "
+                          f"{ {prefix + k: v for k, v in sizes.items()} }")
+      for axis, size in sizes.items():
+        if size == 0 or size < -1:
+          raise ConfigError(f"mesh.{prefix}{axis}={size}: expected a positive size or -1")
 
   def as_dict(self) -> dict[str, int]:
+    """Within a slice."""
     return {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
+
+  def dcn_dict(self) -> dict[str, int]:
+    """Across slices."""
+    return {"data": self.dcn_data, "fsdp": self.dcn_fsdp, "tensor": self.dcn_tensor}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -230,6 +250,26 @@ class ToyWorldConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class EvalConfig:
+  """What `omnijax train` evaluates after its last stage (the main job's eval.json and plots):
+  `samples` held-out samples of each task, decoded at each of `steps` and at the task's
+  default setting."""
+
+  after_training: bool = False
+  split: str = "heldout"
+  samples: int = 16
+  steps: tuple[int, ...] = (4, 10, 64)
+  batch_size: int = 16
+
+  def __post_init__(self):
+    if self.samples < 1 or self.batch_size < 1:
+      raise ConfigError(f"eval.samples={self.samples} and eval.batch_size={self.batch_size} "
+                        "must be >= 1")
+    if not self.steps or min(self.steps) < 1:
+      raise ConfigError(f"eval.steps={list(self.steps)}: expected positive step counts")
+
+
+@dataclasses.dataclass(frozen=True)
 class ObjectiveConfig:
   """`omni`: the release's per-token masking; `llada`: one t per sample, CE weighted by 1/t."""
 
@@ -237,10 +277,16 @@ class ObjectiveConfig:
   eps: float = 1e-3
   # Tail pads are masked at this fraction of a token's threshold (attenuated tail-pad masking).
   pad_mask_ratio: float = 0.6
+  # The loss applies the lm_head in this many vocabulary chunks (forward and backward): the full
+  # [tokens, vocab] logits are never materialised. More saves memory, fewer runs fewer (bigger)
+  # lm_head matmuls; 1 is the whole vocabulary at once.
+  vocab_chunks: int = 8
 
   def __post_init__(self):
     if self.kind not in ("omni", "llada"):
       raise ConfigError(f"train.objective.kind={self.kind!r}: expected 'omni' or 'llada'")
+    if self.vocab_chunks < 1:
+      raise ConfigError(f"train.objective.vocab_chunks={self.vocab_chunks} must be >= 1")
     if not 0 < self.eps < 1 or not 0 < self.pad_mask_ratio <= 1:
       raise ConfigError("train.objective.eps must lie in (0, 1) and pad_mask_ratio in (0, 1]")
 
@@ -354,6 +400,7 @@ class Config:
   data: DataConfig = DataConfig()
   toyworld: ToyWorldConfig = ToyWorldConfig()
   train: TrainConfig = TrainConfig()
+  eval: EvalConfig = EvalConfig()
 
   def __post_init__(self):
     if self.data.global_batch_size % self.train.grad_accum_steps:

@@ -29,6 +29,7 @@ from omnijax.model.build import model_from_arrays
 from omnijax.model.transformer import Transformer
 from omnijax.sharding import path_str
 from omnijax.vocab import Vocab
+from omnijax.vocab_growth import VocabGrowth, VocabGrowthError, text_layout
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # config.json `model_type`s of the backbone omnijax implements (Qwen2 and Dream, its diffusion
@@ -71,9 +72,10 @@ def _vocab_config(hf: dict, vocab: VocabConfig | None, where: str) -> VocabConfi
     return VocabConfig(**hf["omnijax_vocab"])
   if hf["vocab_size"] == Vocab.omni_diffusion().size:
     return VocabConfig(layout="omni_diffusion")
-  raise CheckpointError(
-      f"{where}: vocab_size {hf['vocab_size']} matches no known token layout; pass the layout "
-      "(Python: vocab=VocabConfig(...); CLI: --vocab compact:TEXT,IMAGE_CODES,SPEECH_CODES)")
+  try:
+    return text_layout(hf)
+  except VocabGrowthError as e:
+    raise CheckpointError(f"{where}: {e}") from None
 
 
 def config_from_hf(hf: dict, vocab: VocabConfig | None = None, where: str = "config.json",
@@ -212,9 +214,13 @@ class _TensorIndex:
 
 
 def from_hf(path: str | os.PathLike, vocab: VocabConfig | None = None,
-            mesh: jax.sharding.Mesh | None = None, **model_overrides) -> tuple[ModelConfig,
-                                                                              Transformer]:
-  """Reads a Hugging Face Qwen2/Dream directory into (config, model); sharded if `mesh`."""
+            mesh: jax.sharding.Mesh | None = None, grow_vocab: VocabConfig | None = None,
+            seed: int = 0, **model_overrides) -> tuple[ModelConfig, Transformer]:
+  """Reads a Hugging Face Qwen2/Dream directory into (config, model); sharded if `mesh`.
+
+  `vocab` names the checkpoint's token layout when config.json does not; with `grow_vocab` the
+  model comes out in that bigger layout (omnijax.vocab_growth, new rows drawn with `seed`).
+  """
   directory = pathlib.Path(path)
   config_file = directory / "config.json"
   if not config_file.is_file():
@@ -226,6 +232,13 @@ def from_hf(path: str | os.PathLike, vocab: VocabConfig | None = None,
   if not isinstance(hf_config, dict):
     raise CheckpointError(f"{config_file}: expected a JSON object")
   config = config_from_hf(hf_config, vocab, str(config_file), **model_overrides)
+  growth = None
+  if grow_vocab is not None:
+    try:
+      growth = VocabGrowth.plan(config, grow_vocab, seed)
+    except VocabGrowthError as e:
+      raise CheckpointError(f"{directory}: cannot grow the vocabulary: {e}") from None
+    config = growth.target
   with contextlib.ExitStack() as stack:
     index = _TensorIndex(directory, stack)
 
@@ -240,7 +253,7 @@ def from_hf(path: str | os.PathLike, vocab: VocabConfig | None = None,
       name, transpose = hf_name(keys)
       return index.read(name, shape, transpose)
 
-    model = model_from_arrays(config, read, mesh)
+    model = model_from_arrays(config, growth.reader(read) if growth else read, mesh)
     unused = set(index.location) - index.used
     skipped = sorted(name for name in unused if name.startswith(SKIPPED_TENSOR_PREFIXES))
     if skipped:
@@ -328,7 +341,7 @@ def to_hf(model: Transformer, config: ModelConfig, path: str | os.PathLike,
 # --- command line -----------------------------------------------------------------------------
 
 
-def parse_vocab(spec: str | None) -> VocabConfig | None:
+def parse_vocab(spec: str | None, flag: str = "--vocab") -> VocabConfig | None:
   """`omni_diffusion` or `compact:TEXT,IMAGE_CODES,SPEECH_CODES` -> VocabConfig."""
   if spec is None:
     return None
@@ -338,10 +351,10 @@ def parse_vocab(spec: str | None) -> VocabConfig | None:
   try:
     text, image, speech = (int(x) for x in sizes.split(","))
   except ValueError:
-    raise ConfigError(f"--vocab {spec!r}: expected omni_diffusion or "
+    raise ConfigError(f"{flag} {spec!r}: expected omni_diffusion or "
                       "compact:TEXT,IMAGE_CODES,SPEECH_CODES") from None
   if layout != "compact":
-    raise ConfigError(f"--vocab {spec!r}: unknown layout {layout!r}")
+    raise ConfigError(f"{flag} {spec!r}: unknown layout {layout!r}")
   return VocabConfig(layout="compact", text_size=text, n_image_codes=image, n_speech_codes=speech)
 
 
@@ -371,7 +384,9 @@ def run_convert(args) -> int:
   try:
     if args.direction == "from-hf":
       check_model_destination(args.dest, args.force)
-      config, model = from_hf(args.source, vocab=parse_vocab(args.vocab))
+      config, model = from_hf(args.source, vocab=parse_vocab(args.vocab),
+                              grow_vocab=parse_vocab(args.grow_vocab, "--grow-vocab"),
+                              seed=args.seed)
       # Written beside the destination and swapped in whole: a failure leaves it as it was.
       staged = staging_dir(args.dest)
       try:

@@ -14,10 +14,8 @@ programs that drive them (train/loop.py, eval, generate, aot).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import os
-import pathlib
 from typing import Callable
 
 import jax
@@ -27,6 +25,7 @@ import yaml
 from flax import nnx
 
 from omnijax.config import Config, ConfigError, from_dict
+from omnijax.files import resolve
 from omnijax.sharding import make_mesh
 from omnijax.train.checkpoints import Checkpoints, CheckpointRestoreError
 from omnijax.train.optimizer import global_schedule
@@ -177,6 +176,30 @@ def gather(obj) -> list:
   return [json.loads(bytes(row[:length])) for row, length in zip(rows, lengths)]
 
 
+class ProcessFailed(RuntimeError):
+  """Another process failed in work the others were waiting for."""
+
+
+def primary_first(work: Callable[[], object]) -> None:
+  """Runs `work` on process 0 while the others wait for it. If it raises, every process raises:
+  process 0 its own exception, the others the same one-line message (a ConfigError stays a
+  ConfigError), so no host waits for a primary that is gone."""
+  error = None
+  if is_primary():
+    try:
+      work()
+    except Exception as e:  # noqa: BLE001 -- every failure must reach the other hosts
+      error = e
+  if jax.process_count() > 1:
+    message = None if error is None else [isinstance(error, ConfigError), str(error)]
+    first = gather(message)[0]  # also the barrier
+    if error is None and first is not None:
+      is_config_error, text = first
+      raise (ConfigError if is_config_error else ProcessFailed)(f"process 0 failed: {text}")
+  if error is not None:
+    raise error
+
+
 def barrier(name: str) -> None:
   """Waits until every process has reached the barrier `name`."""
   if jax.process_count() > 1:
@@ -251,7 +274,7 @@ class RestoredRun:
 
 def read_run_config(workdir: str | os.PathLike) -> Config:
   """The config a training run wrote into its workdir."""
-  path = pathlib.Path(workdir) / "config.yaml"
+  path = resolve(workdir) / "config.yaml"
   try:
     tree = yaml.safe_load(path.read_text())
   except OSError as e:
@@ -271,16 +294,20 @@ def restore_workdir(workdir: str | os.PathLike, *, mesh: jax.sharding.Mesh | Non
   if mesh is None:
     mesh = make_mesh(config.mesh, jax.local_devices())
   layout = StateLayout.create(config, mesh)
+  params = jax.tree.map(lambda x, sharding: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                                 sharding=sharding),
+                        layout.abstract_params, layout.param_shardings)
 
-  directory = pathlib.Path(workdir) / "checkpoints"
+  directory = resolve(workdir) / "checkpoints"
   if not directory.is_dir():
     raise WorkdirError(f"{workdir}: no checkpoints directory ({directory}); has training saved "
                        "a checkpoint yet?")
-  checkpoints = Checkpoints(directory, keep=None, create=False)
+  checkpoints = Checkpoints(directory, keep=None, read_only=True)
   try:
-    target = functools.partial(layout.checkpoint_target, config)
-    restored = (checkpoints.restore_latest(target) if step is None
-                else checkpoints.restore(step, target))
+    # The parameters are the same for every stage (only the optimizer state differs).
+    restored = (checkpoints.restore_latest(lambda meta: params, params_only=True)
+                if step is None else checkpoints.restore(step, lambda meta: params,
+                                                         params_only=True))
   except CheckpointRestoreError as e:
     raise WorkdirError(str(e)) from None
   finally:
@@ -288,5 +315,5 @@ def restore_workdir(workdir: str | os.PathLike, *, mesh: jax.sharding.Mesh | Non
   if restored is None:
     raise WorkdirError(f"{workdir}: no checkpoint under {checkpoints.directory}")
   restored_step, state, _, meta = restored
-  model = nnx.merge(layout.graphdef, state.params)
+  model = nnx.merge(layout.graphdef, state["params"])
   return RestoredRun(config=config, model=model, step=restored_step, stage=meta["stage"])

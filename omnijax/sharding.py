@@ -42,23 +42,39 @@ RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 _RULES = dict(RULES)
 
 
-def make_mesh(config: MeshConfig, devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
-  """Builds the (data, fsdp, tensor) mesh, filling the one -1 axis with the remaining devices."""
-  devices = list(jax.devices() if devices is None else devices)
-  sizes = config.as_dict()
+def _fill(sizes: dict[str, int], available: int, what: str, prefix: str) -> tuple[int, ...]:
+  """Mesh axis sizes with the one -1 filled so that they multiply to `available`."""
+  sizes = dict(sizes)
   known = math.prod(size for size in sizes.values() if size != -1)
   for axis, size in sizes.items():
     if size == -1:
-      if len(devices) % known:
-        raise ConfigError(f"mesh.{axis}=-1: {len(devices)} devices are not divisible by the other "
-                          f"axes' product {known} ({sizes})")
-      sizes[axis] = len(devices) // known
-  if math.prod(sizes.values()) != len(devices):
-    raise ConfigError(f"mesh {sizes} needs {math.prod(sizes.values())} devices but "
-                      f"{len(devices)} are available; set one mesh axis to -1 or fix the sizes")
-  shape = tuple(sizes[axis] for axis in MESH_AXES)
-  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
-                       devices=devices)
+      if available % known:
+        raise ConfigError(f"mesh.{prefix}{axis}=-1: {available} {what} are not divisible by the "
+                          f"other axes' product {known} ({sizes})")
+      sizes[axis] = available // known
+  if math.prod(sizes.values()) != available:
+    raise ConfigError(f"mesh {prefix}{sizes} needs {math.prod(sizes.values())} {what} but "
+                      f"{available} are available; set one mesh.{prefix}* axis to -1 or fix "
+                      "the sizes")
+  return tuple(sizes[axis] for axis in MESH_AXES)
+
+
+def make_mesh(config: MeshConfig, devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
+  """Builds the (data, fsdp, tensor) mesh. On several slices (the devices' `slice_index`), each
+  axis is split into an across-slices (DCN) part and a within-slice (ICI) part, so the rules
+  table needs no slice-specific names: `data` spans the slices when mesh.dcn_data > 1."""
+  devices = list(jax.devices() if devices is None else devices)
+  slices = len({getattr(device, "slice_index", 0) for device in devices})
+  ici = _fill(config.as_dict(), len(devices) // slices,
+              "devices per slice" if slices > 1 else "devices", "")
+  dcn = _fill(config.dcn_dict(), slices, "slices", "dcn_")
+  axis_types = (AxisType.Auto,) * len(MESH_AXES)
+  if slices == 1:
+    return jax.make_mesh(ici, MESH_AXES, axis_types=axis_types, devices=devices)
+  from jax.experimental import mesh_utils
+
+  grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices)
+  return jax.sharding.Mesh(grid, MESH_AXES, axis_types=axis_types)
 
 
 def logical_to_spec(names: Sequence[str | None], mesh=None) -> PartitionSpec:

@@ -10,6 +10,8 @@ Layout (release, `Vocab.omni_diffusion()`; reference §2):
 
 `Vocab.compact(...)` keeps exactly this order and the specials' relative offsets, so small models
 share every rule (templates, masking, sampler) with the 7B layout; only the three sizes change.
+`Vocab.text_only(text_size)` has no speech or image codes: a text checkpoint (e.g. Dream-7B)
+imported as it is, before `omnijax convert --grow-vocab` adds the code rows.
 """
 
 from __future__ import annotations
@@ -91,8 +93,9 @@ class Vocab:
   def __post_init__(self):
     for name in ("text_size", "n_speech_codes", "n_image_codes"):
       value = getattr(self, name)
-      if not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"Vocab.{name} must be a positive integer, got {value!r}")
+      smallest = 1 if name == "text_size" else 0
+      if not isinstance(value, (int, np.integer)) or value < smallest:
+        raise ValueError(f"Vocab.{name} must be an integer >= {smallest}, got {value!r}")
 
   @classmethod
   def omni_diffusion(cls) -> Vocab:
@@ -103,6 +106,11 @@ class Vocab:
   def compact(cls, text_size: int, *, n_image_codes: int, n_speech_codes: int) -> Vocab:
     """A small layout with the release's specials and order, for small models and the toy world."""
     return cls(text_size, n_speech_codes=n_speech_codes, n_image_codes=n_image_codes)
+
+  @classmethod
+  def text_only(cls, text_size: int) -> Vocab:
+    """Text tokens and the specials, no code ranges."""
+    return cls(text_size, n_speech_codes=0, n_image_codes=0)
 
   # --- ids --------------------------------------------------------------------------------------
   def special_id(self, token: str) -> int:

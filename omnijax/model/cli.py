@@ -2,6 +2,7 @@
 
     omnijax info --config FILE [key=value ...]
     omnijax convert {from-hf,to-hf} SOURCE DEST [--vocab LAYOUT] [--dtype DTYPE] [--force]
+                    [--grow-vocab LAYOUT [--seed N]]
 """
 
 from __future__ import annotations
@@ -27,6 +28,11 @@ def register(subparsers) -> None:
   convert.add_argument("--dtype", default="float32", help="export dtype (to-hf)")
   convert.add_argument("--force", action="store_true",
                        help="from-hf: replace an existing omnijax model directory")
+  convert.add_argument("--grow-vocab", default=None, metavar="LAYOUT",
+                       help="from-hf: import into this bigger layout (omni_diffusion or "
+                            "compact:TEXT,IMAGE_CODES,SPEECH_CODES), keeping the checkpoint's rows "
+                            "and drawing the new ones from their mean and covariance")
+  convert.add_argument("--seed", type=int, default=0, help="seed of the --grow-vocab draws")
   convert.set_defaults(func=run_convert)
 
 

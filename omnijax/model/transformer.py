@@ -1,6 +1,8 @@
 """The Qwen2/Dream backbone in Flax NNX, used bidirectionally within each packed segment.
 
-`Transformer(config, rngs)(input_ids, segment_ids=None, positions=None) -> logits [B, L, V]`.
+`Transformer(config, rngs)(input_ids, segment_ids=None, positions=None) -> logits [B, L, V]`;
+`hidden_states(...)` stops before the lm_head so that the training loss can apply `output_head()`
+chunk by chunk (omnijax.diffusion.objective) instead of holding every position's logits.
 Logits are raw (`logits[:, i] = lm_head(h_i)`): the Dream shift (h(i-1) predicts x(i)) belongs to
 the objective and the sampler. Parameters are fp32 (`param_dtype`), matmuls run in
 `compute_dtype`, and every parameter carries `logical_axes` metadata for omnijax.sharding.
@@ -24,6 +26,11 @@ def _matmul(x: jax.Array, w: jax.Array) -> jax.Array:
   dot (contracting batch and length together) about 2x slower than the 2-D equivalent; on TPU
   merging the leading dims is free."""
   return jnp.dot(x.reshape(-1, x.shape[-1]), w).reshape(*x.shape[:-1], w.shape[-1])
+
+
+def output_logits(hidden: jax.Array, head: jax.Array) -> jax.Array:
+  """Final hidden states [B, L, d] x lm_head [d, V] -> logits [B, L, V] in hidden's dtype."""
+  return constrain(_matmul(hidden, head.astype(hidden.dtype)), ("batch", "length", "act_vocab"))
 
 
 def _normal_param(rngs: nnx.Rngs, shape, axes, std: float, dtype) -> nnx.Param:
@@ -171,6 +178,15 @@ class Transformer(nnx.Module):
 
   def __call__(self, input_ids: jax.Array, segment_ids: jax.Array | None = None,
                positions: jax.Array | None = None) -> jax.Array:
+    return output_logits(self.hidden_states(input_ids, segment_ids, positions), self.output_head())
+
+  def output_head(self) -> jax.Array:
+    """The lm_head as [d, V] (the transposed embedding when tied), in param dtype."""
+    return self.embed_tokens[...].T if self.lm_head is None else self.lm_head[...]
+
+  def hidden_states(self, input_ids: jax.Array, segment_ids: jax.Array | None = None,
+                    positions: jax.Array | None = None) -> jax.Array:
+    """Normed final hidden states [B, L, d] in compute dtype: everything before the lm_head."""
     config = self.config
     compute_dtype = jnp.dtype(config.compute_dtype)
     if segment_ids is None:
@@ -198,8 +214,5 @@ class Transformer(nnx.Module):
       for block in self.layers:
         x = layer(*nnx.split(block), x)
 
-    x = self.norm(x)
-    head = (self.embed_tokens[...].T if self.lm_head is None else self.lm_head[...])
-    logits = _matmul(x, head.astype(compute_dtype))
-    return constrain(logits, ("batch", "length", "act_vocab"))
+    return self.norm(x)
 

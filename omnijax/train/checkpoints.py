@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import logging
 import os
-import pathlib
 import re
 import time
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
+from etils import epath
+
+from omnijax.files import resolve
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +42,7 @@ def _root_cause(error: BaseException) -> BaseException:
   return error
 
 
-def check_writable(directory: pathlib.Path) -> None:
+def check_writable(directory: epath.Path) -> None:
   """Creates `directory` and proves a file can be written in it, before any step is spent."""
   try:
     directory.mkdir(parents=True, exist_ok=True)
@@ -52,15 +55,17 @@ def check_writable(directory: pathlib.Path) -> None:
 
 
 class Checkpoints:
-  def __init__(self, directory: str | os.PathLike, keep: int | None, create: bool = True):
-    """`keep` None keeps every checkpoint; `create=False` is for reading another run's."""
-    self.directory = pathlib.Path(directory).resolve()
-    if create and ocp.multihost.is_primary_host(0):
+  def __init__(self, directory: str | os.PathLike, keep: int | None, read_only: bool = False):
+    """`keep` None keeps every checkpoint; `read_only` reads a run's checkpoints without
+    creating or renaming anything (e.g. for generation)."""
+    self.directory = resolve(directory)  # local or gs://
+    self.read_only = read_only
+    if not read_only and ocp.multihost.is_primary_host(0):
       check_writable(self.directory)
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True,
-                                             create=create),
+                                             create=not read_only),
         item_names=("state", "data", "meta"))
 
   def steps(self) -> list[int]:
@@ -99,7 +104,8 @@ class Checkpoints:
     return self._manager.restore(step, args=ocp.args.Composite(
         meta=ocp.args.JsonRestore()))["meta"]
 
-  def restore(self, step: int, target_for_meta) -> tuple[int, Any, dict, dict]:
+  def restore(self, step: int, target_for_meta,
+              params_only: bool = False) -> tuple[int, Any, dict, dict]:
     """(step, state, data_state, meta) of checkpoint `step`; see `restore_latest`."""
     if step not in self.steps():
       raise CheckpointRestoreError(f"no checkpoint at step {step} in {self.directory} (it has "
@@ -111,23 +117,32 @@ class Checkpoints:
                                    f"{type(e).__name__}: {str(e)[:200]}") from None
     target = target_for_meta(meta)  # its errors (config vs checkpoint) propagate as they are
     try:
-      return self._restore(step, meta, target)
+      return self._restore(step, meta, target, params_only)
     except Exception as e:  # truncated files fail in tensorstore, zarr or json layers
       raise CheckpointRestoreError(f"checkpoint {self.directory}/{step} is unreadable: "
                                    f"{type(e).__name__}: {str(e)[:200]}") from None
 
-  def _restore(self, step: int, meta: dict, target) -> tuple[int, Any, dict, dict]:
+  def _restore(self, step: int, meta: dict, target,
+               params_only: bool) -> tuple[int, Any, dict | None, dict]:
+    if params_only:  # the parameters alone (e.g. for generation): no optimizer state in memory
+      target = {"params": target}
+      restored = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+          item=target, partial_restore=True,
+          restore_args=jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), target))))
+      return step, restored["state"], None, meta
     restored = self._manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
     return step, restored["state"], restored["data"], meta
 
-  def restore_latest(self, target_for_meta) -> tuple[int, Any, dict, dict] | None:
+  def restore_latest(self, target_for_meta,
+                     params_only: bool = False) -> tuple[int, Any, dict | None, dict] | None:
     """(step, state, data_state, meta) of the newest readable checkpoint, or None if none exist.
 
     `target_for_meta(meta)` returns the abstract state (ShapeDtypeStructs with the shardings to
     restore onto, possibly another mesh) for the checkpoint described by `meta`; errors it raises
     (a config that no longer matches the checkpoint) propagate: only checkpoints whose files
-    cannot be read are skipped.
+    cannot be read are skipped. With `params_only`, the target is the abstract parameters
+    and the result's state is {"params": ...} (no data state).
     """
     steps = self.steps()
     errors = []
@@ -139,7 +154,7 @@ class Checkpoints:
         continue
       target = target_for_meta(meta)
       try:
-        restored = self._restore(step, meta, target)
+        restored = self._restore(step, meta, target, params_only)
       except Exception as e:  # a truncated array fails in tensorstore, zarr or json layers
         errors.append(f"step {step}: {type(e).__name__}: {str(e)[:200]}")
         log.warning("checkpoint %s/%d is unreadable (%s); trying the previous one",
@@ -148,7 +163,8 @@ class Checkpoints:
       if errors:
         log.warning("restored checkpoint %d instead of newer unreadable ones: %s", step,
                     "; ".join(errors))
-        self._set_aside([s for s in steps if s > step])
+        if not self.read_only:
+          self._set_aside([s for s in steps if s > step])
       return restored
     if steps:
       raise CheckpointRestoreError(f"no readable checkpoint in {self.directory}: "
@@ -162,7 +178,7 @@ class Checkpoints:
     if ocp.multihost.is_primary_host(0):
       for step in unreadable:
         target = self.directory / f"{step}.unreadable.{int(time.time())}"
-        os.replace(self.directory / str(step), target)
+        (self.directory / str(step)).rename(target)
         log.warning("moved unreadable checkpoint %d to %s", step, target)
     ocp.multihost.sync_global_processes("omnijax-checkpoints-set-aside")
     self._manager.reload()

@@ -1,7 +1,7 @@
 """Command-line entry points of the training area, registered into `omnijax`'s argparse.
 
     omnijax train --config FILE [--workdir DIR] [--stage N] [--max-steps N] [key=value ...]
-    omnijax compile --config FILE [--topology NAME] [--stage N] [key=value ...]
+    omnijax compile --config FILE [--topology NAME] [--stage N] [--out REPORT.json] [key=value ...]
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ def register(subparsers) -> None:
   add_config_args(compile_)
   compile_.add_argument("--topology", default=None, help="override topology.name, e.g. v5e:2x4")
   compile_.add_argument("--stage", default=None, help="whose optimizer (default: first stage)")
+  compile_.add_argument("--out", default=None, metavar="REPORT.json",
+                        help="also write the report as JSON (exit status 3: does not fit)")
   compile_.set_defaults(func=run_compile)
 
 
@@ -48,6 +50,7 @@ def run_train(args: argparse.Namespace) -> int:
     overrides.append(f"train.log_every={args.log_every}")
   config = load_config(args.config, overrides)
   workdir = args.workdir or str(pathlib.Path("runs") / pathlib.Path(args.config).stem)
+  args.workdir = workdir  # resolved, for what runs after training (omnijax.eval.cli)
   try:
     result = train(config, workdir, only_stage=args.stage, max_steps=args.max_steps)
   except TrainingDiverged as e:
@@ -59,7 +62,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_compile(args: argparse.Namespace) -> int:
-  from omnijax.aot import compile_train_step
+  from omnijax.aot import DOES_NOT_FIT_EXIT, compile_train_step, write_report
   from omnijax.config import load_config
 
   overrides = list(args.overrides)
@@ -67,4 +70,6 @@ def run_compile(args: argparse.Namespace) -> int:
     overrides.append(f"topology.name={args.topology}")
   report, _ = compile_train_step(load_config(args.config, overrides), stage=args.stage)
   print(report.describe())
-  return 0
+  if args.out:
+    write_report(report, args.out)
+  return 0 if report.fits else DOES_NOT_FIT_EXIT

@@ -20,7 +20,7 @@ from flax import nnx
 from omnijax.config import Config, ConfigError, DataConfig, StageConfig, to_dict
 from omnijax.data import shards
 from omnijax.data.pipeline import Batches, mixture_weights
-from omnijax.files import atomic_write_text
+from omnijax.files import atomic_write_text, resolve
 from omnijax.model.build import create_model
 from omnijax.model.params_io import load_model
 from omnijax import runtime
@@ -44,13 +44,18 @@ class TrainingDiverged(RuntimeError):
 def ensure_data(config: Config) -> None:
   """Generates the toy world into data.dir when it holds no dataset and data.dir is the toy
   world's own directory (toyworld.dir, with toyworld.scenes > 0), on process 0 while the others
-  wait. Any other data.dir without a dataset is an error: a misspelt path must not quietly
-  become a new toy world that training then uses."""
+  wait (a failure there fails every process). Any other data.dir without a dataset is an error:
+  a misspelt path must not quietly become a new toy world that training then uses."""
   split_dir = pathlib.Path(config.data.dir) / config.data.split
+  runtime.primary_first(lambda: _generate_toyworld_if_missing(config, split_dir))
+  if not (split_dir / shards.MANIFEST).is_file():
+    raise ConfigError(f"data.dir={config.data.dir!r}: process {jax.process_index()} sees no "
+                      f"{shards.MANIFEST} under {split_dir}, which process 0 has; on several "
+                      "hosts data.dir must be storage every host sees")
+
+
+def _generate_toyworld_if_missing(config: Config, split_dir: pathlib.Path) -> None:
   if (split_dir / shards.MANIFEST).is_file():
-    return
-  if not runtime.is_primary():
-    runtime.barrier("omnijax-toyworld")
     return
   toyworld = config.toyworld
   if toyworld.scenes <= 0 or not toyworld.dir or \
@@ -70,7 +75,6 @@ def ensure_data(config: Config) -> None:
                       cells=toyworld.cells)
   print(f"preparing the toy world ({spec.n} scenes) in {config.data.dir} ...", flush=True)
   prepare(config.data.dir, spec)
-  runtime.barrier("omnijax-toyworld")
 
 
 def stage_data_config(config: Config, stage: StageConfig) -> DataConfig:
@@ -163,7 +167,7 @@ def train(config: Config, workdir: str | os.PathLike, *, only_stage: str | None 
   print(f"mesh {dict(mesh.shape)} over {mesh.devices.size} {jax.default_backend()} device(s)",
         flush=True)
   check_batch_fits_mesh(config, mesh)
-  workdir = pathlib.Path(workdir)
+  workdir = resolve(workdir)  # local or gs://
   lock = WorkdirLock(workdir)
   busy = None
   if runtime.is_primary():
@@ -182,7 +186,7 @@ def train(config: Config, workdir: str | os.PathLike, *, only_stage: str | None 
     lock.release()
 
 
-def _train(config: Config, workdir: pathlib.Path, mesh, stages: list, only_stage: str | None,
+def _train(config: Config, workdir, mesh, stages: list, only_stage: str | None,
            max_steps: int | None) -> dict:
   train_config = config.train
 

@@ -5,22 +5,22 @@ from __future__ import annotations
 import json
 import math
 import os
-import pathlib
 
 import numpy as np
 import tqdm
+from etils import epath
 from tensorboardX import SummaryWriter
 
 from omnijax.data.tasks import TASKS
-from omnijax.files import atomic_write_text
+from omnijax.files import atomic_write, atomic_write_text, is_remote, resolve
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss_curves.png"
 
 
 def read_metrics(workdir: str | os.PathLike) -> list[dict]:
-  path = pathlib.Path(workdir) / METRICS_FILE
-  if not path.is_file():
+  path = resolve(workdir) / METRICS_FILE
+  if not path.exists():
     return []
   return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
@@ -28,19 +28,21 @@ def read_metrics(workdir: str | os.PathLike) -> list[dict]:
 class MetricsLogger:
   """Appends one JSON object per logged step; after a resume, entries past the restored step
   (written before the crash and about to be recomputed) are dropped, so each step appears once.
-  Only the primary process writes (`enabled`)."""
+  Only the primary process writes (`enabled`). Object stores cannot append, so a remote
+  workdir's metrics.jsonl is rewritten whole at each log."""
 
   def __init__(self, workdir: str | os.PathLike, resume_step: int, total_steps: int,
                enabled: bool = True):
     self.enabled = enabled
     if not enabled:
       return
-    self.workdir = pathlib.Path(workdir)
+    self.workdir = resolve(workdir)
     self.workdir.mkdir(parents=True, exist_ok=True)
-    path = self.workdir / METRICS_FILE
-    kept = [m for m in read_metrics(self.workdir) if m["step"] <= resume_step]
-    atomic_write_text(path, "".join(json.dumps(m) + "\n" for m in kept))
-    self._file = path.open("a")
+    self._path = self.workdir / METRICS_FILE
+    self._lines = [json.dumps(m) + "\n" for m in read_metrics(self.workdir)
+                   if m["step"] <= resume_step]
+    atomic_write_text(self._path, "".join(self._lines))
+    self._file = None if is_remote(self._path) else open(self._path, "a")
     self._tensorboard = SummaryWriter(str(self.workdir / "tensorboard"))
     self._progress = tqdm.tqdm(total=total_steps, initial=resume_step, unit="step",
                                dynamic_ncols=True, disable=None)
@@ -48,8 +50,13 @@ class MetricsLogger:
   def log(self, record: dict) -> None:
     if not self.enabled:
       return
-    self._file.write(json.dumps(record) + "\n")
-    self._file.flush()
+    line = json.dumps(record) + "\n"
+    if self._file is None:
+      self._lines.append(line)
+      atomic_write_text(self._path, "".join(self._lines))
+    else:
+      self._file.write(line)
+      self._file.flush()
     step = record["step"]
     for key, value in record.items():
       if isinstance(value, (int, float)) and key != "step" and math.isfinite(value):
@@ -66,7 +73,8 @@ class MetricsLogger:
       return
     self._progress.close()
     self._tensorboard.close()
-    self._file.close()
+    if self._file is not None:
+      self._file.close()
 
 
 def step_record(step: int, stage: str, metrics: dict, tokens_per_s: float, mfu: float) -> dict:
@@ -81,7 +89,7 @@ def step_record(step: int, stage: str, metrics: dict, tokens_per_s: float, mfu: 
   return record
 
 
-def plot_loss_curves(workdir: str | os.PathLike) -> pathlib.Path | None:
+def plot_loss_curves(workdir: str | os.PathLike) -> epath.Path | None:
   """One panel per stage: total and per-task loss against the global step."""
   import matplotlib
 
@@ -106,7 +114,7 @@ def plot_loss_curves(workdir: str | os.PathLike) -> pathlib.Path | None:
     axis.set_ylabel("masked-token cross-entropy")
     axis.legend(fontsize=7)
   figure.tight_layout()
-  path = pathlib.Path(workdir) / PLOT_FILE
-  figure.savefig(path, dpi=100)
+  path = resolve(workdir) / PLOT_FILE
+  atomic_write(path, lambda tmp: figure.savefig(tmp, dpi=100, format="png"))
   plt.close(figure)
   return path

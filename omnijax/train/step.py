@@ -43,8 +43,8 @@ def make_train_step(config: Config, graphdef: nnx.GraphDef, tx: optax.GradientTr
     def loss_fn(params):
       corruption = objective.corrupt(batch, train.objective, vocab, train.seed, step, row_offset)
       model = nnx.merge(graphdef, params)
-      logits = model(corruption.inputs, batch["segment_ids"], batch["positions"])
-      sums = objective.loss_sums(logits, batch, corruption, train.objective)
+      hidden = model.hidden_states(corruption.inputs, batch["segment_ids"], batch["positions"])
+      sums = objective.loss_sums(hidden, model.output_head(), batch, corruption, train.objective)
       denominator = sums["denominator"]
       if train.grad_accum_reduction == "sum_of_means":
         # Release reproduction: each micro-batch contributes its own mean.

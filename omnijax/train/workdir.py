@@ -3,7 +3,8 @@
 `WorkdirLock` is an advisory `flock` on `<workdir>/lock`, held by process 0 of a run for as long
 as it trains: the kernel releases it when the process ends, however it ends, so a run that died
 never leaves it stuck. The other processes of a multi-host run share the workdir under process 0's
-lock; the loop makes every process of a second run refuse when its process 0 is refused.
+lock; the loop makes every process of a second run refuse when its process 0 is refused. Object
+stores (gs://) have no locks: a workdir there is not guarded (a warning says so).
 
 `check_same_run` compares a config with the one the run wrote into `<workdir>/config.yaml` when
 the workdir holds checkpoints, before anything is written: keys that change what is computed must
@@ -21,6 +22,7 @@ import socket
 import yaml
 
 from omnijax.config import Config, ConfigError, to_dict
+from omnijax.files import is_remote, resolve
 
 log = logging.getLogger(__name__)
 
@@ -42,17 +44,23 @@ class WorkdirLock:
   """`with WorkdirLock(workdir):` holds the workdir for this run or raises WorkdirBusyError."""
 
   def __init__(self, workdir: str | os.PathLike):
-    self.path = pathlib.Path(workdir) / LOCK_FILE
+    self.workdir = os.fspath(workdir)
+    self.remote = is_remote(self.workdir)
+    self.path = pathlib.Path(self.workdir) / LOCK_FILE
     self._fd: int | None = None
 
   def acquire(self) -> None:
+    if self.remote:
+      log.warning("%s is in an object store, which has no locks: make sure no other run uses it",
+                  self.workdir)
+      return
     fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
       holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
       os.close(fd)
-      raise WorkdirBusyError(f"{self.path.parent} is in use by another `omnijax train` "
+      raise WorkdirBusyError(f"{self.workdir} is in use by another `omnijax train` "
                              f"({holder}); wait for it to finish or use another --workdir") \
           from None
     except OSError as e:  # a filesystem without locks (some network mounts): run unguarded
@@ -98,7 +106,7 @@ def config_differences(run: dict, now: dict) -> list[str]:
           and not (key in RESUMABLE_CHANGES or key.startswith(RESUMABLE_CHANGES))]
 
 
-def _has_checkpoints(workdir: pathlib.Path) -> bool:
+def _has_checkpoints(workdir) -> bool:
   directory = workdir / "checkpoints"
   return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
 
@@ -110,7 +118,7 @@ def config_text(config: Config) -> str:
 def check_same_run(workdir: str | os.PathLike, config: Config) -> None:
   """Refuses `config` if `workdir`'s checkpoints were written under a config that differs in a
   key that changes what is computed (model shape or dtype, data, objective, optimizer, stages)."""
-  workdir = pathlib.Path(workdir)
+  workdir = resolve(workdir)  # local or gs://
   path = workdir / CONFIG_FILE
   if not path.is_file() or not _has_checkpoints(workdir):
     return  # nothing to resume: the config may change freely

@@ -1,12 +1,15 @@
 """`omnijax compile`: the sharded train step, Pallas attention included, compiles for real TPU
-topologies on this CPU-only machine (needs libtpu; CI installs it)."""
+topologies on this CPU-only machine (needs libtpu; CI installs it), and reports whether it fits."""
 
+import json
 import pathlib
+import subprocess
+import sys
 
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from omnijax.aot import compile_train_step
+from omnijax.aot import DOES_NOT_FIT_EXIT, GIB, compile_train_step, out_of_memory
 from omnijax.config import ConfigError, load_config
 
 TINY = pathlib.Path(__file__).parents[1] / "train" / "tiny_experiment.yaml"
@@ -33,6 +36,12 @@ def test_train_step_compiles_for_tpu(tmp_path, topology, attention):
   else:
     assert report.custom_calls == 0
   assert report.argument_bytes > 0 and report.temp_bytes > 0 and report.code_bytes > 0
+  assert report.fits and report.peak_bytes_per_chip == (
+      report.argument_bytes + report.temp_bytes + report.code_bytes)
+  assert report.hbm_bytes_per_chip in (16 * GIB, 95 * GIB)
+  assert report.peak_bytes_per_chip > report.analytic_min_bytes_per_chip > 0
+  assert report.ratio_to_analytic_min == (report.peak_bytes_per_chip /
+                                          report.analytic_min_bytes_per_chip)
   # The compiled executable takes the batch split over the batch axes and the parameters
   # sharded as the rules table says.
   (state_shardings, batch_shardings), _ = compiled.input_shardings
@@ -47,3 +56,91 @@ def test_bad_topology_names_fail_clearly():
   config = load_config(TINY, ["topology.name=v9z:1x1"])
   with pytest.raises(ConfigError, match="topology.name='v9z:1x1': libtpu cannot describe it"):
     compile_train_step(config)
+
+
+@pytest.mark.libtpu
+def test_train_step_compiles_for_two_slices_with_data_parallelism_over_dcn(tmp_path):
+  experiment = tmp_path / "experiment.yaml"
+  experiment.write_text(f"defaults: [{TINY}, topology/v5e-8.yaml]\n")
+  config = load_config(experiment, ["topology.num_slices=2", "data.global_batch_size=32",
+                                    "data.seq_len=256"])
+  report, compiled = compile_train_step(config)
+  # Each v5e-8 slice: fsdp 4 x tensor 2 over ICI; the two slices: data 2 over DCN.
+  assert report.mesh == {"data": 2, "fsdp": 4, "tensor": 2}
+  (state_shardings, batch_shardings), _ = compiled.input_shardings
+  mesh = batch_shardings["tokens"].mesh
+  for index, row in enumerate(mesh.devices):
+    assert {device.slice_index for device in row.flat} == {index}
+  # The rules table maps onto the hybrid mesh unchanged: batch over data (= slices) and fsdp,
+  # parameters FSDP within a slice and replicated across slices.
+  assert batch_shardings["tokens"].spec[0] == ("data", "fsdp")
+  q_kernel = state_shardings.params["layers"]["self_attn"]["q_proj"]["kernel"]
+  assert q_kernel.spec == P(None, "fsdp", "tensor")
+
+
+def test_dcn_axes_are_checked():
+  with pytest.raises(ConfigError, match="at most one dcn_ axis may be -1"):
+    load_config(TINY, ["mesh.dcn_fsdp=-1"])
+  with pytest.raises(ConfigError, match="mesh.dcn_tensor=0: expected a positive size"):
+    load_config(TINY, ["mesh.dcn_tensor=0"])
+  from omnijax.sharding import make_mesh
+  with pytest.raises(ConfigError, match=r"mesh dcn_.* needs 2 slices but 1 are available"):
+    make_mesh(load_config(TINY, ["mesh.dcn_data=2"]).mesh)
+
+
+REPORT_FIELDS = {"fits", "hbm_bytes_per_chip", "peak_bytes_per_chip", "argument_bytes", "temp_bytes",
+                 "analytic_min_bytes_per_chip", "ratio_to_analytic_min", "params_per_chip",
+                 "tflops_per_chip_per_step", "compile_seconds", "predicted_step_seconds"}
+
+
+def _compile_cli(tmp_path, *overrides):
+  experiment = tmp_path / "experiment.yaml"
+  experiment.write_text(f"defaults: [{TINY}, topology/v5e-8.yaml]\n")
+  out = tmp_path / "report.json"
+  result = subprocess.run([sys.executable, "-m", "omnijax.cli", "compile", "--config",
+                           str(experiment), "--out", str(out), *overrides],
+                          capture_output=True, text=True, timeout=300)
+  return result, json.loads(out.read_text())
+
+
+@pytest.mark.libtpu
+def test_compile_writes_a_machine_readable_report(tmp_path):
+  result, report = _compile_cli(tmp_path, "data.global_batch_size=8", "--stage", "3")
+  assert result.returncode == 0, result.stderr
+  assert REPORT_FIELDS <= set(report) and report["fits"] is True and report["stage"] == "stage3"
+  assert report["chips"] == 8 and report["device_kind"] == "TPU v5 lite"
+  # 8 rows x 192 tokens over 8 chips, at the analytic FLOPs per token.
+  from omnijax.config import load_config
+  from omnijax.train.flops import training_flops_per_token
+  model = load_config(TINY).model
+  assert report["tflops_per_chip_per_step"] == pytest.approx(
+      192 * training_flops_per_token(model, 192) / 1e12)
+  assert report["predicted_step_seconds"] == pytest.approx(
+      report["tflops_per_chip_per_step"] * 1e12 / 197e12)
+  assert "fits: peak" in result.stdout
+
+
+@pytest.mark.libtpu
+def test_out_of_memory_is_a_does_not_fit_verdict_with_the_numbers(tmp_path):
+  # Reference attention on 32k-token rows: the [heads, L, L] scores alone need ~100 GiB a chip.
+  result, report = _compile_cli(tmp_path, "data.global_batch_size=8", "data.seq_len=32768",
+                                "model.attention=xla")
+  assert result.returncode == DOES_NOT_FIT_EXIT
+  assert "Traceback" not in result.stderr and "DOES NOT FIT" in result.stdout
+  assert report["fits"] is False and REPORT_FIELDS <= set(report)
+  assert report["peak_bytes_per_chip"] > 16 * GIB > report["argument_bytes"] > 0
+  assert report["ratio_to_analytic_min"] > 1 and "HBM" in report["error"]
+
+
+def test_only_hbm_exhaustion_counts_as_out_of_memory():
+  total = out_of_memory(RuntimeError("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran "
+                                     "out of memory in memory space hbm. Used 20.25G of 15.75G "
+                                     "hbm. Exceeded hbm capacity by 4.50G."))
+  assert total.total_bytes == int(20.25 * GIB) and total.temp_bytes is None
+  temporaries = out_of_memory(RuntimeError(
+      "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+      "temporaries (110.40G) exceeds available HBM (15.75G)."))
+  assert temporaries.temp_bytes == int(110.40 * GIB) and temporaries.total_bytes is None
+  assert out_of_memory(RuntimeError("RESOURCE_EXHAUSTED: Ran out of memory in memory space vmem. "
+                                    "Used 256.00M of 128.00M vmem")) is None
+  assert out_of_memory(ValueError("bad block shape")) is None

@@ -148,8 +148,6 @@ def test_bad_checkpoints_fail_clearly(hf_dir, tmp_path):
   (wrong / "model.safetensors").write_bytes((path / "model.safetensors").read_bytes())
   with pytest.raises(convert.CheckpointError, match=r"mlp\.\w+_proj\.weight.*shape.*expected"):
     convert.from_hf(wrong, vocab=VOCAB)
-  with pytest.raises(convert.CheckpointError, match="matches no known token layout"):
-    convert.from_hf(path)
 
 
 def test_release_speech_encoder_tensors_are_skipped_and_destinations_must_be_empty(tmp_path,

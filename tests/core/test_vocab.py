@@ -49,7 +49,7 @@ def test_out_of_range_inputs_fail_with_the_offending_value():
     v.image_codes([5])
   with pytest.raises(ValueError, match=f"token id {v.size} at index 2"):
     v.check_ids([0, 1, v.size])
-  with pytest.raises(ValueError, match="text_size must be a positive integer"):
+  with pytest.raises(ValueError, match="text_size must be an integer >= 1"):
     Vocab.compact(0, n_image_codes=16, n_speech_codes=8)
   with pytest.raises(KeyError, match="not a special token"):
     v.special_id("<|nope|>")

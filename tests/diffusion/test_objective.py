@@ -98,12 +98,13 @@ def test_llada_shares_one_threshold_per_sample_and_weights_by_its_inverse():
 
 def test_loss_is_the_shifted_cross_entropy_over_targets():
   batch = packed_batch(rows=4, length=96)
-  config = ObjectiveConfig()
+  config = ObjectiveConfig(vocab_chunks=4)  # 177 ids: 4 chunks of 45, the last 3 columns padding
   c = objective.corrupt(batch, config, VOCAB, seed=0, step=jnp.int32(0))
-  logits = jax.random.normal(jax.random.key(0), (4, 96, VOCAB.size))
-  sums = objective.loss_sums(logits, batch, c, config)
+  hidden = jax.random.normal(jax.random.key(0), (4, 96, 16))
+  head = jax.random.normal(jax.random.key(1), (16, VOCAB.size))
+  sums = objective.loss_sums(hidden, head, batch, c, config)
   tokens, masked = np.asarray(batch["tokens"]), np.asarray(c.masked)
-  log_probs = np.asarray(jax.nn.log_softmax(logits, axis=-1))
+  log_probs = np.asarray(jax.nn.log_softmax(hidden @ head, axis=-1))
   expected = [-log_probs[b, j - 1, tokens[b, j]] for b, j in zip(*np.nonzero(masked))]
   assert sums["targets"] == len(expected) == sums["denominator"]
   np.testing.assert_allclose(sums["loss_sum"] / sums["targets"], np.mean(expected), rtol=1e-5)
@@ -116,8 +117,54 @@ def test_loss_is_the_shifted_cross_entropy_over_targets():
   assert float(sums["task_targets"][len(TASKS) - 1]) == 0
 
 
+def full_logits_loss_sum(hidden, head, batch, corruption):
+  """The loss as it was computed before chunking: all [B, L, V] fp32 logits at once."""
+  logits = (hidden @ head)[:, :-1].astype(jnp.float32)
+  log_z = jax.nn.logsumexp(logits, axis=-1)
+  target_logit = jnp.take_along_axis(logits, batch["tokens"][:, 1:, None], axis=-1)[..., 0]
+  ce = jnp.where(corruption.masked[:, 1:], log_z - target_logit, 0.0)
+  return jnp.sum(ce * corruption.weights[:, 1:])
+
+
+@pytest.mark.parametrize("kind,chunks", [("omni", 1), ("omni", 3), ("omni", 7), ("llada", 4)])
+def test_chunked_loss_and_gradients_equal_the_full_logits_ones(kind, chunks):
+  batch = packed_batch(rows=4, length=96, seed=3)
+  config = ObjectiveConfig(kind=kind, vocab_chunks=chunks)
+  c = objective.corrupt(batch, config, VOCAB, seed=2, step=jnp.int32(1))
+  hidden = jax.random.normal(jax.random.key(2), (4, 96, 24))
+  head = 0.5 * jax.random.normal(jax.random.key(3), (24, VOCAB.size))
+  chunked = lambda h, w: objective.loss_sums(h, w, batch, c, config)["loss_sum"]
+  full = lambda h, w: full_logits_loss_sum(h, w, batch, c)
+  loss, grads = jax.value_and_grad(chunked, argnums=(0, 1))(hidden, head)
+  reference_loss, reference_grads = jax.value_and_grad(full, argnums=(0, 1))(hidden, head)
+  np.testing.assert_allclose(loss, reference_loss, rtol=1e-5)
+  for grad, reference in zip(grads, reference_grads):
+    np.testing.assert_allclose(grad, reference, atol=1e-5, rtol=1e-5)
+  # Positions that are not targets (prompts, padding, the last one) get no gradient.
+  scored = np.asarray(c.masked)[:, 1:]
+  assert not np.asarray(grads[0])[:, :-1][~scored].any() and not np.asarray(grads[0])[:, -1].any()
+
+
+def test_chunked_loss_never_holds_the_full_logits():
+  rows, length, width, vocab = 2, 1024, 64, 8192
+  hidden = jax.ShapeDtypeStruct((rows, length, width), jnp.float32)
+  head = jax.ShapeDtypeStruct((width, vocab), jnp.float32)
+  targets = jax.ShapeDtypeStruct((rows, length), jnp.int32)
+
+  def temp_bytes(chunks):
+    loss = lambda h, w, t: objective.token_cross_entropy(h, w, t, chunks).sum()
+    compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(hidden, head, targets).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+  full_logits = rows * length * vocab * 4  # 64 MiB
+  assert temp_bytes(1) >= full_logits
+  assert temp_bytes(16) < full_logits / 4
+
+
 def test_objective_config_is_validated():
   from omnijax.config import ConfigError
   with pytest.raises(ConfigError, match="train.objective.kind='mdlm'"):
     ObjectiveConfig(kind="mdlm")
+  with pytest.raises(ConfigError, match="train.objective.vocab_chunks=0"):
+    ObjectiveConfig(vocab_chunks=0)
   assert dataclasses.replace(ObjectiveConfig(), pad_mask_ratio=1.0).pad_mask_ratio == 1.0

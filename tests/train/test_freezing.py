@@ -28,7 +28,7 @@ def flat(tree) -> dict:
 def restore(config, workdir, step):
   """(params, opt_state) of checkpoint `step` of the run in `workdir`."""
   layout = StateLayout.create(config, make_mesh(config.mesh))
-  checkpoints = Checkpoints(workdir / "checkpoints", keep=None, create=False)
+  checkpoints = Checkpoints(workdir / "checkpoints", keep=None, read_only=True)
   _, state, _, _ = checkpoints.restore(step, lambda meta: layout.checkpoint_target(config, meta))
   checkpoints.close()
   return flat(jax.device_get(state.params)), jax.device_get(state.opt_state)

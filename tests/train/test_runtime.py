@@ -1,5 +1,7 @@
 """omnijax.runtime: the one train-program builder and restoring a workdir onto any mesh."""
 
+import shutil
+
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -54,6 +56,18 @@ def test_restore_defaults_to_the_run_mesh_and_picks_a_step(trained):
     restore_workdir(workdir, step=7)
 
 
+def test_restore_skips_an_unreadable_checkpoint_and_changes_nothing(trained, tmp_path):
+  workdir, _ = trained
+  copy = tmp_path / "run"
+  shutil.copytree(workdir, copy)
+  for data_file in (copy / "checkpoints" / "3" / "state").rglob("d/*"):
+    data_file.write_bytes(b"")  # truncated tensors
+  before = sorted(p.name for p in (copy / "checkpoints").iterdir())
+  run = restore_workdir(copy)
+  assert run.step == 2
+  assert sorted(p.name for p in (copy / "checkpoints").iterdir()) == before  # read only
+
+
 def test_workdirs_without_a_run_fail_in_one_line(tmp_path, trained):
   with pytest.raises(WorkdirError, match="cannot read the run's config"):
     restore_workdir(tmp_path)
@@ -96,3 +110,17 @@ def test_process_group_from_the_environment(monkeypatch):
   monkeypatch.setenv("JAX_NUM_PROCESSES", "four")
   with pytest.raises(ConfigError, match="JAX_NUM_PROCESSES='four': expected an integer"):
     ProcessGroup.resolve()
+
+
+def test_the_cli_reports_bad_process_options_in_one_line():
+  import subprocess
+  import sys
+  from train_helpers import TINY_EXPERIMENT
+  result = subprocess.run(
+      [sys.executable, "-m", "omnijax.cli", "--coordinator", "localhost", "--num-processes", "2",
+       "--process-id", "0", "info", "--config", str(TINY_EXPERIMENT)],
+      capture_output=True, text=True, timeout=120)
+  assert result.returncode == 2
+  assert result.stderr.strip().splitlines()[-1] == (
+      "omnijax info: config error: --coordinator='localhost': expected HOST:PORT, e.g. 10.0.0.2:8476")
+  assert "Traceback" not in result.stderr

@@ -14,6 +14,7 @@ import tokenizers
 
 from omnijax.data import tasks
 from omnijax.data.record import Sample
+from omnijax.data.requests import request_messages
 from omnijax.data.templates import AUDIO, IMAGE, ChatTemplate, ImageLengths
 from omnijax.data.toyworld import scenes as scenes_lib
 from omnijax.data.toyworld.images import ImageCodebook
@@ -88,28 +89,22 @@ def conversations(scene: Scene, spec: ToyWorldSpec, rng: np.random.Generator) ->
   def say(text):
     return spec.speech.encode(scenes_lib.spoken_words(text), int(rng.integers(spec.speech.speakers)), rng)
 
-  def user(content):
-    return {"role": "user", "content": content}
-
-  def assistant(content):
-    return {"role": "assistant", "content": content}
+  def ask(task, text=None, answer=IMAGE):
+    return [*request_messages(task, text), {"role": "assistant", "content": answer}]
 
   description = scenes_lib.caption(scene)
   question, answer = scenes_lib.question_answer(scene, rng)
   caption_prompt = scenes_lib.CAPTION_PROMPTS[rng.integers(len(scenes_lib.CAPTION_PROMPTS))]
   image = lambda: spec.images.encode(scene, rng)  # noqa: E731 - a fresh background per use
   by_task = {
-      "t2i": ([user(f"{tasks.T2I_PROMPT}\n{description}"), assistant(IMAGE)], [image()], []),
-      "caption": ([user(f"{caption_prompt}\n{IMAGE}"), assistant(description)], [image()], []),
-      "vqa": ([user(f"{question}\n{IMAGE}"), assistant(answer)], [image()], []),
-      "asr": ([user(f"{tasks.ASR_PROMPT}\n{AUDIO}"),
-               assistant(" ".join(scenes_lib.spoken_words(description)))], [], [say(description)]),
-      "tts": ([user(f"{tasks.TTS_PROMPT}\n{description}"), assistant(AUDIO)], [],
+      "t2i": (ask("t2i", description), [image()], []),
+      "caption": (ask("caption", caption_prompt, description), [image()], []),
+      "vqa": (ask("vqa", question, answer), [image()], []),
+      "asr": (ask("asr", answer=" ".join(scenes_lib.spoken_words(description))), [],
               [say(description)]),
-      "s2i": ([{"role": "system", "content": tasks.S2I_SYSTEM}, user(AUDIO), assistant(IMAGE)],
-              [image()], [say(description)]),
-      "svqa": ([{"role": "system", "content": tasks.SVQA_SYSTEM}, user(f"{AUDIO}\n{IMAGE}"),
-                assistant(f"{answer}\n{AUDIO}")], [image()], [say(question), say(answer)]),
+      "tts": (ask("tts", description, AUDIO), [], [say(description)]),
+      "s2i": (ask("s2i"), [image()], [say(description)]),
+      "svqa": (ask("svqa", answer=f"{answer}\n{AUDIO}"), [image()], [say(question), say(answer)]),
   }
   return [(task, *by_task[task]) for task in tasks.TASKS]
 

@@ -1,0 +1,213 @@
+"""Running tasks on a model: requests -> prompts -> batched sampling -> decoded outputs.
+
+`Generator` turns task inputs (text, image codes, speech codes) or held-out samples into
+prompts templated like the training data, picks each task's canvas and decode settings from
+`omnijax.generate.settings`, decodes in batches of one canvas length (a progress bar over
+batches), and post-processes: text through the tokenizer, images padded/cut to the grid, and
+for the toy world, images parsed back to scenes and speech decoded to words.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from typing import Sequence
+
+import numpy as np
+
+from omnijax.data import shards
+from omnijax.data.record import Sample
+from omnijax.data.requests import INPUTS, request_messages, unconditional_messages
+from omnijax.data.templates import ChatTemplate
+from omnijax.diffusion.postprocess import image_grid, split_modalities, spoken_answer, trim
+from omnijax.diffusion.sampler import sample_with_stats
+from omnijax.generate import settings as settings_lib
+from omnijax.vocab import Vocab
+
+IMAGE_TASKS = ("t2i", "s2i")
+SPEECH_TASKS = ("tts", "svqa")
+# Canvases from length rules (asr, tts) round up to this: a few shapes to compile, not one per
+# input length; the model fills the spare positions with <|endoftext|>.
+CANVAS_BUCKET = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+  task: str
+  prompt: np.ndarray  # int32 prompt ids, ending with `<|im_start|>assistant\n`
+  canvas: int
+  uncond: np.ndarray | None = None  # the unconditional prompt (CFG)
+
+
+@dataclasses.dataclass
+class Output:
+  task: str
+  canvas: np.ndarray  # the decoded canvas, untrimmed
+  forward_passes: int
+  text: str = ""  # text part, special tokens dropped
+  image_codes: np.ndarray | None = None  # image tasks: exactly one grid of codes
+  speech_codes: np.ndarray | None = None  # speech tasks: the spoken codes
+  words: list[str] | None = None  # toy world: the speech decoded to words
+  scene: object | None = None  # toy world: the generated image parsed back to a scene
+
+
+class Generator:
+  """A model with its vocabulary, chat template and canvas constants (and the toy world's
+  codecs when the data is the toy world)."""
+
+  def __init__(self, model, vocab: Vocab, template: ChatTemplate,
+               lengths: settings_lib.Lengths, toy_spec=None, batch_size: int = 16):
+    self.model, self.vocab, self.template = model, vocab, template
+    self.lengths, self.toy_spec, self.batch_size = lengths, toy_spec, batch_size
+    self._tts_overhead: int | None = None
+
+  @classmethod
+  def for_data(cls, model, vocab: Vocab, split_dir: str | pathlib.Path,
+               batch_size: int = 16) -> Generator:
+    """Tokenizer, image sizes and (toy world) codecs from a shard directory's manifest."""
+    from omnijax.data.toyworld.world import ToyWorldSpec
+
+    split_dir = pathlib.Path(split_dir)
+    manifest = shards.load_manifest(split_dir)
+    shards.check_vocab(manifest, vocab, str(split_dir / shards.MANIFEST))
+    tokenizer = split_dir / manifest.get("tokenizer", "tokenizer.json")
+    if not tokenizer.is_file():
+      raise shards.ManifestError(f"{split_dir / shards.MANIFEST}: its tokenizer {tokenizer} "
+                                 "does not exist")
+    template = ChatTemplate.from_file(str(tokenizer), vocab, shards.image_lengths_of(manifest))
+    spec = ToyWorldSpec(**manifest["toyworld"]) if "toyworld" in manifest else None
+    lengths = (settings_lib.Lengths.toy_world(spec) if spec else
+               settings_lib.Lengths(image_codes=template.image_lengths.generated))
+    return cls(model, vocab, template, lengths, spec, batch_size)
+
+  # --- requests ---------------------------------------------------------------------------------
+  def _prompt(self, task: str, messages: list[dict], images=(), speeches=()) -> np.ndarray:
+    conversation = [*messages, {"role": "assistant", "content": ""}]
+    return self.template.encode(task, conversation, images, speeches).prompt
+
+  def _text_tokens(self, prompt: np.ndarray) -> int:
+    """BPE tokens of the text to speak in a tts prompt: its text ids minus the template's."""
+    if self._tts_overhead is None:
+      probe = "a"
+      ids = self._prompt("tts", request_messages("tts", probe))
+      self._tts_overhead = int(np.sum(ids < self.vocab.text_size)) - len(
+          self.template.tokenizer.encode(probe, add_special_tokens=False).ids)
+    return int(np.sum(prompt < self.vocab.text_size)) - self._tts_overhead
+
+  def _request(self, task: str, prompt: np.ndarray, canvas: int | None) -> Request:
+    if canvas is None:
+      canvas = settings_lib.canvas_length(task, self.lengths, prompt_tokens=len(prompt),
+                                          text_tokens=self._text_tokens(prompt)
+                                          if task == "tts" else 0)
+      if settings_lib.TABLE[task].canvas in ("asr", "tts"):
+        canvas = -(-canvas // CANVAS_BUCKET) * CANVAS_BUCKET
+    uncond = None
+    if settings_lib.TABLE[task].cfg > 0 or task in ("t2i", "s2i"):
+      uncond = self._prompt(task, unconditional_messages(task))
+    return Request(task, prompt, int(canvas), uncond)
+
+  def request(self, task: str, *, text: str | None = None, image_codes=None, speech_codes=None,
+              canvas: int | None = None) -> Request:
+    """A request from raw inputs; which ones each task needs: `omnijax.data.requests.INPUTS`."""
+    given = {"text": text, "image": image_codes, "speech": speech_codes}
+    missing = [name for name in INPUTS[task] if name != "text" and given[name] is None]
+    if missing:
+      raise ValueError(f"task {task} needs {missing[0]} codes")
+    extra = [name for name, value in given.items()
+             if value is not None and name not in INPUTS[task] and not (name == "text" and task == "caption")]
+    if extra:
+      raise ValueError(f"task {task} takes no {extra[0]} input (it reads: {', '.join(INPUTS[task])})")
+    images = [np.asarray(image_codes)] if image_codes is not None else []
+    speeches = [np.asarray(speech_codes)] if speech_codes is not None else []
+    prompt = self._prompt(task, request_messages(task, text), images, speeches)
+    return self._request(task, prompt, canvas)
+
+  def request_from_sample(self, sample: Sample, canvas: int | None = None) -> Request:
+    """The request of a templated sample (its prompt, as trained)."""
+    return self._request(sample.task, sample.prompt, canvas)
+
+  # --- decoding ---------------------------------------------------------------------------------
+  def decode(self, requests: Sequence[Request], *, steps: int | None = None, progress=None,
+             **overrides) -> tuple[list[Output], float]:
+    """Outputs in request order and the decode seconds (compilation excluded). Requests are
+    batched by (task, canvas); `progress` (a tqdm bar) advances once per batch."""
+    outputs: list[Output | None] = [None] * len(requests)
+    groups: dict[tuple[str, int], list[int]] = {}
+    for index, request in enumerate(requests):
+      groups.setdefault((request.task, request.canvas), []).append(index)
+    seconds = 0.0
+    for (task, canvas), indices in groups.items():
+      kwargs = settings_lib.sampler_kwargs(task, canvas, self.vocab, steps=steps, **overrides)
+      for begin in range(0, len(indices), self.batch_size):
+        batch = [requests[i] for i in indices[begin:begin + self.batch_size]]
+        uncond = [r.uncond for r in batch] if kwargs["cfg"] > 0 else None
+        result = sample_with_stats(self.model, self.vocab, [r.prompt for r in batch],
+                                   uncond_prompts=uncond, **kwargs)
+        seconds += result.seconds
+        for index, row, passes in zip(indices[begin:begin + self.batch_size], result.canvases,
+                                      result.forward_passes):
+          outputs[index] = self.postprocess(task, row, int(passes))
+        if progress is not None:
+          progress.update(1)
+    return outputs, seconds
+
+  def batches(self, requests: Sequence[Request]) -> int:
+    """How many batches `decode` runs (for a progress bar's total)."""
+    counts: dict[tuple[str, int], int] = {}
+    for request in requests:
+      counts[request.task, request.canvas] = counts.get((request.task, request.canvas), 0) + 1
+    return sum(-(-n // self.batch_size) for n in counts.values())
+
+  def postprocess(self, task: str, canvas: np.ndarray, forward_passes: int) -> Output:
+    out = Output(task, canvas, forward_passes)
+    if task == "svqa":
+      text_ids, speech_ids = spoken_answer(canvas, self.vocab)
+      parts = split_modalities(text_ids, self.vocab)
+      out.speech_codes = split_modalities(speech_ids, self.vocab).speech
+    else:
+      parts = split_modalities(trim(canvas, self.vocab), self.vocab)
+      if task in SPEECH_TASKS:
+        out.speech_codes = parts.speech
+    out.text = self.template.tokenizer.decode(parts.text.tolist()).strip()
+    if task in IMAGE_TASKS:
+      out.image_codes = image_grid(parts.image, self.lengths.image_codes,
+                                   self.vocab.n_image_codes)
+    if self.toy_spec is not None:
+      if out.speech_codes is not None:
+        out.words = self.toy_spec.speech.decode(out.speech_codes)
+      if out.image_codes is not None:
+        out.scene = self.toy_spec.images.decode(out.image_codes)
+    return out
+
+
+def read_samples(split_dir: str | pathlib.Path, task: str, limit: int | None = None) -> list[Sample]:
+  """The first `limit` samples of `task` in a shard directory, in file order."""
+  from array_record.python.array_record_module import ArrayRecordReader
+
+  from omnijax.data import record
+
+  manifest = shards.load_manifest(split_dir)
+  samples: list[Sample] = []
+  for path in shards.shard_paths(split_dir, manifest, task):
+    reader = ArrayRecordReader(path)
+    try:
+      count = reader.num_records()
+      wanted = count if limit is None else min(count, limit - len(samples))
+      samples += [record.decode(payload) for payload in reader.read(list(range(wanted)))]
+    finally:
+      reader.close()
+    if limit is not None and len(samples) >= limit:
+      break
+  return samples
+
+
+def open_run(workdir: str | pathlib.Path, *, data_dir: str | None = None,
+             split: str | None = None, batch_size: int = 16):
+  """(the restored run, a Generator on its model) for a training workdir; the tokenizer and
+  codecs come from `data_dir` (default: the run's data.dir) / `split` (default: data.split)."""
+  from omnijax.runtime import restore_workdir
+
+  run = restore_workdir(workdir)
+  split_dir = pathlib.Path(data_dir or run.config.data.dir) / (split or run.config.data.split)
+  vocab = run.config.model.vocab.build()
+  return run, Generator.for_data(run.model, vocab, split_dir, batch_size), split_dir

@@ -1,0 +1,96 @@
+"""Per-task decode settings: one table following the release's (reference §4.8).
+
+Canvas lengths follow the release's rules; the constants behind them (codes per image, speech
+codes per text token, ...) belong to the codecs, so they live in `Lengths`: the release's values
+by default, the toy world's derived from its spec. Every value can be overridden per call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from omnijax.data.tasks import TASKS
+
+# Released tasks decode greedily with top_p 0.9 and (probably) top_k 50 (reference §4.3): with
+# greedy decoding they only shape the confidence.
+TOP_P, TOP_K = 0.9, 50
+
+
+@dataclasses.dataclass(frozen=True)
+class Lengths:
+  """The constants the canvas rules need; defaults are the release's."""
+
+  image_codes: int = 256  # generated image: 16 x 16 MAGVIT-v2 codes
+  caption: int = 64  # the VQA demo's canvas (captions are long answers)
+  vqa: int = 8  # MME evaluation: short answers
+  svqa: int = 128
+  asr_per_prompt_token: float = 0.2  # evaluate_asr.py: int(0.2 x prompt length)
+  tts_per_text_token: float = 3.5  # evaluate_libritts.py: int(3.5 x text BPE tokens)
+
+  @classmethod
+  def toy_world(cls, spec) -> Lengths:
+    """The toy world speaks 1-3 frames per unit and 2-3 units per word (up to 9 codes a word,
+    where GLM-4-Voice spends about 3.5 per BPE token); its texts and answers are short."""
+    return cls(image_codes=spec.images.codes_per_image, caption=32, vqa=8, svqa=32,
+               asr_per_prompt_token=0.3, tts_per_text_token=8.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSettings:
+  canvas: str  # the canvas rule: image | caption | vqa | svqa | asr | tts
+  steps: str  # canvas (one token per step, the release's default) | half (N // 2)
+  alg: str
+  repeat_penalty: float = 1.0
+  position_penalty: float = 1.0
+  cfg: float = 0.0
+  boa_at: float | None = None  # prefill <|begin_of_audio|> at floor(boa_at x canvas)
+
+
+# The release's `entropy-penalty` is alg `entropy` with its repetition penalty.
+TABLE: dict[str, TaskSettings] = {
+    "t2i": TaskSettings("image", "canvas", "entropy", repeat_penalty=1.2, position_penalty=2.0),
+    "s2i": TaskSettings("image", "canvas", "entropy", repeat_penalty=1.5, position_penalty=2.0,
+                        cfg=2.0),
+    "svqa": TaskSettings("svqa", "canvas", "entropy", repeat_penalty=1.2, boa_at=0.2),
+    "vqa": TaskSettings("vqa", "canvas", "entropy"),
+    "caption": TaskSettings("caption", "canvas", "entropy"),
+    "tts": TaskSettings("tts", "half", "entropy", repeat_penalty=1.2),
+    "asr": TaskSettings("asr", "half", "entropy"),
+}
+assert set(TABLE) == set(TASKS), sorted(set(TASKS) ^ set(TABLE))
+
+
+def canvas_length(task: str, lengths: Lengths, *, prompt_tokens: int, text_tokens: int) -> int:
+  """The canvas for one input: `prompt_tokens` is the whole prompt's length, `text_tokens` the
+  BPE tokens of the text to speak (tts)."""
+  rule = TABLE[task].canvas
+  if rule == "image":
+    return lengths.image_codes + 4  # <|begin_of_image|> codes <|end_of_image|> <|im_end|> \n
+  if rule == "asr":
+    return max(8, int(lengths.asr_per_prompt_token * prompt_tokens))
+  if rule == "tts":
+    return max(8, int(lengths.tts_per_text_token * text_tokens))
+  return getattr(lengths, rule)
+
+
+def default_steps(task: str, canvas: int) -> int:
+  return canvas if TABLE[task].steps == "canvas" else max(1, canvas // 2)
+
+
+def sampler_kwargs(task: str, canvas: int, vocab, *, steps: int | None = None,
+                   **overrides) -> dict:
+  """Keyword arguments of `omnijax.diffusion.sample` for `task` (uncond prompts excluded);
+  `overrides` whose value is None keep the table's value."""
+  settings = TABLE[task]
+  kwargs = dict(canvas=canvas, steps=steps or default_steps(task, canvas), alg=settings.alg,
+                top_p=TOP_P, top_k=TOP_K, repeat_penalty=settings.repeat_penalty,
+                position_penalty=settings.position_penalty, cfg=settings.cfg)
+  if settings.boa_at is not None:
+    kwargs["prefill"] = {math.floor(settings.boa_at * canvas): vocab.begin_audio_id}
+  unknown = set(overrides) - set(kwargs) - {"temperature", "block_size", "threshold", "seed",
+                                            "prefill"}
+  if unknown:
+    raise ValueError(f"unknown decode setting {sorted(unknown)[0]!r}")
+  kwargs.update({key: value for key, value in overrides.items() if value is not None})
+  return kwargs

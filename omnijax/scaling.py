@@ -1,0 +1,241 @@
+"""`omnijax scaling`: how a config's train step fits and scales over one TPU generation's slices.
+
+For every shipped topology of the generation (tpu_configs/topology/<generation>-*.yaml) with a
+chip count in `--chips`, and every sharding strategy in `--strategies`, the train step is
+compiled ahead of time (omnijax.aot) at the same global batch, with gradient accumulation
+chosen so that each micro-batch puts `--rows-per-chip` rows on every batch shard. The sweep
+writes scaling.csv, scaling.json (with the smallest slice that fits per strategy) and
+scaling.png (per-chip peak memory and predicted step time against chips).
+
+Strategies (the mesh of each point):
+  fsdp         all chips on the FSDP axis
+  fsdp_tensor  FSDP x `--tensor` tensor parallelism
+  data_fsdp    `--data` data-parallel replicas x FSDP within each
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import pathlib
+import re
+import sys
+
+from omnijax.config import (CONFIG_ROOT, Config, ConfigError, add_config_args, apply_overrides,
+                            from_dict, load_yaml_tree)
+
+STRATEGIES = ("fsdp", "fsdp_tensor", "data_fsdp")
+GENERATIONS = ("v4", "v5e", "v5p", "v6e")
+COLUMNS = ("generation", "topology", "chips", "strategy", "mesh", "grad_accum_steps", "fits",
+           "peak_bytes_per_chip", "hbm_bytes_per_chip", "analytic_min_bytes_per_chip",
+           "ratio_to_analytic_min", "tflops_per_chip_per_step", "predicted_step_seconds",
+           "compile_seconds", "note")
+
+
+def shipped_topologies(generation: str) -> dict[int, pathlib.Path]:
+  """Chip count -> topology YAML, for one generation's shipped slices."""
+  if generation not in GENERATIONS:
+    raise ConfigError(f"--generation {generation!r}: expected one of {', '.join(GENERATIONS)}")
+  found = {}
+  for path in sorted((CONFIG_ROOT / "topology").glob(f"{generation}-*.yaml")):
+    topology = load_yaml_tree(path)["topology"]
+    dims = re.fullmatch(r"[a-z0-9]+:([0-9x]+)", topology["name"]).group(1)
+    chips = math.prod(int(d) for d in dims.split("x")) * topology.get("num_slices", 1)
+    found[chips] = path
+  return found
+
+
+def strategy_mesh(strategy: str, tensor: int, data: int) -> dict[str, int]:
+  if strategy == "fsdp":
+    return {"data": 1, "fsdp": -1, "tensor": 1}
+  if strategy == "fsdp_tensor":
+    return {"data": 1, "fsdp": -1, "tensor": tensor}
+  if strategy == "data_fsdp":
+    return {"data": data, "fsdp": -1, "tensor": 1}
+  raise ConfigError(f"--strategies: unknown strategy {strategy!r} (known: {', '.join(STRATEGIES)})")
+
+
+def point_config(tree: dict, topology_file: pathlib.Path, chips: int, mesh: dict[str, int],
+                 rows_per_chip: int) -> Config | str:
+  """The config of one sweep point, or why the point cannot run at this global batch."""
+  tree = dict(tree, topology=load_yaml_tree(topology_file)["topology"], mesh=mesh)
+  global_batch = tree.get("data", {}).get("global_batch_size", Config().data.global_batch_size)
+  known = math.prod(size for size in mesh.values() if size != -1)
+  if chips % known:
+    return f"{chips} chips do not split into mesh {mesh}"
+  batch_shards = chips // mesh["tensor"]
+  micro_batch = batch_shards * rows_per_chip
+  if global_batch % micro_batch:
+    return (f"global batch {global_batch} does not split into micro-batches of {micro_batch} rows "
+            f"({rows_per_chip} per batch shard)")
+  tree["train"] = dict(tree.get("train", {}), grad_accum_steps=global_batch // micro_batch)
+  return from_dict(Config, tree)
+
+
+def smallest_fits(rows: list[dict]) -> dict[str, dict]:
+  """Strategy -> the row of the fewest chips that fit."""
+  best = {}
+  for row in rows:
+    if row["fits"] and (row["strategy"] not in best or row["chips"] < best[row["strategy"]]["chips"]):
+      best[row["strategy"]] = row
+  return best
+
+
+def sweep(config_path: str, overrides: list[str], generation: str, chips: list[int],
+          strategies: list[str], stage: str | None, tensor: int, data: int,
+          rows_per_chip: int) -> list[dict]:
+  from tqdm import tqdm
+
+  from omnijax.aot import compile_train_step
+
+  tree = apply_overrides(load_yaml_tree(config_path), overrides)
+  topologies = shipped_topologies(generation)
+  missing = sorted(set(chips) - set(topologies))
+  if missing:
+    raise ConfigError(f"--chips {missing[0]}: no shipped {generation} topology with that many "
+                      f"chips (shipped: {sorted(topologies)})")
+  meshes = {strategy: strategy_mesh(strategy, tensor, data) for strategy in strategies}
+  points = [(count, strategy) for count in sorted(chips) for strategy in strategies]
+  rows = []
+  progress = tqdm(points, desc=f"scaling {generation}", unit="compile", file=sys.stderr)
+  for count, strategy in progress:
+    progress.set_postfix_str(f"{count} chips, {strategy}")
+    row = {"generation": generation, "topology": topologies[count].stem, "chips": count,
+           "strategy": strategy}
+    try:
+      config = point_config(tree, topologies[count], count, meshes[strategy], rows_per_chip)
+    except ConfigError as e:
+      raise ConfigError(f"{config_path}: {e}") from None
+    if isinstance(config, str):
+      rows.append(dict(row, fits=False, note=config))
+      continue
+    report, _ = compile_train_step(config, stage)
+    # The row's topology stays the slice's name (v5e-8), not libtpu's (v5e:2x4).
+    compiled = {key: value for key, value in report.to_json().items() if key in COLUMNS}
+    rows.append(dict(compiled, **row, grad_accum_steps=config.train.grad_accum_steps,
+                     note=report.error or ""))
+  return rows
+
+
+def to_csv(rows: list[dict]) -> str:
+  out = io.StringIO()
+  writer = csv.DictWriter(out, fieldnames=COLUMNS, extrasaction="ignore")
+  writer.writeheader()
+  for row in rows:
+    writer.writerow({key: json.dumps(row[key]) if isinstance(row.get(key), dict) else row.get(key)
+                     for key in COLUMNS})
+  return out.getvalue()
+
+
+def plot(rows: list[dict], path: pathlib.Path, title: str) -> None:
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  from omnijax.files import atomic_write
+
+  gib = 2 ** 30
+  best = smallest_fits(rows)
+  figure, (memory_axes, time_axes) = plt.subplots(1, 2, figsize=(11, 4.2))
+  for strategy in dict.fromkeys(row["strategy"] for row in rows):
+    compiled = [row for row in rows if row["strategy"] == strategy and row.get("peak_bytes_per_chip")]
+    if not compiled:
+      continue
+    chips = [row["chips"] for row in compiled]
+    line, = memory_axes.plot(chips, [row["peak_bytes_per_chip"] / gib for row in compiled],
+                             marker="o", label=strategy)
+    # Hollow markers: does not fit.
+    memory_axes.scatter([row["chips"] for row in compiled if not row["fits"]],
+                        [row["peak_bytes_per_chip"] / gib for row in compiled if not row["fits"]],
+                        s=80, facecolors="white", edgecolors=line.get_color(), zorder=3)
+    timed = [row for row in compiled if row.get("predicted_step_seconds")]
+    time_axes.plot([row["chips"] for row in timed],
+                   [row["predicted_step_seconds"] for row in timed], marker="o",
+                   color=line.get_color(), label=strategy)
+    if strategy in best:
+      memory_axes.scatter([best[strategy]["chips"]], [best[strategy]["peak_bytes_per_chip"] / gib],
+                          marker="*", s=260, color=line.get_color(), zorder=4)
+  hbm = {row["hbm_bytes_per_chip"] for row in rows if row.get("hbm_bytes_per_chip")}
+  for capacity in hbm:
+    memory_axes.axhline(capacity / gib, color="black", linestyle="--", linewidth=1,
+                        label=f"HBM {capacity / gib:.0f} GiB")
+  for axes, label in ((memory_axes, "peak memory per chip (GiB)"),
+                      (time_axes, "predicted step time (s, analytic FLOPs / peak)")):
+    axes.set_xscale("log", base=2)
+    axes.set_xlabel("chips")
+    axes.set_ylabel(label)
+    axes.grid(True, alpha=0.3)
+    axes.legend(fontsize=8)
+  memory_axes.set_title("star: smallest slice that fits; hollow: does not fit", fontsize=9)
+  figure.suptitle(title, fontsize=10)
+  figure.tight_layout()
+  atomic_write(path, lambda tmp: figure.savefig(tmp, dpi=110, format="png"))
+  plt.close(figure)
+
+
+def write_outputs(rows: list[dict], out: pathlib.Path, title: str) -> None:
+  from omnijax.files import atomic_write_text
+
+  out.mkdir(parents=True, exist_ok=True)
+  best = smallest_fits(rows)
+  atomic_write_text(out / "scaling.csv", to_csv(rows))
+  atomic_write_text(out / "scaling.json", json.dumps(
+      {"title": title, "points": rows,
+       "smallest_fit": {strategy: {"topology": row["topology"], "chips": row["chips"]}
+                        for strategy, row in best.items()}}, indent=2) + "\n")
+  plot(rows, out / "scaling.png", title)
+
+
+def _run(args) -> int:
+  from omnijax.aot import DOES_NOT_FIT_EXIT
+
+  def int_list(text: str, flag: str) -> list[int]:
+    try:
+      return [int(x) for x in text.split(",")]
+    except ValueError:
+      raise ConfigError(f"{flag} {text!r}: expected comma-separated integers") from None
+
+  strategies = args.strategies.split(",")
+  for strategy in strategies:
+    strategy_mesh(strategy, args.tensor, args.data)  # rejects unknown names before compiling
+  overrides = list(args.overrides)
+  if args.global_batch is not None:
+    overrides.append(f"data.global_batch_size={args.global_batch}")
+  rows = sweep(args.config, overrides, args.generation, int_list(args.chips, "--chips"),
+               strategies, args.stage, args.tensor, args.data, args.rows_per_chip)
+  title = (f"{pathlib.Path(args.config).stem} on {args.generation}"
+           + (f", stage {args.stage}" if args.stage else ""))
+  write_outputs(rows, pathlib.Path(args.out), title)
+  best = smallest_fits(rows)
+  for strategy in strategies:
+    row = best.get(strategy)
+    print(f"{strategy}: " + (f"smallest slice that fits: {row['topology']} ({row['chips']} chips, "
+                             f"{row['peak_bytes_per_chip'] / 2**30:.2f} GiB per chip)"
+                             if row else "fits on none of the swept slices"))
+  print(f"wrote {args.out}/scaling.csv, scaling.json, scaling.png")
+  return 0 if best else DOES_NOT_FIT_EXIT
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+  parser = commands.add_parser(
+      "scaling", help="compile the train step over a TPU generation's slices and strategies; "
+                      "table + plot of per-chip memory and predicted step time (needs libtpu)")
+  add_config_args(parser)
+  parser.add_argument("--generation", required=True, choices=GENERATIONS)
+  parser.add_argument("--chips", default="8,16,32,64,128,256",
+                      help="comma-separated chip counts (shipped topologies)")
+  parser.add_argument("--strategies", default=",".join(STRATEGIES),
+                      help=f"comma-separated, from {', '.join(STRATEGIES)}")
+  parser.add_argument("--stage", default=None, help="whose optimizer (default: first stage)")
+  parser.add_argument("--global-batch", type=int, default=None,
+                      help="global batch of every point (default: the config's)")
+  parser.add_argument("--rows-per-chip", type=int, default=1,
+                      help="rows per batch shard in each micro-batch (sets grad accumulation)")
+  parser.add_argument("--tensor", type=int, default=4, help="tensor axis of fsdp_tensor")
+  parser.add_argument("--data", type=int, default=2, help="data axis of data_fsdp")
+  parser.add_argument("--out", required=True, help="directory for scaling.csv/.json/.png")
+  parser.set_defaults(func=_run)

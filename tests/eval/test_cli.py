@@ -1,0 +1,118 @@
+"""`omnijax generate` and `omnijax eval` on a tiny trained model, and the main job's eval step.
+
+The fixture trains the tiny experiment through the `omnijax train` command with
+`eval.after_training` on, so the main job's path (train, then eval.json and its pictures) runs
+once and leaves the workdir the other tests read.
+"""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from omnijax.data.tasks import TASKS
+from omnijax.data.toyworld.prepare import prepare
+from omnijax.data.toyworld.world import ToyWorldSpec
+from omnijax.generate.run import read_samples
+
+TINY_EXPERIMENT = pathlib.Path(__file__).parents[1] / "train" / "tiny_experiment.yaml"
+PNG_MAGIC = b"\x89PNG"
+
+
+def omnijax(*args):
+  return subprocess.run([sys.executable, "-m", "omnijax.cli", *map(str, args)],
+                        capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  root = tmp_path_factory.mktemp("trained")
+  prepare(root / "data", ToyWorldSpec(n=20, seed=0, grid=8))
+  workdir = root / "run"
+  done = omnijax("train", "--config", TINY_EXPERIMENT, "--workdir", workdir,
+                 f"data.dir={root / 'data'}", "train.stages.stage1.steps=2",
+                 "train.stages.stage2.steps=2", "train.stages.stage3.steps=2",
+                 "eval.after_training=true", "eval.samples=2", "eval.steps=[2]")
+  assert done.returncode == 0, done.stdout + done.stderr
+  return workdir, root / "data"
+
+
+def test_the_main_job_writes_eval_json_and_pictures(trained):
+  workdir, _ = trained
+  results = json.loads((workdir / "eval.json").read_text())
+  assert results["meta"]["step"] == 6 and results["meta"]["limit"] == 2
+  assert set(results) - {"meta"} == set(TASKS)
+  for task in TASKS:
+    assert set(results[task]) == {"2", "default"}
+    assert results[task]["2"]["forward_passes"] <= 2
+    assert results[task]["2"]["samples"] == 2
+    assert results[task]["2"]["quality"] <= 1.0
+  for picture in ("eval.png", "eval_samples.png"):
+    assert (workdir / picture).read_bytes()[:4] == PNG_MAGIC
+
+
+def test_generate_t2i_tts_and_a_batch_from_jsonl(trained, tmp_path):
+  workdir, data = trained
+  done = omnijax("generate", "--checkpoint", workdir, "--task", "t2i", "--text",
+                 "there is a red circle at the top left", "--steps", 3, "--out", tmp_path / "t2i")
+  assert done.returncode == 0, done.stderr
+  record = json.loads((tmp_path / "t2i" / "results.jsonl").read_text())
+  assert len(record["image_codes"]) == 64 and record["forward_passes"] <= 3
+  assert pathlib.Path(record["png"]).read_bytes()[:4] == PNG_MAGIC
+  assert "scene" in record
+
+  done = omnijax("generate", "--checkpoint", workdir, "--task", "tts", "--text",
+                 "there is a blue square", "--out", tmp_path / "tts")
+  assert done.returncode == 0, done.stderr
+  record = json.loads((tmp_path / "tts" / "results.jsonl").read_text())
+  assert isinstance(record["transcript"], str) and "speech_codes" in record
+
+  speech = [s.prompt for s in read_samples(data / "heldout", "asr", 2)]
+  vocab_offset = json.loads((data / "heldout" / "manifest.json").read_text())["vocab"]
+  codes = [(p[(p >= vocab_offset["speech_offset"]) & (p < vocab_offset["image_offset"])]
+            - vocab_offset["speech_offset"]).tolist() for p in speech]
+  requests = tmp_path / "asr.jsonl"
+  requests.write_text("\n".join(json.dumps({"speech_codes": c}) for c in codes) + "\n")
+  done = omnijax("generate", "--checkpoint", workdir, "--task", "asr", "--input", requests,
+                 "--out", tmp_path / "asr", "--steps", 2, "--threshold", 0.5)
+  assert done.returncode == 0, done.stderr
+  lines = (tmp_path / "asr" / "results.jsonl").read_text().splitlines()
+  assert [json.loads(line)["index"] for line in lines] == [0, 1]
+  assert "batch" in done.stderr  # the progress bar
+
+
+def test_bad_requests_get_one_clear_line(trained, tmp_path):
+  workdir, _ = trained
+  requests = tmp_path / "bad.jsonl"
+  requests.write_text('{"text": "a"}\n{"txt": "b"}\n')
+  for args, message in [
+      (("--task", "t2i", "--input", requests), f"{requests}:2: unknown key 'txt'"),
+      (("--task", "asr"), "task asr needs speech codes"),
+      (("--task", "vqa", "--text", "what?", "--image-codes", "1,2,x"), "--image-codes '1,2,x'"),
+  ]:
+    done = omnijax("generate", "--checkpoint", workdir, *args, "--out", tmp_path / "o")
+    assert done.returncode == 2, done.stderr
+    assert message in done.stderr and "Traceback" not in done.stderr, done.stderr
+  done = omnijax("eval", "--checkpoint", workdir, "--tasks", "t2i,dance", "--out",
+                 tmp_path / "e.json")
+  assert done.returncode == 2 and "unknown task 'dance'" in done.stderr
+  done = omnijax("eval", "--checkpoint", tmp_path / "nothing", "--out", tmp_path / "e.json")
+  assert done.returncode == 2 and "Traceback" not in done.stderr
+
+
+def test_eval_command_json_is_keyed_by_task_and_steps(trained, tmp_path):
+  workdir, _ = trained
+  out = tmp_path / "eval.json"
+  done = omnijax("eval", "--checkpoint", workdir, "--split", "heldout", "--tasks", "t2i,vqa",
+                 "--steps", "1,3", "--limit", 2, "--out", out)
+  assert done.returncode == 0, done.stderr
+  results = json.loads(out.read_text())
+  assert set(results) == {"meta", "t2i", "vqa"}
+  assert results["t2i"]["1"]["forward_passes"] == 1 and results["t2i"]["3"]["forward_passes"] == 3
+  assert results["t2i"]["default"]["forward_passes"] == 68  # one token per step (§4.8)
+  assert {"exact_scene", "object_accuracy", "seconds_per_sample"} <= set(results["t2i"]["1"])
+  assert "| t2i |" in done.stdout
+  assert (tmp_path / "eval.png").read_bytes()[:4] == PNG_MAGIC

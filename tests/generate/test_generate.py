@@ -1,0 +1,114 @@
+"""Decode settings, requests templated like the training data, post-processing, and the
+`omnijax generate` command on a tiny trained model."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from omnijax.data.requests import request_messages
+from omnijax.data.toyworld import scenes as scenes_lib
+from omnijax.data.toyworld.world import ToyWorldSpec, build
+from omnijax.data.templates import ChatTemplate
+from omnijax.generate import settings
+from omnijax.generate.run import Generator
+
+SPEC = ToyWorldSpec(n=20, seed=0, grid=8)
+
+
+@pytest.fixture(scope="module")
+def world():
+  return build(SPEC)
+
+
+@pytest.fixture(scope="module")
+def generator(world):
+  template = ChatTemplate(world.tokenizer, SPEC.vocab, SPEC.image_lengths)
+  return Generator(None, SPEC.vocab, template, settings.Lengths.toy_world(SPEC), SPEC)
+
+
+def test_table_follows_the_release():
+  vocab = SPEC.vocab
+  release = settings.Lengths()
+  assert settings.canvas_length("t2i", release, prompt_tokens=30, text_tokens=0) == 260
+  assert settings.default_steps("t2i", 260) == 260  # one token per step
+  assert settings.canvas_length("asr", release, prompt_tokens=500, text_tokens=0) == 100
+  assert settings.default_steps("asr", 100) == 50
+  assert settings.canvas_length("tts", release, prompt_tokens=30, text_tokens=20) == 70
+  assert settings.canvas_length("svqa", release, prompt_tokens=30, text_tokens=0) == 128
+  kwargs = settings.sampler_kwargs("svqa", 128, vocab)
+  assert kwargs["prefill"] == {25: vocab.begin_audio_id}  # floor(0.2 x 128)
+  assert (kwargs["alg"], kwargs["repeat_penalty"], kwargs["top_p"]) == ("entropy", 1.2, 0.9)
+  kwargs = settings.sampler_kwargs("s2i", 260, vocab, steps=16, threshold=0.9, cfg=None)
+  assert (kwargs["cfg"], kwargs["position_penalty"], kwargs["repeat_penalty"]) == (2.0, 2.0, 1.5)
+  assert (kwargs["steps"], kwargs["threshold"]) == (16, 0.9)
+  with pytest.raises(ValueError, match="unknown decode setting 'temprature'"):
+    settings.sampler_kwargs("t2i", 68, vocab, temprature=1.0)
+  # The toy world's image is 8 x 8 codes.
+  assert settings.canvas_length("t2i", settings.Lengths.toy_world(SPEC), prompt_tokens=1,
+                                text_tokens=0) == 68
+
+
+def media(prompt, vocab):
+  """(image codes, speech codes) runs in a prompt, in order."""
+  speech = (prompt >= vocab.speech_offset) & (prompt < vocab.image_offset)
+  image = prompt >= vocab.image_offset
+  return (vocab.image_codes(prompt[image]) if image.any() else None,
+          vocab.speech_codes(prompt[speech]) if speech.any() else None)
+
+
+def test_requests_are_templated_like_the_training_data(world, generator):
+  vocab = SPEC.vocab
+  checked = set()
+  for number, sample in enumerate(world.samples["train"]):
+    scene = world.scenes["train"][number // 7]
+    image, speech = media(sample.prompt, vocab)
+    if sample.task in ("t2i", "tts"):
+      request = generator.request(sample.task, text=scenes_lib.caption(scene))
+    elif sample.task in ("asr", "s2i"):
+      request = generator.request(sample.task, speech_codes=speech)
+    elif sample.task == "svqa":
+      # The question is spoken, then the image: both come out of the prompt in that order.
+      request = generator.request("svqa", speech_codes=speech, image_codes=image)
+    else:
+      continue
+    np.testing.assert_array_equal(request.prompt, sample.prompt)
+    checked.add(sample.task)
+  assert checked == {"t2i", "tts", "asr", "s2i", "svqa"}
+  with pytest.raises(ValueError, match="task vqa needs a text input"):
+    generator.request("vqa", image_codes=np.zeros(64, np.int32))
+  with pytest.raises(ValueError, match="task asr needs speech codes"):
+    generator.request("asr")
+  with pytest.raises(ValueError, match="task t2i takes no image input"):
+    generator.request("t2i", text="a", image_codes=np.zeros(64, np.int32))
+
+
+def test_canvases_fit_every_held_out_response(world, generator):
+  for sample in world.samples["heldout"] + world.samples["train"]:
+    request = generator.request_from_sample(sample)
+    assert request.canvas >= len(sample.response), (sample.task, request.canvas)
+
+
+def test_postprocessing_recovers_the_ground_truth(world, generator):
+  for number, sample in enumerate(world.samples["heldout"]):
+    scene = world.scenes["heldout"][number // 7]
+    out = generator.postprocess(sample.task, sample.response, 0)
+    if sample.task in ("t2i", "s2i"):
+      assert out.scene == scene and out.image_codes.shape == (64,)
+    elif sample.task in ("caption", "asr"):
+      assert out.text == scenes_lib.caption(scene)
+    elif sample.task == "tts":
+      assert out.words == scenes_lib.spoken_words(scenes_lib.caption(scene))
+    elif sample.task == "svqa":
+      # The spoken answer repeats the text answer.
+      assert out.text and out.words == scenes_lib.spoken_words(out.text)
+    else:
+      assert out.text
+
+
+def test_request_messages_are_the_release_templates():
+  assert request_messages("s2i")[0] == {"role": "system",
+                                        "content": "Please generate an image based on the input audio."}
+  assert request_messages("caption")[0]["content"] == "Describe the image.\n<|image|>"

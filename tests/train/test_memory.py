@@ -1,0 +1,43 @@
+"""The analytic minimum of per-chip memory, checked against a hand count."""
+
+import dataclasses
+import pathlib
+
+import jax
+
+from omnijax.config import MeshConfig, load_config
+from omnijax.sharding import make_mesh
+from omnijax.train.memory import analytic_minimum, kept_per_token
+
+TINY = pathlib.Path(__file__).parent / "tiny_experiment.yaml"
+
+
+def test_state_is_divided_over_shards_and_frozen_parameters_carry_no_optimizer_state():
+  # tiny: d 64, 4 heads x 16, 2 kv heads, mlp 128, 2 layers, 1152 embedding rows (padded), untied.
+  config = load_config(TINY, ["train.grad_accum_steps=2",
+                              "train.stages.stage2.trainable=[layers/mlp/.*]"])
+  mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2), jax.devices()[:8])
+  full, partial = analytic_minimum(config, mesh, "stage1"), analytic_minimum(config, mesh, "stage2")
+  d, f, v, layers = 64, 128, 1152, 2
+  # Matrices are split over fsdp x tensor (4); biases over tensor (2); norms are replicated.
+  matrices = v * d * 2 + layers * (d * 64 + 2 * d * 32 + 64 * d + 3 * d * f)
+  biases, norms = layers * (64 + 2 * 32), layers * 2 * d + d
+  per_chip = matrices / 4 + biases / 2 + norms
+  assert full.params_per_chip == per_chip == config.model.param_count() - 3 * (matrices / 4) - (
+      biases / 2)
+  assert full.state_bytes == 16 * per_chip
+  mlp = layers * 3 * d * f / 4
+  assert partial.state_bytes == 4 * per_chip + 12 * mlp
+  # Full remat keeps each layer's input: 8 rows / 2 micro-batches / 4 batch shards = 1 row per chip.
+  assert config.model.remat == "none" and config.model.compute_dtype == "float32"
+  assert full.activation_bytes == layers * 1 * 192 * kept_per_token(config.model, 2) * 4
+  remat_full = load_config(TINY, ["train.grad_accum_steps=2", "model.remat=full"])
+  assert analytic_minimum(remat_full, mesh, "stage1").activation_bytes == layers * 192 * d * 4
+  assert full.total_bytes == full.state_bytes + full.activation_bytes
+
+
+def test_policies_keep_more_the_less_they_recompute():
+  model = load_config(TINY).model
+  kept = [kept_per_token(dataclasses.replace(model, remat=policy), 1)
+          for policy in ("full", "save_attention_out", "save_dots_except_mlp", "save_dots", "none")]
+  assert kept == sorted(kept) and len(set(kept)) == 5
