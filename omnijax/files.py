@@ -40,10 +40,19 @@ def atomic_write(target: str | os.PathLike, write: Callable[[str], None]) -> Non
   os.close(fd)
   try:
     write(tmp)
+    # mkstemp's 0o600 would become the target's mode: keep the replaced file's mode, or give a
+    # new file the mode a plain open() would (0o666 less the umask).
+    os.chmod(tmp, target.stat().st_mode & 0o7777 if target.exists() else 0o666 & ~_umask())
     os.replace(tmp, target)
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)
+
+
+def _umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
 
 
 def atomic_write_text(target: str | os.PathLike, text: str) -> None:

@@ -33,7 +33,7 @@ def _spec_json(spec) -> list:
 
 
 def sharding_record(config: Config) -> dict:
-  """{"topology", "mesh", "params": {path: {"shape", "spec", "per_chip_shape"}}}."""
+  """{"topology", "num_slices", "mesh", "params": {path: {"shape", "spec", "per_chip_shape"}}}."""
   import jax
   from flax import nnx
 
@@ -52,13 +52,14 @@ def sharding_record(config: Config) -> dict:
     shape = tuple(variable.get_value().shape)
     params[path_str(path)] = {"shape": list(shape), "spec": _spec_json(sharding.spec),
                               "per_chip_shape": list(sharding.shard_shape(shape))}
-  return {"topology": config.topology.name, "mesh": dict(mesh.shape), "params": params}
+  return {"topology": config.topology.name, "num_slices": config.topology.num_slices,
+          "mesh": dict(mesh.shape), "params": params}
 
 
 def differences(expected: dict, actual: dict, limit: int = 5) -> list[str]:
   """Human-readable differences between two records (at most `limit`)."""
   found = []
-  for key in ("topology", "mesh"):
+  for key in ("topology", "num_slices", "mesh"):
     if expected.get(key) != actual.get(key):
       found.append(f"{key}: golden {expected.get(key)}, now {actual.get(key)}")
   old, new = expected.get("params", {}), actual.get("params", {})
@@ -77,6 +78,7 @@ def differences(expected: dict, actual: dict, limit: int = 5) -> list[str]:
 def to_json(record: dict) -> str:
   """One line per parameter, so that a golden's git diff names exactly what moved."""
   lines = [f'{{"topology": {json.dumps(record["topology"])}, '
+           f'"num_slices": {record["num_slices"]}, '
            f'"mesh": {json.dumps(record["mesh"])}, "params": {{']
   rows = [f"  {json.dumps(path)}: {json.dumps(entry)}"
           for path, entry in sorted(record["params"].items())]

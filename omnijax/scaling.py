@@ -11,6 +11,8 @@ Strategies (the mesh of each point):
   fsdp         all chips on the FSDP axis
   fsdp_tensor  FSDP x `--tensor` tensor parallelism
   data_fsdp    `--data` data-parallel replicas x FSDP within each
+  multislice   two slices of half the chips each, data parallel over the data-center network
+               between them (mesh.dcn_data = 2), FSDP within each slice
 """
 
 from __future__ import annotations
@@ -27,7 +29,9 @@ import sys
 from omnijax.config import (CONFIG_ROOT, Config, ConfigError, add_config_args, apply_overrides,
                             from_dict, load_yaml_tree)
 
-STRATEGIES = ("fsdp", "fsdp_tensor", "data_fsdp")
+STRATEGIES = ("fsdp", "fsdp_tensor", "data_fsdp", "multislice")
+# Slices of a multislice point.
+SLICES = 2
 GENERATIONS = ("v4", "v5e", "v5p", "v6e")
 COLUMNS = ("generation", "topology", "chips", "strategy", "mesh", "grad_accum_steps", "fits",
            "peak_bytes_per_chip", "hbm_bytes_per_chip", "analytic_min_bytes_per_chip",
@@ -36,15 +40,16 @@ COLUMNS = ("generation", "topology", "chips", "strategy", "mesh", "grad_accum_st
 
 
 def shipped_topologies(generation: str) -> dict[int, pathlib.Path]:
-  """Chip count -> topology YAML, for one generation's shipped slices."""
+  """Chip count -> topology YAML, for one generation's shipped single slices."""
   if generation not in GENERATIONS:
     raise ConfigError(f"--generation {generation!r}: expected one of {', '.join(GENERATIONS)}")
   found = {}
   for path in sorted((CONFIG_ROOT / "topology").glob(f"{generation}-*.yaml")):
     topology = load_yaml_tree(path)["topology"]
+    if topology.get("num_slices", 1) > 1:
+      continue
     dims = re.fullmatch(r"[a-z0-9]+:([0-9x]+)", topology["name"]).group(1)
-    chips = math.prod(int(d) for d in dims.split("x")) * topology.get("num_slices", 1)
-    found[chips] = path
+    found[math.prod(int(d) for d in dims.split("x"))] = path
   return found
 
 
@@ -55,15 +60,22 @@ def strategy_mesh(strategy: str, tensor: int, data: int) -> dict[str, int]:
     return {"data": 1, "fsdp": -1, "tensor": tensor}
   if strategy == "data_fsdp":
     return {"data": data, "fsdp": -1, "tensor": 1}
+  if strategy == "multislice":
+    return {"data": 1, "fsdp": -1, "tensor": 1, "dcn_data": SLICES}
   raise ConfigError(f"--strategies: unknown strategy {strategy!r} (known: {', '.join(STRATEGIES)})")
 
 
 def point_config(tree: dict, topology_file: pathlib.Path, chips: int, mesh: dict[str, int],
                  rows_per_chip: int) -> Config | str:
-  """The config of one sweep point, or why the point cannot run at this global batch."""
-  tree = dict(tree, topology=load_yaml_tree(topology_file)["topology"], mesh=mesh)
+  """The config of one sweep point, or why the point cannot run at this global batch.
+
+  `topology_file` is one slice; a mesh with `dcn_data` takes that many of them.
+  """
+  slices = mesh.get("dcn_data", 1)
+  topology = dict(load_yaml_tree(topology_file)["topology"], num_slices=slices)
+  tree = dict(tree, topology=topology, mesh=mesh)
   global_batch = tree.get("data", {}).get("global_batch_size", Config().data.global_batch_size)
-  known = math.prod(size for size in mesh.values() if size != -1)
+  known = math.prod(size for size in mesh.values() if size != -1)  # dcn_data included
   if chips % known:
     return f"{chips} chips do not split into mesh {mesh}"
   batch_shards = chips // mesh["tensor"]
@@ -93,20 +105,25 @@ def sweep(config_path: str, overrides: list[str], generation: str, chips: list[i
 
   tree = apply_overrides(load_yaml_tree(config_path), overrides)
   topologies = shipped_topologies(generation)
-  missing = sorted(set(chips) - set(topologies))
-  if missing:
-    raise ConfigError(f"--chips {missing[0]}: no shipped {generation} topology with that many "
-                      f"chips (shipped: {sorted(topologies)})")
   meshes = {strategy: strategy_mesh(strategy, tensor, data) for strategy in strategies}
+  # A point's slice: all its chips, or 1 / dcn_data of them on several slices.
   points = [(count, strategy) for count in sorted(chips) for strategy in strategies]
+  slice_chips = {(count, strategy): count // meshes[strategy].get("dcn_data", 1)
+                 for count, strategy in points}
+  for (count, strategy), per_slice in slice_chips.items():
+    if per_slice not in topologies:
+      raise ConfigError(f"--chips {count}: no shipped {generation} slice of {per_slice} chips for "
+                        f"strategy {strategy} (shipped: {sorted(topologies)})")
   rows = []
   progress = tqdm(points, desc=f"scaling {generation}", unit="compile", file=sys.stderr)
   for count, strategy in progress:
     progress.set_postfix_str(f"{count} chips, {strategy}")
-    row = {"generation": generation, "topology": topologies[count].stem, "chips": count,
-           "strategy": strategy}
+    topology_file = topologies[slice_chips[count, strategy]]
+    slices = meshes[strategy].get("dcn_data", 1)
+    row = {"generation": generation, "chips": count, "strategy": strategy,
+           "topology": topology_file.stem + (f"x{slices}" if slices > 1 else "")}
     try:
-      config = point_config(tree, topologies[count], count, meshes[strategy], rows_per_chip)
+      config = point_config(tree, topology_file, count, meshes[strategy], rows_per_chip)
     except ConfigError as e:
       raise ConfigError(f"{config_path}: {e}") from None
     if isinstance(config, str):

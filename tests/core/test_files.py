@@ -97,3 +97,17 @@ def test_a_run_config_is_read_from_a_gs_workdir(bucket):
   with pytest.raises(WorkdirError, match="gs://bucket/other/config.yaml: cannot read"):
     read_run_config("gs://bucket/other")
   assert isinstance(files.resolve("gs://bucket/run"), epath.Path)
+
+
+def test_atomic_writes_get_the_mode_of_a_plain_write_or_of_the_file_they_replace(tmp_path):
+  mask = os.umask(0o022)
+  try:
+    files.atomic_write_text(tmp_path / "new.json", "{}")
+    assert (tmp_path / "new.json").stat().st_mode & 0o777 == 0o644
+    kept = tmp_path / "kept.json"
+    kept.write_text("old")
+    kept.chmod(0o640)
+    files.atomic_write_text(kept, "new")
+    assert kept.read_text() == "new" and kept.stat().st_mode & 0o777 == 0o640
+  finally:
+    os.umask(mask)

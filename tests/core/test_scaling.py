@@ -18,6 +18,8 @@ def test_shipped_topologies_cover_every_generation_from_8_chips_up():
     chips = sorted(scaling.shipped_topologies(generation))
     assert {8, 16, 32, 64, 128} <= set(chips), (generation, chips)
   assert scaling.shipped_topologies("v5p")[4].name == "v5p-8.yaml"  # v5p-N counts TensorCores
+  # Multi-slice topologies are not single slices of twice the chips.
+  assert scaling.shipped_topologies("v5p")[128].name == "v5p-256.yaml"
 
 
 def test_points_that_cannot_split_the_global_batch_say_why():
@@ -28,6 +30,12 @@ def test_points_that_cannot_split_the_global_batch_say_why():
   config = scaling.point_config(dict(tree, data={"global_batch_size": 32}), topology, 8,
                                 scaling.strategy_mesh("fsdp_tensor", 4, 2), 2)
   assert config.train.grad_accum_steps == 8 and config.mesh.tensor == 4  # 2 shards x 2 rows
+  # Multislice: two slices of the given topology, data parallel between them.
+  half = scaling.shipped_topologies("v5e")[8]
+  config = scaling.point_config(dict(tree, data={"global_batch_size": 32}), half, 16,
+                                scaling.strategy_mesh("multislice", 4, 2), 1)
+  assert config.topology.name == "v5e:2x4" and config.topology.num_slices == 2
+  assert config.mesh.dcn_data == 2 and config.train.grad_accum_steps == 2  # 16 shards x 1 row
 
 
 @pytest.mark.libtpu
@@ -59,3 +67,18 @@ def test_sweep_writes_table_json_and_plot_and_marks_the_smallest_fit(tmp_path):
   assert time[(16, "fsdp_tensor")] == pytest.approx(time[(8, "fsdp_tensor")] / 2)
   assert (out / "scaling.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   assert "fsdp: smallest slice that fits: v5e-8 (8 chips" in result.stdout
+
+
+def test_bad_sweep_arguments_fail_with_one_line_before_compiling(capsys):
+  from omnijax.cli import main
+  base = ["scaling", "--config", str(TINY), "--generation", "v5e", "--out", "unused"]
+  assert main(base + ["--chips", "12"]) == 2
+  assert ("--chips 12: no shipped v5e slice of 12 chips for strategy fsdp"
+          in capsys.readouterr().err)
+  assert main(base + ["--chips", "8", "--strategies", "multislice"]) == 2  # two slices of 4
+  assert ("--chips 8: no shipped v5e slice of 4 chips for strategy multislice"
+          in capsys.readouterr().err)
+  assert main(base + ["--strategies", "fsdp,pipeline"]) == 2
+  assert "unknown strategy 'pipeline'" in capsys.readouterr().err
+  assert main(base + ["--chips", "8,x"]) == 2
+  assert "--chips '8,x': expected comma-separated integers" in capsys.readouterr().err
