@@ -61,7 +61,7 @@ def _generate_toyworld_if_missing(config: Config, split_dir: pathlib.Path) -> No
   if toyworld.scenes <= 0 or not toyworld.dir or \
       os.path.normpath(toyworld.dir) != os.path.normpath(config.data.dir):
     raise ConfigError(
-        f"data.dir={config.data.dir!r} holds no dataset (no {split_dir / shards.MANIFEST}): "
+        f"data.dir={config.data.dir!r} holds no dataset (no {shards.MANIFEST} in {split_dir}): "
         f"make one with `omnijax prepare toyworld --out {config.data.dir}` or `omnijax prepare "
         f"jsonl FILE... --out {config.data.dir}`, or let train generate the toy world there "
         f"with toyworld.dir={config.data.dir} toyworld.scenes=N")
