@@ -240,8 +240,9 @@ def test_training_starts_from_init_from_weights(toy_data, tmp_path):
   train(tiny_config(toy_data, "train.seed=5"), tmp_path / "seeded", max_steps=1)
   train(tiny_config(toy_data, f"train.init_from={tmp_path / 'weights'}", "train.seed=5"),
         tmp_path / "loaded", max_steps=1)
-  # The same weights, not merely similar ones (other weights change the loss in the first digits); the two
-  # runs compile and place their parameters separately, which moves fp32 sums in the 7th digit.
+  # The same weights, not merely similar ones (other weights change the loss in its first
+  # digits); the two runs compile and place their parameters separately, which moves fp32 sums
+  # in the 7th digit.
   assert losses(tmp_path / "loaded") == pytest.approx(losses(tmp_path / "seeded"), rel=1e-6)
   with pytest.raises(ConfigError, match="train.init_from=.*do not match model"):
     train(tiny_config(toy_data, f"train.init_from={tmp_path / 'weights'}",
