@@ -38,7 +38,8 @@ def main() -> None:
 
   data_dir = args.data_dir or tempfile.mkdtemp(prefix="toyworld-")
   config = load_config(CONFIG_ROOT / "experiments" / "toy.yaml",
-                       [f"data.dir={data_dir}", "toyworld.scenes=300", *args.overrides])
+                       [f"data.dir={data_dir}", f"toyworld.dir={data_dir}", "toyworld.scenes=300",
+                        *args.overrides])
   ensure_data(config)
   batches = Batches(config.data, config.model.vocab.build())
   batch = next(batches)

@@ -125,8 +125,9 @@ class _DropClosedLoopTracebacks(io.TextIOBase):
 
 def _quiet_background_failures() -> None:
   """A failed background checkpoint save is reported once, in one line, by the main thread."""
-  # Orbax logs the failure with its traceback before raising it in the main thread.
-  logging.getLogger("absl").setLevel(logging.CRITICAL)
+  # Orbax logs the failure with its traceback before raising it in the main thread; its
+  # warnings still show.
+  logging.getLogger("absl").addFilter(lambda record: record.levelno < logging.ERROR)
   sys.stderr = _DropClosedLoopTracebacks(sys.stderr)
 
 
@@ -155,6 +156,11 @@ def main(argv: list[str] | None = None) -> int:
                        num_processes=args.num_processes, process_id=args.process_id,
                        distributed=getattr(args, "distributed", False))
     status = args.func(args)
+  except KeyboardInterrupt:
+    if args.debug:
+      raise
+    print(f"omnijax {args.command}: interrupted", file=sys.stderr)
+    status = 130
   except Exception as e:
     if args.debug:
       raise

@@ -240,6 +240,9 @@ class DataConfig:
 class ToyWorldConfig:
   """How `omnijax train` generates the toy world when `data.dir` holds no shards yet."""
 
+  # The only directory train generates it into, and only while data.dir names it (a data.dir
+  # given on the command line elsewhere must hold a dataset); empty: never generate.
+  dir: str = ""
   scenes: int = 0  # 0: never generate (missing shards are an error)
   seed: int = 0
   grid: int = 16

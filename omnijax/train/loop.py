@@ -15,7 +15,6 @@ import signal
 import time
 
 import jax
-import yaml
 from flax import nnx
 
 from omnijax.config import Config, ConfigError, DataConfig, StageConfig, to_dict
@@ -32,6 +31,8 @@ from omnijax.train.metrics import MetricsLogger, plot_loss_curves, step_record
 from omnijax.train.optimizer import stage_boundaries
 from omnijax.train.state import StateLayout
 from omnijax.train.step import check_batch_fits_mesh
+from omnijax.train.workdir import (CONFIG_FILE, WorkdirBusyError, WorkdirLock, check_same_run,
+                                   config_text)
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +42,10 @@ class TrainingDiverged(RuntimeError):
 
 
 def ensure_data(config: Config) -> None:
-  """Generates the toy world into data.dir when it is missing and config.toyworld asks for it
-  (on process 0 while the others wait; a failure there fails every process)."""
+  """Generates the toy world into data.dir when it holds no dataset and data.dir is the toy
+  world's own directory (toyworld.dir, with toyworld.scenes > 0), on process 0 while the others
+  wait (a failure there fails every process). Any other data.dir without a dataset is an error:
+  a misspelt path must not quietly become a new toy world that training then uses."""
   split_dir = pathlib.Path(config.data.dir) / config.data.split
   runtime.primary_first(lambda: _generate_toyworld_if_missing(config, split_dir))
   if not (split_dir / shards.MANIFEST).is_file():
@@ -54,17 +57,22 @@ def ensure_data(config: Config) -> None:
 def _generate_toyworld_if_missing(config: Config, split_dir: pathlib.Path) -> None:
   if (split_dir / shards.MANIFEST).is_file():
     return
-  if config.toyworld.scenes <= 0:
-    raise ConfigError(f"data.dir={config.data.dir!r}: no {shards.MANIFEST} under {split_dir}; "
-                      "run `omnijax prepare` or set toyworld.scenes to generate the toy world")
+  toyworld = config.toyworld
+  if toyworld.scenes <= 0 or not toyworld.dir or \
+      os.path.normpath(toyworld.dir) != os.path.normpath(config.data.dir):
+    raise ConfigError(
+        f"data.dir={config.data.dir!r} holds no dataset (no {shards.MANIFEST} in {split_dir}): "
+        f"make one with `omnijax prepare toyworld --out {config.data.dir}` or `omnijax prepare "
+        f"jsonl FILE... --out {config.data.dir}`, or let train generate the toy world there "
+        f"with toyworld.dir={config.data.dir} toyworld.scenes=N")
   from omnijax.data.toyworld.prepare import prepare
   from omnijax.data.toyworld.world import ToyWorldSpec
 
   vocab = config.model.vocab
-  spec = ToyWorldSpec(n=config.toyworld.scenes, seed=config.toyworld.seed,
+  spec = ToyWorldSpec(n=toyworld.scenes, seed=toyworld.seed,
                       text_size=vocab.text_size, n_image_codes=vocab.n_image_codes,
-                      n_speech_codes=vocab.n_speech_codes, grid=config.toyworld.grid,
-                      cells=config.toyworld.cells)
+                      n_speech_codes=vocab.n_speech_codes, grid=toyworld.grid,
+                      cells=toyworld.cells)
   print(f"preparing the toy world ({spec.n} scenes) in {config.data.dir} ...", flush=True)
   prepare(config.data.dir, spec)
 
@@ -143,21 +151,46 @@ class _StopRequest:
 
 def train(config: Config, workdir: str | os.PathLike, *, only_stage: str | None = None,
           max_steps: int | None = None) -> dict:
-  """Trains; returns {'step', 'stopped', 'last': last logged record}."""
-  workdir = resolve(workdir)  # local or gs://
-  workdir.mkdir(parents=True, exist_ok=True)
-  train_config = config.train
+  """Trains; returns {'step', 'stopped', 'last': last logged record}.
 
-  ###################### Mesh, stages, data on disk ######################
+  Mistakes in the arguments are refused before the workdir is created; a workdir another run
+  holds, or whose checkpoints another config wrote, before anything in it changes.
+  """
+  if max_steps is not None and max_steps < 1:
+    raise ConfigError(f"--max-steps {max_steps}: expected the global step to stop after (>= 1)")
+  stages = stage_boundaries(config.train)
+  if not stages:
+    raise ConfigError("train.stages is empty: configure at least one stage")
+  if only_stage is not None:
+    only_stage = config.train.resolve_stage(only_stage)
   mesh = make_mesh(config.mesh)
   print(f"mesh {dict(mesh.shape)} over {mesh.devices.size} {jax.default_backend()} device(s)",
         flush=True)
   check_batch_fits_mesh(config, mesh)
-  stages = stage_boundaries(train_config)
-  if not stages:
-    raise ConfigError("train.stages is empty: configure at least one stage")
-  if only_stage is not None:
-    only_stage = train_config.resolve_stage(only_stage)
+  workdir = resolve(workdir)  # local or gs://
+  lock = WorkdirLock(workdir)
+  busy = None
+  if runtime.is_primary():
+    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+      lock.acquire()
+    except WorkdirBusyError as e:
+      busy = e
+  # The processes of one run share the workdir under process 0's lock, and refuse together.
+  if runtime.any_process(busy is not None):
+    raise busy or WorkdirBusyError(f"{workdir} is in use by another `omnijax train`")
+  try:
+    check_same_run(workdir, config)
+    return _train(config, workdir, mesh, stages, only_stage, max_steps)
+  finally:
+    lock.release()
+
+
+def _train(config: Config, workdir, mesh, stages: list, only_stage: str | None,
+           max_steps: int | None) -> dict:
+  train_config = config.train
+
+  ###################### Data on disk ######################
   ensure_data(config)
   vocab = config.model.vocab.build()
   split_dir = pathlib.Path(config.data.dir) / config.data.split
@@ -169,8 +202,6 @@ def train(config: Config, workdir: str | os.PathLike, *, only_stage: str | None 
     mixture_weights(stage_data_config(config, stage), manifest,
                     f"{split_dir} (train.stages.{name}.mixture)")
   total_steps = stages[-1][2] if max_steps is None else min(max_steps, stages[-1][2])
-  if runtime.is_primary():
-    atomic_write_text(workdir / "config.yaml", yaml.safe_dump(to_dict(config), sort_keys=False))
 
   ###################### Model (abstract), shardings, checkpoints ######################
   layout = StateLayout.create(config, mesh)
@@ -181,6 +212,12 @@ def train(config: Config, workdir: str | os.PathLike, *, only_stage: str | None 
   else:
     step, state, data_state, meta = restored
     print(f"resumed from {checkpoints.directory}/{step} (stage {meta['stage']})", flush=True)
+    # The data iterator must resume exactly too: checked now, before config.yaml is replaced.
+    _this_process_state(data_state, stage_data_config(config, train_config.stages[meta["stage"]]),
+                        step)
+  # Written once the checkpoints are known to belong to this config: it describes them.
+  if runtime.is_primary():
+    atomic_write_text(workdir / CONFIG_FILE, config_text(config))
 
   peak_flops, peak_source = flops_lib.peak_flops_per_device(train_config.peak_flops_per_device)
   flops_per_token = flops_lib.training_flops_per_token(config.model, config.data.seq_len)

@@ -17,17 +17,28 @@ TINY_EXPERIMENT = REPO / "tests" / "train" / "tiny_experiment.yaml"
 DEVICES = "--xla_force_host_platform_device_count=2"
 
 
-def omnijax(*args, timeout=120, env=None, cwd=None, preexec_fn=None,
+# Runs `python -m omnijax.cli ARGV` with writes past a file size failing (EFBIG), as writes to
+# a full disk fail (ENOSPC): the limit and an ignored SIGXFSZ survive exec.
+_WITH_FILE_SIZE_LIMIT = (
+    "import os, resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+    "limit = int(sys.argv[1]); resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)); "
+    "os.execv(sys.executable, [sys.executable, '-m', 'omnijax.cli', *sys.argv[2:]])")
+
+
+def omnijax(*args, timeout=120, env=None, cwd=None, file_size_limit=None,
             wait=True) -> subprocess.CompletedProcess | subprocess.Popen:
   """Runs `python -m omnijax.cli ARGS` as a user would; `timeout` turns a hang into a failure."""
   environment = {**os.environ, "PYTHONPATH": os.pathsep.join(
       [str(REPO), os.environ.get("PYTHONPATH", "")]), "XLA_FLAGS": DEVICES, **(env or {})}
   command = [sys.executable, "-m", "omnijax.cli", *map(str, args)]
+  if file_size_limit is not None:
+    command = [sys.executable, "-c", _WITH_FILE_SIZE_LIMIT, str(file_size_limit),
+               *map(str, args)]
   if not wait:
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=environment, cwd=cwd, preexec_fn=preexec_fn)
+                            env=environment, cwd=cwd)
   return subprocess.run(command, capture_output=True, text=True, timeout=timeout,
-                        env=environment, cwd=cwd, preexec_fn=preexec_fn)
+                        env=environment, cwd=cwd)
 
 
 def train_args(workdir, data_dir, *extra):
@@ -46,8 +57,9 @@ def assert_refused(result, status: int, pattern: str) -> str:
   return lines[0]
 
 
-def snapshot(root) -> dict[str, str]:
-  """Relative path -> content hash ('dir' for directories) of everything under `root`."""
+def snapshot(root, ignore=("lock",)) -> dict[str, str]:
+  """Relative path -> content hash ('dir' for directories) of everything under `root`, except
+  the `ignore`d names (a workdir's lock file records who last held it)."""
   root = pathlib.Path(root)
   if not root.exists():
     return {}
@@ -55,7 +67,7 @@ def snapshot(root) -> dict[str, str]:
     return {".": hashlib.sha256(root.read_bytes()).hexdigest()}
   return {str(path.relative_to(root)): "dir" if path.is_dir()
           else hashlib.sha256(path.read_bytes()).hexdigest()
-          for path in sorted(root.rglob("*"))}
+          for path in sorted(root.rglob("*")) if path.name not in ignore}
 
 
 def copy_tree(source, target) -> pathlib.Path:

@@ -2,13 +2,11 @@
 divergence. Each run is the tiny experiment for at most a few steps."""
 
 import json
-import resource
-import signal
 import time
 
 import pytest
 
-from fault_helpers import (assert_refused, copy_tree, make_read_only, omnijax, snapshot,
+from fault_helpers import (REPO, assert_refused, copy_tree, make_read_only, omnijax, snapshot,
                            train_args, undo_read_only)
 
 
@@ -82,14 +80,6 @@ def test_checkpoints_path_that_is_a_file_fails_before_training(toy_data, tmp_pat
   assert not (workdir / "metrics.jsonl").exists()
 
 
-def _disk_full_at(limit_bytes):
-  """Writes past `limit_bytes` fail with EFBIG, as a full disk fails them with ENOSPC."""
-  def limit():
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # fail the write, do not kill the process
-    resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
-  return limit
-
-
 def test_disk_full_during_a_checkpoint_save_exits_promptly_in_one_line(trained_workdir, toy_data,
                                                                       tmp_path):
   workdir = copy_tree(trained_workdir, tmp_path / "run")
@@ -97,7 +87,7 @@ def test_disk_full_during_a_checkpoint_save_exits_promptly_in_one_line(trained_w
   start = time.monotonic()
   # Resumes from step 4 and fails saving step 6: the tensors are larger than 50 kB.
   result = omnijax(*train_args(workdir, toy_data, "--max-steps", "6"), timeout=120,
-                   preexec_fn=_disk_full_at(50_000),
+                   file_size_limit=50_000,
                    env={"JAX_ENABLE_COMPILATION_CACHE": "false"})  # the cache would fill up too
   assert_refused(result, 1, r"^omnijax train: saving a checkpoint failed: .*checkpoints/6\..*: "
                             r"File too large; the checkpoints already in .* were kept$")
@@ -136,3 +126,56 @@ def test_divergence_exits_3_without_saving_the_diverged_state(toy_data, tmp_path
   assert_refused(result, 3, r"^omnijax train: training diverged at step 2 \(stage stage1\): "
                             r"loss nan.*the last good checkpoint in .* was kept")
   assert not list((tmp_path / "checkpoints").iterdir())
+
+
+@pytest.mark.parametrize("fault,overrides,message", [
+    ("changed model", ["model.num_layers=3"], r"model\.num_layers: 2 in the run, 3 now"),
+    ("changed dtype", ["model.param_dtype=bfloat16"],
+     r"model\.param_dtype: float32 in the run, bfloat16 now"),
+    ("changed stage", ["train.stages.stage2.peak_lr=1.0"],
+     r"train\.stages\.stage2\.peak_lr: 0\.003 in the run, 1\.0 now"),
+])
+def test_resuming_with_another_config_is_refused_before_anything_is_written(
+    trained_workdir, toy_data, tmp_path, fault, overrides, message):
+  workdir = copy_tree(trained_workdir, tmp_path / "run")
+  before = snapshot(workdir)
+  result = omnijax(*train_args(workdir, toy_data, *overrides))
+  assert_refused(result, 2, r"^omnijax train: config error: .* holds checkpoints of a run with "
+                            rf"another config \({message}\); resume with the run's config")
+  assert snapshot(workdir) == before  # config.yaml still describes the checkpoints
+
+
+@pytest.mark.parametrize("max_steps", ["-5", "0"])
+def test_max_steps_below_one_is_refused_before_the_workdir_exists(toy_data, tmp_path, max_steps):
+  result = omnijax(*train_args(tmp_path / "run", toy_data, "--max-steps", max_steps))
+  assert_refused(result, 2, rf"--max-steps {max_steps}: expected the global step to stop after")
+  assert not (tmp_path / "run").exists()
+
+
+def test_a_misspelt_data_dir_is_an_error_not_a_new_toy_world(tmp_path):
+  # The toy experiment generates its world, but only into its own data directory.
+  typo = tmp_path / "data" / "toywrold"
+  result = omnijax("train", "--config", REPO / "tpu_configs" / "experiments" / "toy.yaml",
+                   "--workdir", tmp_path / "run", f"data.dir={typo}")
+  assert_refused(result, 2, rf"data\.dir='{typo}' holds no dataset .*omnijax prepare toyworld "
+                            rf"--out {typo}")
+  assert not typo.exists()
+
+
+def test_a_second_run_in_a_held_workdir_is_refused_and_a_dead_run_does_not_hold_it(
+    trained_workdir, toy_data, tmp_path):
+  workdir = copy_tree(trained_workdir, tmp_path / "run")
+  first = omnijax(*train_args(workdir, toy_data, "--max-steps", "12"), wait=False)
+  try:
+    for line in first.stdout:  # the lock is held from before the first stage starts
+      if line.startswith("stage "):
+        break
+    second = omnijax(*train_args(workdir, toy_data))
+    assert_refused(second, 1, rf"{workdir} is in use by another `omnijax train` "
+                              rf"\(pid {first.pid} on .*\); wait for it to finish")
+  finally:
+    first.kill()
+    first.communicate()
+  third = omnijax(*train_args(workdir, toy_data, "--max-steps", "4"))
+  assert third.returncode == 0, third.stderr
+  assert "resumed from" in third.stdout

@@ -27,13 +27,9 @@ def flat(tree) -> dict:
 
 def restore(config, workdir, step):
   """(params, opt_state) of checkpoint `step` of the run in `workdir`."""
-  mesh = make_mesh(config.mesh)
-  layout = StateLayout.create(config, mesh)
-  checkpoints = Checkpoints(workdir / "checkpoints", keep=3)
-  assert checkpoints.steps()[-1] == step
-  _, state, _, _ = checkpoints.restore_latest(
-      lambda meta: layout.abstract_state(layout.optimizer(
-          config, config.train.stages[meta["stage"]])))
+  layout = StateLayout.create(config, make_mesh(config.mesh))
+  checkpoints = Checkpoints(workdir / "checkpoints", keep=None, read_only=True)
+  _, state, _, _ = checkpoints.restore(step, lambda meta: layout.checkpoint_target(config, meta))
   checkpoints.close()
   return flat(jax.device_get(state.params)), jax.device_get(state.opt_state)
 
@@ -45,20 +41,21 @@ def moments(opt_state) -> list[np.ndarray]:
 
 @pytest.fixture(scope="module")
 def frozen_run(toy_data, tmp_path_factory):
-  """Stage 1 to its end, then stage 2 in two runs (stopped at step 6, resumed to step 8)."""
+  """Stage 1, then stage 2 stopped at step 6 and resumed to its end (step 8); and the same
+  eight steps uninterrupted."""
   config = tiny_config(toy_data, *FREEZING)
-  workdir = tmp_path_factory.mktemp("frozen")
+  resumed, straight = tmp_path_factory.mktemp("resumed"), tmp_path_factory.mktemp("straight")
   initial = flat(nnx.to_pure_dict(nnx.state(create_model(config.model, make_mesh(config.mesh),
                                                          seed=config.train.seed))))
-  train(config, workdir, max_steps=4)
-  after_stage1 = restore(config, workdir, 4)
-  train(config, workdir, max_steps=6)
-  train(config, workdir, max_steps=8)
-  return config, workdir, initial, after_stage1, restore(config, workdir, 8)
+  train(config, resumed, max_steps=6)
+  train(config, resumed, max_steps=8)
+  train(config, straight, max_steps=8)
+  return (config, resumed, straight, initial, restore(config, resumed, 4),
+          restore(config, resumed, 8))
 
 
 def test_frozen_parameters_are_bit_identical_and_have_no_optimizer_state(frozen_run):
-  config, _, initial, (stage1, stage1_opt), (stage2, stage2_opt) = frozen_run
+  _, _, _, initial, (stage1, stage1_opt), (stage2, stage2_opt) = frozen_run
   for name, value in initial.items():
     if name == "lm_head":
       assert not np.array_equal(stage1[name], value)
@@ -75,19 +72,18 @@ def test_frozen_parameters_are_bit_identical_and_have_no_optimizer_state(frozen_
   assert sorted(m.shape for m in moments(stage2_opt)) == sorted(layer_shapes * 2)
 
 
-def test_freezing_resumes_exactly(frozen_run, tmp_path):
-  config, workdir, *_ = frozen_run
-  train(config, tmp_path, max_steps=8)  # the same three segments, uninterrupted
-  resumed = {r["step"]: r["loss"] for r in read_metrics(workdir)}
-  straight = {r["step"]: r["loss"] for r in read_metrics(tmp_path)}
-  assert sorted(resumed) == list(range(1, 9)) and resumed == straight
+def test_freezing_resumes_exactly(frozen_run):
+  _, resumed, straight, *_ = frozen_run
+  losses = lambda workdir: {r["step"]: r["loss"] for r in read_metrics(workdir)}
+  assert sorted(losses(resumed)) == list(range(1, 9))
+  assert losses(resumed) == losses(straight)
 
 
-def test_grad_norm_covers_the_trainable_parameters_only(toy_data, tmp_path):
+def test_grad_norm_covers_the_trainable_parameters_only(frozen_run, toy_data, tmp_path):
   """Same weights and batch, three trainable sets: the norms add up as squares."""
-  norms = {}
-  for name, trainable in (("all", '[".*"]'), ("head", '["lm_head"]'),
-                          ("rest", '["(?!lm_head$).*"]')):
+  _, _, straight, *_ = frozen_run
+  norms = {"head": read_metrics(straight)[0]["grad_norm"]}  # stage 1 trains lm_head only
+  for name, trainable in (("all", '[".*"]'), ("rest", '["(?!lm_head$).*"]')):
     config = tiny_config(toy_data, f"train.stages.stage1.trainable={trainable}")
     train(config, tmp_path / name, max_steps=1)
     norms[name] = read_metrics(tmp_path / name)[0]["grad_norm"]

@@ -182,8 +182,26 @@ def test_one_stage_at_a_time(reference_run, toy_data, tmp_path):
   assert {s: losses(tmp_path)[s] for s in range(1, 9)} == {s: reference[s] for s in range(1, 9)}
 
 
-def test_resume_refuses_changed_data_settings_and_unknown_stages(toy_data, tmp_path):
+def test_resume_refuses_a_changed_config_before_writing_anything(toy_data, tmp_path):
   train(tiny_config(toy_data), tmp_path, max_steps=2)
+  files = lambda: {p: p.read_bytes() for p in tmp_path.rglob("*")
+                   if p.is_file() and p.name != "lock"}
+  before = files()
+  for overrides, message in ((["model.num_layers=3"], r"model\.num_layers: 2 in the run, 3 now"),
+                             (["model.param_dtype=bfloat16"],
+                              r"model\.param_dtype: float32 in the run, bfloat16 now"),
+                             (["data.seed=1"], r"data\.seed: 0 in the run, 1 now")):
+    with pytest.raises(ConfigError, match=message + r".*resume with the run's config"):
+      train(tiny_config(toy_data, *overrides), tmp_path)
+  assert files() == before  # config.yaml still describes the checkpoints
+  # How the run is computed may change: another mesh, logging, saving.
+  train(tiny_config(toy_data, "mesh.data=2", "mesh.fsdp=4", "train.log_every=2"), tmp_path,
+        max_steps=2)
+
+
+def test_checkpoints_without_a_run_config_are_still_guarded(toy_data, tmp_path):
+  train(tiny_config(toy_data), tmp_path, max_steps=2)
+  (tmp_path / "config.yaml").unlink()  # e.g. a workdir from before config.yaml was compared
   with pytest.raises(ConfigError, match=r"data.seed differs from the checkpoint at step 2"):
     train(tiny_config(toy_data, "data.seed=1"), tmp_path)
   config = tiny_config(toy_data)
@@ -205,6 +223,7 @@ def test_a_stage_mixture_without_data_fails_before_training(toy_data, tmp_path):
     shard.unlink()
   manifest = json.loads((only_images / "train" / "manifest.json").read_text())
   del manifest["tasks"]["svqa"]
+  manifest["shards"] = [shard for shard in manifest["shards"] if shard["task"] != "svqa"]
   (only_images / "train" / "manifest.json").write_text(json.dumps(manifest))
   with pytest.raises(ConfigError, match=r"train.stages.stage3.mixture.*holds no svqa records"):
     train(tiny_config(only_images), tmp_path / "run")
@@ -221,7 +240,10 @@ def test_training_starts_from_init_from_weights(toy_data, tmp_path):
   train(tiny_config(toy_data, "train.seed=5"), tmp_path / "seeded", max_steps=1)
   train(tiny_config(toy_data, f"train.init_from={tmp_path / 'weights'}", "train.seed=5"),
         tmp_path / "loaded", max_steps=1)
-  assert losses(tmp_path / "loaded") == losses(tmp_path / "seeded")
+  # The same weights, not merely similar ones (other weights change the loss in its first
+  # digits); the two runs compile and place their parameters separately, which moves fp32 sums
+  # in the 7th digit.
+  assert losses(tmp_path / "loaded") == pytest.approx(losses(tmp_path / "seeded"), rel=1e-6)
   with pytest.raises(ConfigError, match="train.init_from=.*do not match model"):
     train(tiny_config(toy_data, f"train.init_from={tmp_path / 'weights'}",
                       "model.mlp_size=64"), tmp_path / "mismatch", max_steps=1)
