@@ -95,8 +95,11 @@ def main(argv: list[str] | None = None) -> int:
   text = yaml.safe_dump(manifest(args.name, accelerator, args.slices, args.image, command),
                         sort_keys=False)
   if args.out:
-    with open(args.out, "w") as f:
-      f.write(text)
+    try:
+      with open(args.out, "w") as f:
+        f.write(text)
+    except OSError as e:
+      parser.error(f"--out {args.out}: {e.strerror}")
     target = args.out
   else:
     sys.stdout.write(text + "---\n")

@@ -110,14 +110,23 @@ def sweep(config_path: str, overrides: list[str], generation: str, chips: list[i
   points = [(count, strategy) for count in sorted(chips) for strategy in strategies]
   slice_chips = {(count, strategy): count // meshes[strategy].get("dcn_data", 1)
                  for count, strategy in points}
-  for (count, strategy), per_slice in slice_chips.items():
-    if per_slice not in topologies:
-      raise ConfigError(f"--chips {count}: no shipped {generation} slice of {per_slice} chips for "
-                        f"strategy {strategy} (shipped: {sorted(topologies)})")
+  # A chip count no strategy can run is a mistake in --chips; a strategy that cannot run at a
+  # count the others can (multislice at the smallest slices) is a row of the table.
+  for count in sorted(chips):
+    if not any(slice_chips[count, strategy] in topologies for strategy in strategies):
+      strategy = strategies[0]
+      raise ConfigError(f"--chips {count}: no shipped {generation} slice of "
+                        f"{slice_chips[count, strategy]} chips for strategy {strategy} "
+                        f"(shipped: {sorted(topologies)})")
   rows = []
   progress = tqdm(points, desc=f"scaling {generation}", unit="compile", file=sys.stderr)
   for count, strategy in progress:
     progress.set_postfix_str(f"{count} chips, {strategy}")
+    if slice_chips[count, strategy] not in topologies:
+      rows.append({"generation": generation, "chips": count, "strategy": strategy,
+                   "topology": "-", "fits": False,
+                   "note": f"no shipped {generation} slice of {slice_chips[count, strategy]} chips"})
+      continue
     topology_file = topologies[slice_chips[count, strategy]]
     slices = meshes[strategy].get("dcn_data", 1)
     row = {"generation": generation, "chips": count, "strategy": strategy,
@@ -212,9 +221,16 @@ def _run(args) -> int:
 
   def int_list(text: str, flag: str) -> list[int]:
     try:
-      return [int(x) for x in text.split(",")]
+      values = [int(x) for x in text.split(",")]
     except ValueError:
       raise ConfigError(f"{flag} {text!r}: expected comma-separated integers") from None
+    if min(values) < 1:
+      raise ConfigError(f"{flag} {text!r}: expected positive integers")
+    return values
+
+  for flag in ("rows_per_chip", "tensor", "data"):
+    if getattr(args, flag) < 1:
+      raise ConfigError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: expected >= 1")
 
   strategies = args.strategies.split(",")
   for strategy in strategies:
@@ -222,7 +238,9 @@ def _run(args) -> int:
   overrides = list(args.overrides)
   if args.global_batch is not None:
     overrides.append(f"data.global_batch_size={args.global_batch}")
-  rows = sweep(args.config, overrides, args.generation, int_list(args.chips, "--chips"),
+  chips = (int_list(args.chips, "--chips") if args.chips is not None
+           else sorted(shipped_topologies(args.generation)))
+  rows = sweep(args.config, overrides, args.generation, chips,
                strategies, args.stage, args.tensor, args.data, args.rows_per_chip)
   title = (f"{pathlib.Path(args.config).stem} on {args.generation}"
            + (f", stage {args.stage}" if args.stage else ""))
@@ -243,8 +261,8 @@ def register(commands: argparse._SubParsersAction) -> None:
                       "table + plot of per-chip memory and predicted step time (needs libtpu)")
   add_config_args(parser)
   parser.add_argument("--generation", required=True, choices=GENERATIONS)
-  parser.add_argument("--chips", default="8,16,32,64,128,256",
-                      help="comma-separated chip counts (shipped topologies)")
+  parser.add_argument("--chips", default=None,
+                      help="comma-separated chip counts (default: every shipped single slice)")
   parser.add_argument("--strategies", default=",".join(STRATEGIES),
                       help=f"comma-separated, from {', '.join(STRATEGIES)}")
   parser.add_argument("--stage", default=None, help="whose optimizer (default: first stage)")

@@ -34,7 +34,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from omnijax.sharding import logical_to_spec
+from omnijax.sharding import logical_to_spec, shard_count
 from omnijax.vocab import Vocab
 
 ALGS = ("maskgit_plus", "topk_margin", "entropy")
@@ -254,14 +254,6 @@ def _model_mesh(params) -> jax.sharding.Mesh | None:
   return None
 
 
-def _batch_shards(mesh) -> int:
-  if mesh is None:
-    return 1
-  entry = logical_to_spec(("batch",), mesh)[0]
-  axes = (entry,) if isinstance(entry, str) else (entry or ())
-  return math.prod(mesh.shape[axis] for axis in axes)
-
-
 def _as_prompts(prompts, vocab: Vocab, what: str) -> list[np.ndarray]:
   rows = []
   for number, prompt in enumerate(prompts):
@@ -333,7 +325,8 @@ def sample_with_stats(model, vocab: Vocab, prompts: Sequence, *, canvas: int, st
                      f"vocabulary's {vocab.size} ids")
   mesh = _model_mesh(params)
   batch = len(rows)
-  padded_batch = -(-batch // _batch_shards(mesh)) * _batch_shards(mesh)
+  batch_shards = 1 if mesh is None else shard_count("batch", mesh)
+  padded_batch = -(-batch // batch_shards) * batch_shards
   # Padding rows (inactive) repeat row 0's prompt; they never count toward stopping.
   rows = rows + [rows[0]] * (padded_batch - batch)
   if uncond:

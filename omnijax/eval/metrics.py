@@ -2,8 +2,8 @@
 
 t2i, s2i: the generated image parsed back to a scene: exact-scene accuracy and object accuracy;
 caption, asr: WER; vqa: exact match; svqa: text-answer exact match and WER of the spoken
-answer's words; tts: WER of the spoken words. `quality` is each task's headline in [0, 1]
-(accuracy, or 1 - WER; for svqa the lower of the two).
+answer's words; tts: WER of the spoken words. `quality` is each task's headline, at most 1
+(accuracy, or 1 - WER, which insertions can make negative; for svqa the lower of the two).
 """
 
 from __future__ import annotations

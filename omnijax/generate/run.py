@@ -15,6 +15,7 @@ from typing import Sequence
 
 import numpy as np
 
+from omnijax.config import ConfigError
 from omnijax.data import shards
 from omnijax.data.record import Sample
 from omnijax.data.requests import INPUTS, request_messages, unconditional_messages
@@ -57,6 +58,8 @@ class Generator:
 
   def __init__(self, model, vocab: Vocab, template: ChatTemplate,
                lengths: settings_lib.Lengths, toy_spec=None, batch_size: int = 16):
+    if batch_size < 1:
+      raise ConfigError(f"--batch-size {batch_size}: expected >= 1")
     self.model, self.vocab, self.template = model, vocab, template
     self.lengths, self.toy_spec, self.batch_size = lengths, toy_spec, batch_size
     self._tts_overhead: int | None = None

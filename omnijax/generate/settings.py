@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from omnijax.config import ConfigError
 from omnijax.data.tasks import TASKS
 
 # Released tasks decode greedily with top_p 0.9 and (probably) top_k 50 (reference §4.3): with
@@ -83,7 +84,10 @@ def sampler_kwargs(task: str, canvas: int, vocab, *, steps: int | None = None,
   """Keyword arguments of `omnijax.diffusion.sample` for `task` (uncond prompts excluded);
   `overrides` whose value is None keep the table's value."""
   settings = TABLE[task]
-  kwargs = dict(canvas=canvas, steps=steps or default_steps(task, canvas), alg=settings.alg,
+  if steps is not None and steps < 1:
+    raise ConfigError(f"--steps {steps}: expected >= 1 (leave it out for the task's default)")
+  kwargs = dict(canvas=canvas, steps=steps if steps is not None else default_steps(task, canvas),
+                alg=settings.alg,
                 top_p=TOP_P, top_k=TOP_K, repeat_penalty=settings.repeat_penalty,
                 position_penalty=settings.position_penalty, cfg=settings.cfg)
   if settings.boa_at is not None:

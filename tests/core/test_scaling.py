@@ -43,19 +43,22 @@ def test_sweep_writes_table_json_and_plot_and_marks_the_smallest_fit(tmp_path):
   out = tmp_path / "sweep"
   result = subprocess.run(
       [sys.executable, "-m", "omnijax.cli", "scaling", "--config", str(TINY), "--generation",
-       "v5e", "--chips", "8,16", "--strategies", "fsdp,fsdp_tensor", "--tensor", "2",
+       "v5e", "--chips", "8,16", "--strategies", "fsdp,fsdp_tensor,multislice", "--tensor", "2",
        "--global-batch", "8", "--out", str(out), "model.attention=xla"],
       capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr
-  assert "scaling v5e" in result.stderr and "4/4" in result.stderr  # the progress bar
+  assert "scaling v5e" in result.stderr and "6/6" in result.stderr  # the progress bar
   rows = list(csv.DictReader((out / "scaling.csv").open()))
   assert [(r["chips"], r["strategy"]) for r in rows] == [
-      ("8", "fsdp"), ("8", "fsdp_tensor"), ("16", "fsdp"), ("16", "fsdp_tensor")]
-  # 8 rows cannot give each of 16 FSDP batch shards a row: that point says so, uncompiled.
-  skipped = rows[2]
-  assert skipped["fits"] == "False" and skipped["peak_bytes_per_chip"] == ""
-  assert skipped["note"] == "global batch 8 does not split into micro-batches of 16 rows (1 per batch shard)"
-  compiled = [rows[0], rows[1], rows[3]]
+      ("8", "fsdp"), ("8", "fsdp_tensor"), ("8", "multislice"),
+      ("16", "fsdp"), ("16", "fsdp_tensor"), ("16", "multislice")]
+  # 8 rows cannot give each of 16 FSDP batch shards a row: those points say so, uncompiled.
+  for skipped in (rows[3], rows[5]):
+    assert skipped["fits"] == "False" and skipped["peak_bytes_per_chip"] == ""
+    assert skipped["note"] == "global batch 8 does not split into micro-batches of 16 rows (1 per batch shard)"
+  # Two slices of 4 chips: v5e has no such slice; the other strategies still run at 8 chips.
+  assert rows[2]["fits"] == "False" and rows[2]["note"] == "no shipped v5e slice of 4 chips"
+  compiled = [rows[0], rows[1], rows[4]]
   assert all(r["fits"] == "True" and float(r["peak_bytes_per_chip"]) > 0 for r in compiled)
   # Same global batch everywhere: one row per batch shard per micro-batch.
   assert [int(r["grad_accum_steps"]) for r in compiled] == [1, 2, 1]
@@ -78,6 +81,10 @@ def test_bad_sweep_arguments_fail_with_one_line_before_compiling(capsys):
   assert main(base + ["--chips", "8", "--strategies", "multislice"]) == 2  # two slices of 4
   assert ("--chips 8: no shipped v5e slice of 4 chips for strategy multislice"
           in capsys.readouterr().err)
+  assert main(base + ["--chips", "8", "--rows-per-chip", "0"]) == 2
+  assert "--rows-per-chip 0: expected >= 1" in capsys.readouterr().err
+  assert main(base + ["--chips", "8,-8"]) == 2
+  assert "--chips '8,-8': expected positive integers" in capsys.readouterr().err
   assert main(base + ["--strategies", "fsdp,pipeline"]) == 2
   assert "unknown strategy 'pipeline'" in capsys.readouterr().err
   assert main(base + ["--chips", "8,x"]) == 2

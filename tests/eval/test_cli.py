@@ -10,7 +10,6 @@ import pathlib
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
 from omnijax.data.tasks import TASKS

@@ -1,9 +1,5 @@
-"""Decode settings, requests templated like the training data, post-processing, and the
-`omnijax generate` command on a tiny trained model."""
-
-import json
-import subprocess
-import sys
+"""Decode settings, requests templated like the training data and post-processing (the
+`omnijax generate` command on a tiny trained model is tested in tests/eval/test_cli.py)."""
 
 import numpy as np
 import pytest
@@ -112,3 +108,15 @@ def test_request_messages_are_the_release_templates():
   assert request_messages("s2i")[0] == {"role": "system",
                                         "content": "Please generate an image based on the input audio."}
   assert request_messages("caption")[0]["content"] == "Describe the image.\n<|image|>"
+
+
+def test_steps_and_batch_size_below_one_are_refused_and_none_means_the_default():
+  from omnijax.config import ConfigError
+  vocab = SPEC.vocab
+  default = settings.default_steps("caption", 32)
+  assert settings.sampler_kwargs("caption", 32, vocab)["steps"] == default
+  assert settings.sampler_kwargs("caption", 32, vocab, steps=3)["steps"] == 3
+  with pytest.raises(ConfigError, match="--steps 0: expected >= 1"):
+    settings.sampler_kwargs("caption", 32, vocab, steps=0)
+  with pytest.raises(ConfigError, match="--batch-size 0: expected >= 1"):
+    Generator(None, vocab, None, None, batch_size=0)

@@ -130,3 +130,14 @@ def test_the_package_never_imports_launch():
     assert "launch" not in [part for line in path.read_text().splitlines()
                             if line.lstrip().startswith(("import ", "from "))
                             for part in line.replace(".", " ").split()], path
+
+
+def test_jobset_out_in_a_missing_directory_fails_in_one_line(tmp_path):
+  out = tmp_path / "missing" / "omni.yaml"
+  result = subprocess.run(
+      [sys.executable, str(LAUNCH / "jobset.py"), "--accelerator", "v5p-128", "--image", "img",
+       "--name", "omni", "--out", str(out), "--", *TRAIN], capture_output=True, text=True,
+      timeout=60)
+  assert result.returncode == 2 and not out.exists()
+  assert f"--out {out}: No such file or directory" in result.stderr
+  assert "Traceback" not in result.stderr

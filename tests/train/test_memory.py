@@ -33,7 +33,6 @@ def test_state_is_divided_over_shards_and_frozen_parameters_carry_no_optimizer_s
   assert full.activation_bytes == layers * 1 * 192 * kept_per_token(config.model, 2) * 4
   remat_full = load_config(TINY, ["train.grad_accum_steps=2", "model.remat=full"])
   assert analytic_minimum(remat_full, mesh, "stage1").activation_bytes == layers * 192 * d * 4
-  assert full.total_bytes == full.state_bytes + full.activation_bytes
 
 
 def test_policies_keep_more_the_less_they_recompute():
