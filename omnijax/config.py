@@ -33,6 +33,8 @@ ATTENTION_BACKENDS: tuple[str, ...] = ("xla", "pallas", "splash", "cudnn")
 # The tasks omnijax trains on. The order defines task indices in shard headers and the
 # `task_ids` batch field, so append new tasks at the end.
 TASKS: tuple[str, ...] = ("t2i", "caption", "vqa", "asr", "tts", "s2i", "svqa")
+# The sampler's confidence rules (reference §4.4), here so the CLI can list them without jax.
+SAMPLER_ALGS: tuple[str, ...] = ("maskgit_plus", "topk_margin", "entropy")
 
 
 class ConfigError(ValueError):

@@ -32,6 +32,7 @@ from omnijax.train.optimizer import global_schedule
 from omnijax.train.state import StateLayout
 from omnijax.train.step import (TrainState, batch_sharding, check_batch_fits_mesh, jit_train_step,
                                 make_train_step)
+from omnijax.train.workdir import CHECKPOINTS_DIR, CONFIG_FILE
 
 # The environment variables `initialize()` reads when the options are not given (JAX itself
 # reads the first).
@@ -274,7 +275,7 @@ class RestoredRun:
 
 def read_run_config(workdir: str | os.PathLike) -> Config:
   """The config a training run wrote into its workdir."""
-  path = resolve(workdir) / "config.yaml"
+  path = resolve(workdir) / CONFIG_FILE
   try:
     tree = yaml.safe_load(path.read_text())
   except OSError as e:
@@ -298,7 +299,7 @@ def restore_workdir(workdir: str | os.PathLike, *, mesh: jax.sharding.Mesh | Non
                                                                  sharding=sharding),
                         layout.abstract_params, layout.param_shardings)
 
-  directory = resolve(workdir) / "checkpoints"
+  directory = resolve(workdir) / CHECKPOINTS_DIR
   if not directory.is_dir():
     raise WorkdirError(f"{workdir}: no checkpoints directory ({directory}); has training saved "
                        "a checkpoint yet?")

@@ -12,6 +12,8 @@ TTS_PROMPT = "Convert the text to speech."
 S2I_SYSTEM = "Please generate an image based on the input audio."
 # Sic ("response"): the release trained on this exact string.
 SVQA_SYSTEM = "Please response the input audio based on the given image."
+# The tasks whose response is an image (generated codes are parsed back to a scene).
+IMAGE_TASKS = ("t2i", "s2i")
 
 
 def task_index(task: str) -> int:

@@ -34,10 +34,10 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from omnijax.config import SAMPLER_ALGS
 from omnijax.sharding import logical_to_spec, shard_count
 from omnijax.vocab import Vocab
 
-ALGS = ("maskgit_plus", "topk_margin", "entropy")
 SCHEDULE_EPS = 1e-3  # DreamGenerationConfig's eps: ts = linspace(1, eps, steps + 1)
 POSITION_PENALTY_FREE = 100  # the first 100 masked positions are never position-penalised
 PROMPT_BUCKET = 16  # prompt columns round up to this, so nearby prompt lengths share a compile
@@ -286,7 +286,7 @@ def _check_settings(*, canvas, steps, alg, temperature, top_p, top_k, repeat_pen
   checks = [
       (isinstance(canvas, (int, np.integer)) and canvas >= 1, f"canvas={canvas!r} must be >= 1"),
       (isinstance(steps, (int, np.integer)) and steps >= 1, f"steps={steps!r} must be >= 1"),
-      (alg in ALGS, f"alg={alg!r} is not one of {ALGS}"),
+      (alg in SAMPLER_ALGS, f"alg={alg!r} is not one of {SAMPLER_ALGS}"),
       (temperature >= 0, f"temperature={temperature} must be >= 0"),
       (0 < top_p <= 1, f"top_p={top_p} must lie in (0, 1]"),
       (top_k >= 0, f"top_k={top_k} must be >= 0"),

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from omnijax.data.tasks import IMAGE_TASKS
 from omnijax.eval.wer import normalize, wer
 
-IMAGE_METRIC_TASKS = ("t2i", "s2i")
 
 
 def scene_scores(generated: Sequence, references: Sequence) -> dict[str, float]:
@@ -37,7 +37,7 @@ def _words(output) -> str:
 def task_metrics(task: str, outputs: Sequence, references: Sequence) -> dict[str, float]:
   """Metrics of one task's outputs (`omnijax.generate.run.Output`) against the references
   (the same post-processing applied to the held-out responses)."""
-  if task in IMAGE_METRIC_TASKS:
+  if task in IMAGE_TASKS:
     if any(o.scene is None for o in list(outputs) + list(references)):
       raise ValueError(f"{task}: scene metrics need the toy world's image parser")
     scores = scene_scores([o.scene for o in outputs], [r.scene for r in references])

@@ -15,6 +15,7 @@ import json
 import pathlib
 import sys
 
+from omnijax.config import SAMPLER_ALGS
 from omnijax.data.tasks import TASKS
 
 
@@ -30,7 +31,7 @@ def register(subparsers) -> None:
   parser.add_argument("--out", default="generated", help="output directory")
   parser.add_argument("--steps", type=int, help="decoding steps (default: the task's table)")
   parser.add_argument("--canvas", type=int, help="canvas length (default: the task's rule)")
-  parser.add_argument("--alg", choices=("maskgit_plus", "topk_margin", "entropy"))
+  parser.add_argument("--alg", choices=SAMPLER_ALGS)
   parser.add_argument("--temperature", type=float)
   parser.add_argument("--top-p", type=float)
   parser.add_argument("--top-k", type=int)

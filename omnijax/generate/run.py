@@ -19,13 +19,13 @@ from omnijax.config import ConfigError
 from omnijax.data import shards
 from omnijax.data.record import Sample
 from omnijax.data.requests import INPUTS, request_messages, unconditional_messages
+from omnijax.data.tasks import IMAGE_TASKS
 from omnijax.data.templates import ChatTemplate
 from omnijax.diffusion.postprocess import image_grid, split_modalities, spoken_answer, trim
 from omnijax.diffusion.sampler import sample_with_stats
 from omnijax.generate import settings as settings_lib
 from omnijax.vocab import Vocab
 
-IMAGE_TASKS = ("t2i", "s2i")
 SPEECH_TASKS = ("tts", "svqa")
 # Canvases from length rules (asr, tts) round up to this: a few shapes to compile, not one per
 # input length; the model fills the spare positions with <|endoftext|>.
@@ -105,7 +105,7 @@ class Generator:
       if settings_lib.TABLE[task].canvas in ("asr", "tts"):
         canvas = -(-canvas // CANVAS_BUCKET) * CANVAS_BUCKET
     uncond = None
-    if settings_lib.TABLE[task].cfg > 0 or task in ("t2i", "s2i"):
+    if settings_lib.TABLE[task].cfg > 0 or task in IMAGE_TASKS:
       uncond = self._prompt(task, unconditional_messages(task))
     return Request(task, prompt, int(canvas), uncond)
 

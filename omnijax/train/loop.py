@@ -31,8 +31,8 @@ from omnijax.train.metrics import MetricsLogger, plot_loss_curves, step_record
 from omnijax.train.optimizer import stage_boundaries
 from omnijax.train.state import StateLayout
 from omnijax.train.step import check_batch_fits_mesh
-from omnijax.train.workdir import (CONFIG_FILE, WorkdirBusyError, WorkdirLock, check_same_run,
-                                   config_text)
+from omnijax.train.workdir import (CHECKPOINTS_DIR, CONFIG_FILE, WorkdirBusyError, WorkdirLock,
+                                   check_same_run, config_text)
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +205,7 @@ def _train(config: Config, workdir, mesh, stages: list, only_stage: str | None,
 
   ###################### Model (abstract), shardings, checkpoints ######################
   layout = StateLayout.create(config, mesh)
-  checkpoints = Checkpoints(workdir / "checkpoints", train_config.keep_checkpoints)
+  checkpoints = Checkpoints(workdir / CHECKPOINTS_DIR, train_config.keep_checkpoints)
   restored = checkpoints.restore_latest(lambda meta: layout.checkpoint_target(config, meta))
   if restored is None:
     step, state, data_state, meta = 0, None, None, {"stage": None}

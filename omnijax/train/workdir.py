@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 LOCK_FILE = "lock"
 CONFIG_FILE = "config.yaml"
+CHECKPOINTS_DIR = "checkpoints"
 # Dotted keys (or sections, ending in '.') a resumed run may change: the mesh and hardware, how
 # often it logs and saves, how fast data arrives, how attention is computed and rematerialised.
 RESUMABLE_CHANGES = ("mesh.", "topology.", "train.checkpoint_every", "train.keep_checkpoints",
@@ -107,7 +108,7 @@ def config_differences(run: dict, now: dict) -> list[str]:
 
 
 def _has_checkpoints(workdir) -> bool:
-  directory = workdir / "checkpoints"
+  directory = workdir / CHECKPOINTS_DIR
   return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
 
 
