@@ -6,7 +6,7 @@ import dataclasses
 
 import numpy as np
 
-from omnijax.vocab import Vocab
+from omnijax.vocab import Modality, Vocab
 
 
 def trim(canvas, vocab: Vocab) -> np.ndarray:
@@ -42,14 +42,12 @@ class Parts:
 
 
 def split_modalities(ids, vocab: Vocab) -> Parts:
-  """Splits ids by range: speech [speech_offset, image_offset), image codes above, text below
-  the specials; specials are dropped."""
+  """Splits ids by the vocabulary's modality ranges; specials are dropped."""
   ids = np.asarray(ids, dtype=np.int64)
-  speech = (ids >= vocab.speech_offset) & (ids < vocab.image_offset)
-  image = (ids >= vocab.image_offset) & (ids < vocab.size)
-  return Parts(text=ids[(ids >= 0) & (ids < vocab.text_size)].astype(np.int32),
-               image=(ids[image] - vocab.image_offset).astype(np.int32),
-               speech=(ids[speech] - vocab.speech_offset).astype(np.int32))
+  modality = vocab.modality(ids)
+  return Parts(text=ids[modality == Modality.TEXT].astype(np.int32),
+               image=vocab.image_codes(ids[modality == Modality.IMAGE]),
+               speech=vocab.speech_codes(ids[modality == Modality.SPEECH]))
 
 
 def image_grid(codes, codes_per_image: int, n_image_codes: int) -> np.ndarray:
