@@ -8,6 +8,7 @@ from omnijax.data.requests import request_messages
 from omnijax.data.toyworld import scenes as scenes_lib
 from omnijax.data.toyworld.world import ToyWorldSpec, build
 from omnijax.data.templates import ChatTemplate
+from omnijax.diffusion.postprocess import split_modalities
 from omnijax.generate import settings
 from omnijax.generate.run import Generator
 
@@ -49,10 +50,8 @@ def test_table_follows_the_release():
 
 def media(prompt, vocab):
   """(image codes, speech codes) runs in a prompt, in order."""
-  speech = (prompt >= vocab.speech_offset) & (prompt < vocab.image_offset)
-  image = prompt >= vocab.image_offset
-  return (vocab.image_codes(prompt[image]) if image.any() else None,
-          vocab.speech_codes(prompt[speech]) if speech.any() else None)
+  parts = split_modalities(prompt, vocab)
+  return (parts.image if parts.image.size else None, parts.speech if parts.speech.size else None)
 
 
 def test_requests_are_templated_like_the_training_data(world, generator):
