@@ -39,6 +39,7 @@ setup(
     python_requires=">=3.11",
     packages=find_packages(include=["omnijax", "omnijax.*"]),
     include_package_data=True,
+    package_data={"omnijax.kernels": ["tuning.json"]},  # measured attention block sizes
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
     entry_points={"console_scripts": ["omnijax=omnijax.cli:main"]},

@@ -35,6 +35,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from omnijax.config import SAMPLER_ALGS
+from omnijax.kernels.attention import attention_rows
 from omnijax.sharding import logical_to_spec, shard_count
 from omnijax.vocab import Vocab
 
@@ -199,7 +200,8 @@ def _decode_loop(graphdef, params, base, segment_ids, starts, canvas, active, st
   def body(state):
     canvas, block, local_step, passes, loop_steps = state
     cfg_canvas = jnp.concatenate([canvas, canvas]) if plan.cfg > 0 else canvas
-    logits = model(_rows_with_canvas(base, cfg_canvas, starts), segment_ids, positions)
+    with attention_rows("dense"):  # one prompt + canvas a row: `auto` picks for dense rows
+      logits = model(_rows_with_canvas(base, cfg_canvas, starts), segment_ids, positions)
     # Dream shift: canvas position j is scored by the logits at (start + j) - 1.
     logits = jnp.take_along_axis(logits, (starts[:, None] - 1 + columns)[..., None], axis=1)
     logits = logits.astype(jnp.float32)

@@ -22,7 +22,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from omnijax.kernels import flash_gpu, flash_tpu
+from omnijax.kernels import flash_gpu, flash_tpu, tuning
 from omnijax.kernels.block_sparsity import block_overlap
 
 PLATFORMS = {"tpu": flash_tpu, "gpu": flash_gpu}
@@ -40,12 +40,16 @@ class KernelPlan:
 
 def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, *,
                     block_q: int | None = None, block_k: int | None = None,
-                    interpret: bool = False, platform: str | None = None) -> jax.Array:
+                    interpret: bool = False, platform: str | None = None, rows: str = "packed",
+                    device_kind: str | None = None) -> jax.Array:
   """Segment-masked bidirectional attention; same contract as `xla_attention`.
 
   q [B, L, Hq, D], k/v [B, L, Hkv, D] with Hq a multiple of Hkv, segment_ids int32 [B, L].
   `platform` picks the kernel ("tpu": Mosaic, "gpu": Triton); by default the one for
   `jax.default_backend()`, with the TPU kernel on CPU (only useful with interpret=True).
+  Blocks not given come from the tuning table's entry for `device_kind` (default: the first
+  device's), this head dim and length, and `rows` ("packed" or "dense"), else the platform's
+  default.
   """
   platform = platform or ("gpu" if jax.default_backend() == "gpu" else "tpu")
   if platform not in PLATFORMS:
@@ -59,8 +63,11 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.A
   if segment_ids.shape != (batch, length):
     raise ValueError(f"segment_ids {segment_ids.shape} should be {(batch, length)}")
 
-  block_q = kernels.fit_block(block_q or kernels.DEFAULT_BLOCK, length)
-  block_k = kernels.fit_block(block_k or kernels.DEFAULT_BLOCK, length)
+  tuned = tuning.lookup(device_kind or jax.devices()[0].device_kind, head_dim, length, rows)
+  block_q = kernels.fit_block(block_q or (tuned.block_q if tuned else kernels.DEFAULT_BLOCK),
+                              length)
+  block_k = kernels.fit_block(block_k or (tuned.block_k if tuned else kernels.DEFAULT_BLOCK),
+                              length)
   whole_blocks = math.lcm(block_q, block_k)
   padded = -(-length // whole_blocks) * whole_blocks
   plan = KernelPlan(platform, block_q, block_k, head_dim ** -0.5, interpret)

@@ -15,14 +15,20 @@ import jax.numpy as jnp
 
 from omnijax.config import ModelConfig
 
-# bf16 dense peak per device (vendors' spec sheets), keyed by `device.device_kind` as JAX
-# reports it ("TPU v5 lite" is v5e, "TPU v5" is v5p). Unknown kinds fall back to a measurement.
+# bf16 dense (no sparsity) peak per device (vendors' spec sheets), keyed by `device.device_kind`
+# as JAX reports it: TPUs by generation ("TPU v5 lite" is v5e, "TPU v5" is v5p), NVIDIA GPUs by
+# the CUDA device name, which tells the H100 variants apart (SXM "80GB HBM3", PCIe, NVL).
+# Unknown kinds fall back to a measurement.
 PEAK_FLOPS_BY_DEVICE_KIND = {
     "TPU v4": 275e12,
     "TPU v5 lite": 197e12,
     "TPU v5": 459e12,
     "TPU v6 lite": 918e12,
     "NVIDIA H100 80GB HBM3": 989e12,
+    "NVIDIA H100 PCIe": 756e12,
+    "NVIDIA H100 NVL": 835e12,
+    "NVIDIA H200": 989e12,
+    "NVIDIA H200 NVL": 835e12,
 }
 
 
@@ -38,9 +44,10 @@ def training_flops_per_token(config: ModelConfig, seq_len: int) -> float:
   return 6 * matmul_params(config) + attention
 
 
-def measured_matmul_flops(size: int = 1024, repeats: int = 10) -> float:
-  """FLOP/s of an fp32 [size x size] matmul on the default device (the CPU 'peak')."""
-  a = jnp.ones((size, size), jnp.float32)
+def measured_matmul_flops(size: int = 1024, repeats: int = 10, dtype=jnp.float32) -> float:
+  """FLOP/s of a [size x size] matmul in `dtype` on the default device (the CPU 'peak' in fp32;
+  on an accelerator, a bf16 size >= 8192 matmul is the practical peak)."""
+  a = jnp.ones((size, size), dtype)
   matmul = jax.jit(lambda x: x @ x)
   matmul(a).block_until_ready()
   start = time.perf_counter()
