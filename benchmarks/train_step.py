@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import tempfile
 
-from common import time_per_call, torch_inputs, torch_twin
+from common import time_per_call, torch_train_step, torch_twin
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -21,7 +21,6 @@ from flax import nnx  # noqa: E402
 from omnijax import runtime  # noqa: E402
 from omnijax.config import CONFIG_ROOT, load_config  # noqa: E402
 from omnijax.data.pipeline import Batches  # noqa: E402
-from omnijax.diffusion import objective  # noqa: E402
 from omnijax.model.build import create_model  # noqa: E402
 from omnijax.train import flops  # noqa: E402
 from omnijax.train.loop import ensure_data  # noqa: E402
@@ -56,25 +55,7 @@ def main() -> None:
 
   jax_seconds = time_per_call(jax_step, args.steps)
 
-  # PyTorch: identical masked inputs and targets, Dream shift, mean CE over targets.
-  corruption = objective.corrupt(jax.tree.map(np.asarray, batch), config.train.objective,
-                                 config.model.vocab.build(), config.train.seed, np.int32(20))
-  inputs, targets = np.asarray(corruption.inputs), np.asarray(batch["tokens"])
-  masked = torch.from_numpy(np.array(corruption.masked)[:, 1:])
-  input_ids, mask, positions = torch_inputs(inputs, np.asarray(batch["segment_ids"]))
-  labels = torch.from_numpy(targets[:, 1:].astype(np.int64))
-  adamw = torch.optim.AdamW(torch_model.parameters(), lr=1e-3, betas=(0.9, 0.95), eps=1e-8,
-                            weight_decay=0.0)
-
-  def torch_step():
-    adamw.zero_grad(set_to_none=True)
-    logits = torch_model(input_ids=input_ids, attention_mask=mask, position_ids=positions).logits
-    ce = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels,
-                                           reduction="none")
-    (ce[masked].mean()).backward()
-    torch.nn.utils.clip_grad_norm_(torch_model.parameters(), 1.0)
-    adamw.step()
-
+  torch_step = torch_train_step(torch_model, config, batch)
   torch_seconds = time_per_call(torch_step, args.steps)
   n_tokens = config.data.global_batch_size * config.data.seq_len
   jax_rate, torch_rate = n_tokens / jax_seconds, n_tokens / torch_seconds
