@@ -17,6 +17,7 @@ a measured matmul rate (a bf16 8192^2 matmul on an accelerator).
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import logging
 import os
@@ -147,39 +148,51 @@ def main() -> None:
   batch = packed_batch(args.batch, args.seq_len, args.segments, vocab)
   n_tokens = args.batch * args.seq_len
 
-  rows = []  # (name, seconds)
-  twin = None
-  if args.twin:
-    seconds, twin = _twin_seconds(args, config, batch)
-    rows.append(("pytorch", seconds))
-  for name, backend_config in configs.items():
-    profile = os.path.join(args.profile, name) if args.profile else None
-    rows.append((f"omnijax-{name}", _jax_seconds(args, backend_config, batch, profile)))
-
+  # The header first and each row as soon as it is measured: a run cut short keeps its rows.
   device = jax.devices()[0]
   compute = jnp.dtype(config.model.compute_dtype)
   spec_peak = flops.PEAK_FLOPS_BY_DEVICE_KIND.get(device.device_kind)
   size = 1024 if device.platform == "cpu" else 8192
   measured = flops.measured_matmul_flops(size, dtype=compute)
   per_token = flops.training_flops_per_token(config.model, args.seq_len)
-  print(f"device: {device.device_kind} ({device.platform}), jax {jax.__version__}"
-        f"{', ' + twin if twin else ''}")
-  print(f"preset {args.preset} ({config.model.param_count() / 1e6:.1f} M params, "
-        f"{config.model.num_layers} layers), batch {args.batch} x {args.seq_len} tokens in rows "
-        f"of {args.segments} segments, compute {compute.name}, remat {config.model.remat}")
-  print(f"spec peak: {spec_peak / 1e12:.1f} TFLOP/s" if spec_peak else
-        f"spec peak: unknown for {device.device_kind!r}")
-  print(f"measured matmul rate: {measured / 1e12:.3f} TFLOP/s ({compute.name} {size}^2)")
-  print(f"analytic training FLOPs: {per_token / 1e9:.4f} GFLOP/token")
-  twin_rate = n_tokens / rows[0][1] if args.twin else None
-  for name, seconds in rows:
+  report = functools.partial(print, flush=True)
+  report(f"device: {device.device_kind} ({device.platform}), jax {jax.__version__}")
+  report(f"preset {args.preset} ({config.model.param_count() / 1e6:.1f} M params, "
+         f"{config.model.num_layers} layers), batch {args.batch} x {args.seq_len} tokens in rows "
+         f"of {args.segments} segments, compute {compute.name}, remat {config.model.remat}")
+  report(f"spec peak: {spec_peak / 1e12:.1f} TFLOP/s" if spec_peak else
+         f"spec peak: unknown for {device.device_kind!r}")
+  report(f"measured matmul rate: {measured / 1e12:.3f} TFLOP/s ({compute.name} {size}^2)")
+  report(f"analytic training FLOPs: {per_token / 1e9:.4f} GFLOP/token")
+
+  twin_rate = None
+
+  def report_row(name, seconds):
     rate = n_tokens / seconds
     ratio = f"  ratio {rate / twin_rate:.3f}x pytorch" if twin_rate else ""
-    print(f"{name:>16} train step: {seconds * 1e3:10.2f} ms {rate:12.1f} tokens/s  MFU "
-          f"{_mfu(rate, per_token, spec_peak)} % of spec, {_mfu(rate, per_token, measured)} % "
-          f"of measured{ratio}")
+    report(f"{name:>16} train step: {seconds * 1e3:10.2f} ms {rate:12.1f} tokens/s  MFU "
+           f"{_mfu(rate, per_token, spec_peak)} % of spec, {_mfu(rate, per_token, measured)} % "
+           f"of measured{ratio}")
+
+  if args.twin:
+    seconds, twin = _twin_seconds(args, config, batch)
+    twin_rate = n_tokens / seconds
+    report(f"twin: transformers Qwen2ForCausalLM, SDPA, {twin}")
+    report_row("pytorch", seconds)
+  failed = 0
+  for name, backend_config in configs.items():
+    profile = os.path.join(args.profile, name) if args.profile else None
+    try:
+      report_row(f"omnijax-{name}", _jax_seconds(args, backend_config, batch, profile))
+    except Exception as e:  # noqa: BLE001 - reported in one line; the other backends still run
+      failed += 1
+      report(f"{'omnijax-' + name:>16} train step: failed ({type(e).__name__}: "
+             f"{str(e).strip().splitlines()[0]})")
+      gc.collect()
   if args.profile:
-    print(f"profiles: {args.profile}/<backend> (open with TensorBoard's profile plugin or xprof)")
+    report(f"profiles: {args.profile}/<backend> (open with TensorBoard's profile plugin or xprof)")
+  if failed:
+    raise SystemExit(1)
 
 
 if __name__ == "__main__":

@@ -47,6 +47,16 @@ def test_tiny_preset_beside_the_twin_with_consistent_ratios_and_mfu(tmp_path):
     assert list((tmp_path / "prof" / backend).rglob("*.xplane.pb"))
 
 
+def test_a_backend_that_cannot_run_is_reported_in_one_line_and_the_others_still_run():
+  result = _run("--preset", "tiny", "--batch", "1", "--seq-len", "64", "--steps", "1",
+                "--no-twin", "--attention", "cudnn,xla", "model.num_layers=1")
+  assert result.returncode == 1
+  assert re.search(r"omnijax-xla train step: +[\d.]+ ms", result.stdout)
+  assert ("omnijax-cudnn train step: failed (ValueError: attention='cudnn' needs a GPU, but the "
+          "platform is 'cpu'" in result.stdout)
+  assert "ratio" not in result.stdout and "Traceback" not in result.stderr
+
+
 def test_bad_arguments_fail_in_one_line():
   result = _run("--preset", "2b")
   assert result.returncode == 2 and "--preset '2b' is not one of" in result.stderr

@@ -1,4 +1,8 @@
-"""Numerics of every attention kernel (interpret mode on CPU) against `xla_attention`."""
+"""Numerics of every attention kernel (interpret mode on CPU) against `xla_attention`.
+
+On a GPU (benchmarks/gpu_checks.sh runs this file with JAX_PLATFORMS=cuda) the compiled Triton
+kernel joins, with the test's small blocks and with the tuning table's, and cuDNN joins the
+bf16 test (it takes no fp32). fp32 matmuls run at full precision (no TF32) on every side."""
 
 import functools
 
@@ -8,6 +12,7 @@ import numpy as np
 import pytest
 
 from omnijax.kernels import flash_attention, splash_attention
+from omnijax.kernels.cudnn import cudnn_attention
 from omnijax.kernels.reference import xla_attention
 from kernel_segments import random_segment_ids
 
@@ -19,6 +24,12 @@ KERNELS = {
                              block_k=16),
     "splash": functools.partial(splash_attention, block=128, interpret=True),
 }
+BF16_KERNELS = dict(KERNELS)
+if jax.default_backend() == "gpu":
+  KERNELS["gpu-compiled"] = functools.partial(flash_attention, platform="gpu", block_q=32,
+                                              block_k=16)
+  KERNELS["gpu-compiled-tuned"] = functools.partial(flash_attention, platform="gpu")
+  BF16_KERNELS = dict(KERNELS, cudnn=cudnn_attention)
 
 # (batch, length, q heads, kv heads, head dim, segments per row): odd lengths, GQA ratios
 # 1 to 8, up to 12 segments in a row, and (batch > 1) a last row that is all padding.
@@ -43,7 +54,8 @@ def _value_and_grads(attention, q, k, v, segment_ids, weights):
   def loss(q, k, v):
     out = attention(q, k, v, segment_ids)
     return jnp.sum(out.astype(jnp.float32) * weights), out
-  (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+  with jax.default_matmul_precision("highest"):
+    (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
   return out, grads
 
 
@@ -70,6 +82,18 @@ def test_fp32_matches_xla(kernel, shape):
 
 
 @pytest.mark.parametrize("kernel", sorted(KERNELS))
+def test_dense_rows_match_xla(kernel):
+  """One segment a row, no padding: no block pair is skipped."""
+  q, k, v, _, weights = _inputs((2, 160, 4, 1, 64, 1), jnp.float32, seed=5)
+  segment_ids = jnp.ones((2, 160), jnp.int32)
+  out, grads = _value_and_grads(KERNELS[kernel], q, k, v, segment_ids, weights)
+  ref_out, ref_grads = _value_and_grads(xla_attention, q, k, v, segment_ids, weights)
+  assert _max_error(out, ref_out) <= 2e-6
+  for name, grad, ref_grad in zip("qkv", grads, ref_grads):
+    assert _max_error(grad, ref_grad) <= 1e-4, name
+
+
+@pytest.mark.parametrize("kernel", sorted(BF16_KERNELS))
 def test_bf16_matches_xla_in_fp32(kernel):
   """bf16 inputs vs the fp32 reference on the same (bf16-rounded) inputs.
 
@@ -79,7 +103,7 @@ def test_bf16_matches_xla_in_fp32(kernel):
   largest reference value. Measured worst case: 6.3e-3 (dq).
   """
   q, k, v, segment_ids, weights = _inputs((2, 200, 4, 2, 64, 6), jnp.bfloat16, seed=7)
-  out, grads = _value_and_grads(KERNELS[kernel], q, k, v, segment_ids, weights)
+  out, grads = _value_and_grads(BF16_KERNELS[kernel], q, k, v, segment_ids, weights)
   as_fp32 = lambda x: x.astype(jnp.float32)
   ref_out, ref_grads = _value_and_grads(xla_attention, *map(as_fp32, (q, k, v)), segment_ids,
                                         weights)
