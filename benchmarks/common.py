@@ -82,7 +82,7 @@ def torch_train_step(torch_model, config, batch: dict, *, device: str = "cpu",
     with autocast():
       logits = torch_model(input_ids=input_ids, attention_mask=mask,
                            position_ids=positions).logits
-      ce = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2).float(), labels,
+      ce = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels,
                                              reduction="none")
     (ce[masked].mean()).backward()
     torch.nn.utils.clip_grad_norm_(torch_model.parameters(), 1.0)

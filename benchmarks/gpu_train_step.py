@@ -102,10 +102,17 @@ def _twin_seconds(args, config, batch):
                           autocast_dtype=torch.bfloat16 if bf16 else None)
   seconds = time_per_call(step, args.steps)
   del model, step
-  gc.collect()
-  if device == "cuda":
-    torch.cuda.empty_cache()
+  _free_torch_memory()
   return seconds, f"torch {torch.__version__} ({device})"
+
+
+def _free_torch_memory():
+  """Hands the twin's cached device memory back before JAX allocates."""
+  import torch
+
+  gc.collect()
+  if torch.cuda.is_available():
+    torch.cuda.empty_cache()
 
 
 def _jax_seconds(args, config, batch, profile_dir):
@@ -162,8 +169,8 @@ def main() -> None:
          f"of {args.segments} segments, compute {compute.name}, remat {config.model.remat}")
   report(f"spec peak: {spec_peak / 1e12:.1f} TFLOP/s" if spec_peak else
          f"spec peak: unknown for {device.device_kind!r}")
-  report(f"measured matmul rate: {measured / 1e12:.3f} TFLOP/s ({compute.name} {size}^2)")
-  report(f"analytic training FLOPs: {per_token / 1e9:.4f} GFLOP/token")
+  report(f"measured matmul rate: {measured / 1e12:.5g} TFLOP/s ({compute.name} {size}^2)")
+  report(f"analytic training FLOPs: {per_token / 1e9:.5g} GFLOP/token")
 
   twin_rate = None
 
@@ -174,21 +181,32 @@ def main() -> None:
            f"{_mfu(rate, per_token, spec_peak)} % of spec, {_mfu(rate, per_token, measured)} % "
            f"of measured{ratio}")
 
-  if args.twin:
-    seconds, twin = _twin_seconds(args, config, batch)
-    twin_rate = n_tokens / seconds
-    report(f"twin: transformers Qwen2ForCausalLM, SDPA, {twin}")
-    report_row("pytorch", seconds)
   failed = 0
+
+  def report_failure(name, error):
+    nonlocal failed
+    failed += 1
+    report(f"{name:>16} train step: failed ({type(error).__name__}: "
+           f"{str(error).strip().splitlines()[0]})")
+    gc.collect()
+
+  # Each side in its own try: one that does not fit or cannot run is reported in one line and
+  # the others still run (without the twin, no ratios).
+  if args.twin:
+    try:
+      seconds, twin = _twin_seconds(args, config, batch)
+      twin_rate = n_tokens / seconds
+      report(f"twin: transformers Qwen2ForCausalLM, SDPA, {twin}")
+      report_row("pytorch", seconds)
+    except Exception as e:  # noqa: BLE001
+      report_failure("pytorch", e)
+      _free_torch_memory()
   for name, backend_config in configs.items():
     profile = os.path.join(args.profile, name) if args.profile else None
     try:
       report_row(f"omnijax-{name}", _jax_seconds(args, backend_config, batch, profile))
-    except Exception as e:  # noqa: BLE001 - reported in one line; the other backends still run
-      failed += 1
-      report(f"{'omnijax-' + name:>16} train step: failed ({type(e).__name__}: "
-             f"{str(e).strip().splitlines()[0]})")
-      gc.collect()
+    except Exception as e:  # noqa: BLE001
+      report_failure(f"omnijax-{name}", e)
   if args.profile:
     report(f"profiles: {args.profile}/<backend> (open with TensorBoard's profile plugin or xprof)")
   if failed:
