@@ -24,10 +24,12 @@ def register(subparsers) -> None:
   parser.add_argument("--checkpoint", required=True, help="training workdir (latest checkpoint)")
   parser.add_argument("--task", required=True, choices=TASKS)
   parser.add_argument("--text", help="caption to draw (t2i), question (vqa), text to speak (tts)")
+  parser.add_argument("--image", help="image (PNG) for caption/vqa/svqa; toy-world runs only "
+                      "(released models need MAGViT-v2 codes: --image-codes)")
   parser.add_argument("--image-codes", help="image codes: a .npy/.json/.txt file or 1,2,3,...")
   parser.add_argument("--speech-codes", help="speech codes: a .npy/.json/.txt file or 1,2,3,...")
-  parser.add_argument("--input", help="JSONL, one request a line: {text, image_codes, "
-                      "speech_codes}")
+  parser.add_argument("--input", help="JSONL, one request a line: {text, image (a PNG path) or "
+                      "image_codes, speech_codes}")
   parser.add_argument("--out", default="generated", help="output directory")
   parser.add_argument("--steps", type=int, help="decoding steps (default: the task's table)")
   parser.add_argument("--canvas", type=int, help="canvas length (default: the task's rule)")
@@ -67,8 +69,9 @@ def read_codes(value: str, what: str) -> list[int]:
 
 def read_requests(args) -> list[dict]:
   if args.input:
-    if args.text or args.image_codes or args.speech_codes:
-      raise ValueError("--input replaces --text/--image-codes/--speech-codes; give one or the other")
+    if args.text or args.image or args.image_codes or args.speech_codes:
+      raise ValueError("--input replaces --text/--image/--image-codes/--speech-codes; give one "
+                       "or the other")
     requests = []
     try:
       lines = pathlib.Path(args.input).read_text().splitlines()
@@ -81,16 +84,24 @@ def read_requests(args) -> list[dict]:
         entry = json.loads(line)
         if not isinstance(entry, dict):
           raise ValueError("expected a JSON object")
-        unknown = set(entry) - {"text", "image_codes", "speech_codes"}
+        unknown = set(entry) - {"text", "image", "image_codes", "speech_codes"}
         if unknown:
           raise ValueError(f"unknown key {sorted(unknown)[0]!r}")
+        if "image" in entry and "image_codes" in entry:
+          raise ValueError("give 'image' or 'image_codes', not both")
       except ValueError as e:
         raise ValueError(f"{args.input}:{number}: {e}") from None
+      if "image" in entry:  # a relative path is relative to the JSONL file
+        entry["image"] = str(pathlib.Path(args.input).parent / entry["image"])
       requests.append(dict(entry, where=f"{args.input}:{number}"))
     if not requests:
       raise ValueError(f"--input {args.input}: no requests")
     return requests
   request = {"text": args.text, "where": "the command line"}
+  if args.image and args.image_codes:
+    raise ValueError("give --image or --image-codes, not both")
+  if args.image:
+    request["image"] = args.image
   if args.image_codes:
     request["image_codes"] = read_codes(args.image_codes, "--image-codes")
   if args.speech_codes:
@@ -124,8 +135,14 @@ def _generate(args: argparse.Namespace) -> int:
   requests = []
   for entry in raw:
     try:
+      image_codes = entry.get("image_codes")
+      if "image" in entry:
+        if generator.toy_spec is None:
+          raise ValueError("images go in as codes for this model (its image tokenizer, "
+                           "MAGViT-v2, runs outside omnijax): use image_codes")
+        image_codes = generator.toy_spec.images.load_png(entry["image"])
       requests.append(generator.request(args.task, text=entry.get("text"),
-                                        image_codes=entry.get("image_codes"),
+                                        image_codes=image_codes,
                                         speech_codes=entry.get("speech_codes"),
                                         canvas=args.canvas))
     except ValueError as e:

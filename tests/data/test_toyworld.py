@@ -67,6 +67,22 @@ def test_image_parser_tolerates_stray_codes_and_writes_png(tmp_path):
   assert (tmp_path / "scene.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_png_reads_back_to_its_codes_at_any_pixel_size(tmp_path):
+  codebook = ImageCodebook(grid=8, cells=2)
+  assert len({tuple(colour) for colour in codebook.palette}) == codebook.codes_used
+  rng = np.random.default_rng(2)
+  codes = np.concatenate([codebook.encode(scenes_lib.random_scene(rng, 2), rng)[:32],
+                          np.linspace(0, codebook.codes_used - 1, 32).astype(np.int32)])
+  for pixels in (1, 3, 8):
+    codebook.save_png(codes, tmp_path / "scene.png", pixels_per_code=pixels)
+    np.testing.assert_array_equal(codebook.load_png(tmp_path / "scene.png"), codes)
+  with pytest.raises(ValueError, match="image is 12x12 pixels; .* multiple of 8"):
+    codebook.from_rgb(np.zeros((12, 12, 3), np.uint8))
+  (tmp_path / "not.png").write_text("hello")
+  with pytest.raises(ValueError, match="not.png: not a readable image"):
+    codebook.load_png(tmp_path / "not.png")
+
+
 def test_speech_round_trip_every_speaker():
   lexicon = scenes_lib.lexicon(3)
   speech = SpeechCodebook(lexicon, 256)

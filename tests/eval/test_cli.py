@@ -83,6 +83,23 @@ def test_generate_t2i_tts_and_a_batch_from_jsonl(trained, tmp_path):
   assert "batch" in done.stderr  # the progress bar
 
 
+def test_a_png_image_reads_as_its_codes(trained, tmp_path):
+  workdir, data = trained
+  manifest = json.loads((data / "heldout" / "manifest.json").read_text())
+  offset, size = manifest["vocab"]["image_offset"], manifest["vocab"]["n_image_codes"]
+  prompt = read_samples(data / "heldout", "caption", 1)[0].prompt
+  codes = (prompt[(prompt >= offset) & (prompt < offset + size)] - offset).tolist()
+  ToyWorldSpec(n=20, seed=0, grid=8).images.save_png(codes, tmp_path / "scene.png")
+  requests = tmp_path / "images.jsonl"
+  requests.write_text(json.dumps({"image": "scene.png"}) + "\n"
+                      + json.dumps({"image_codes": codes}) + "\n")
+  done = omnijax("generate", "--checkpoint", workdir, "--task", "caption", "--input", requests,
+                 "--steps", 2, "--out", tmp_path / "out")
+  assert done.returncode == 0, done.stderr
+  from_png, from_codes = map(json.loads, (tmp_path / "out" / "results.jsonl").read_text().split("\n")[:2])
+  assert from_png["canvas"] == from_codes["canvas"]
+
+
 def test_bad_requests_get_one_clear_line(trained, tmp_path):
   workdir, _ = trained
   requests = tmp_path / "bad.jsonl"
@@ -91,6 +108,7 @@ def test_bad_requests_get_one_clear_line(trained, tmp_path):
       (("--task", "t2i", "--input", requests), f"{requests}:2: unknown key 'txt'"),
       (("--task", "asr"), "task asr needs speech codes"),
       (("--task", "vqa", "--text", "what?", "--image-codes", "1,2,x"), "--image-codes '1,2,x'"),
+      (("--task", "caption", "--image", requests), f"{requests}: not a readable image"),
   ]:
     done = omnijax("generate", "--checkpoint", workdir, *args, "--out", tmp_path / "o")
     assert done.returncode == 2, done.stderr

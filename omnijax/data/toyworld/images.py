@@ -8,6 +8,7 @@ code sits. Each cell of the scene grid is a patch of grid // cells codes.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 
 import numpy as np
@@ -98,20 +99,60 @@ class ImageCodebook:
       things.append(Thing(cell, SHAPES[shape], COLOURS[colour]))
     return Scene(tuple(things), self.cells)
 
+  @functools.cached_property
+  def palette(self) -> np.ndarray:
+    """uint8 [codes_used, 3]: one distinct colour per code, so a PNG maps back to its codes.
+
+    Greys for the background tones; an object code is its colour at a shade set by shape and
+    quadrant (quadrants visible, so a misplaced code shows). Shades differ by 0.04, at least 7
+    levels in the colour's dominant channel, so no two codes round to the same RGB.
+    """
+    palette = np.zeros((self.codes_used, 3))
+    palette[:self.background_codes] = 0.9 - 0.06 * np.arange(self.background_codes)[:, None]
+    for s, shape in enumerate(SHAPES):
+      for colour in COLOURS:
+        for quadrant in range(QUADRANTS):
+          shade = 1.0 - 0.04 * (QUADRANTS * s + quadrant)
+          palette[self._object_code(shape, colour, quadrant)] = np.array(_RGB[colour]) * shade
+    return (palette * 255).round().astype(np.uint8)
+
   def to_rgb(self, codes, pixels_per_code: int = 8) -> np.ndarray:
     """Codes -> uint8 RGB image; codes outside the used range show as black."""
     grid = np.asarray(codes).reshape(self.grid, self.grid)
-    palette = np.zeros((self.codes_used, 3))
-    palette[:self.background_codes] = 0.9 - 0.06 * np.arange(self.background_codes)[:, None]
-    for shape in SHAPES:
-      for colour in COLOURS:
-        for quadrant in range(QUADRANTS):
-          shade = 1.0 - 0.08 * quadrant  # quadrants visible, so a misplaced code shows
-          palette[self._object_code(shape, colour, quadrant)] = np.array(_RGB[colour]) * shade
     valid = (grid >= 0) & (grid < self.codes_used)
-    rgb = np.where(valid[..., None], palette[np.clip(grid, 0, self.codes_used - 1)], 0.0)
+    rgb = np.where(valid[..., None], self.palette[np.clip(grid, 0, self.codes_used - 1)], 0)
     rgb = np.repeat(np.repeat(rgb, pixels_per_code, axis=0), pixels_per_code, axis=1)
-    return (rgb * 255).round().astype(np.uint8)
+    return rgb.astype(np.uint8)
+
+  def from_rgb(self, rgb) -> np.ndarray:
+    """RGB image (what `to_rgb` draws, at any pixels per code) -> int32 [grid * grid] codes.
+
+    Each code's square of pixels is averaged and takes the nearest palette colour, so a
+    resaved or lightly retouched image still reads back.
+    """
+    rgb = np.asarray(rgb)
+    if rgb.ndim != 3 or rgb.shape[2] < 3:
+      raise ValueError(f"expected an RGB image, got an array of shape {rgb.shape}")
+    height, width = rgb.shape[:2]
+    if height != width or height % self.grid:
+      raise ValueError(f"image is {width}x{height} pixels; the toy world's images are square "
+                       f"with a multiple of {self.grid} pixels a side")
+    size = height // self.grid
+    blocks = rgb[..., :3].astype(np.float64).reshape(self.grid, size, self.grid, size, 3)
+    means = blocks.mean(axis=(1, 3)).reshape(-1, 1, 3)
+    distances = ((means - self.palette[None].astype(np.float64)) ** 2).sum(-1)
+    return distances.argmin(-1).astype(np.int32)
+
+  def load_png(self, path: str | os.PathLike) -> np.ndarray:
+    from PIL import Image
+
+    try:
+      with Image.open(path) as image:
+        return self.from_rgb(np.asarray(image.convert("RGB")))
+    except OSError as e:  # PIL's UnidentifiedImageError included
+      raise ValueError(f"{path}: not a readable image ({e})") from None
+    except ValueError as e:
+      raise ValueError(f"{path}: {e}") from None
 
   def save_png(self, codes, path: str | os.PathLike, pixels_per_code: int = 8) -> None:
     from PIL import Image  # a matplotlib dependency, so always present with omnijax
