@@ -61,14 +61,19 @@ def test_sharded_kernel_compiles_for_tpu(topology, dtype, kernel):
   assert compiled.cost_analysis()["flops"] > 0
 
 
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
-def test_triton_kernels_lower_for_cuda(dtype):
+@pytest.mark.parametrize("dtype,blocks,head_dim", [
+    (jnp.bfloat16, (64, 32), 96),
+    (jnp.float32, (64, 32), 96),
+    (jnp.bfloat16, (128, 128), 128),  # the tuning table's H200 blocks at its head dim
+])
+def test_triton_kernels_lower_for_cuda(dtype, blocks, head_dim):
   """Cross-platform lowering runs the whole Pallas -> Triton IR lowering (shape and op checks);
   only compiling that IR to PTX needs a GPU."""
-  q = jax.ShapeDtypeStruct((2, 200, 4, 96), dtype)
-  kv = jax.ShapeDtypeStruct((2, 200, 2, 96), dtype)
-  segment_ids = jax.ShapeDtypeStruct((2, 200), jnp.int32)
-  kernel = functools.partial(flash_attention, platform="gpu", block_q=64, block_k=32)
+  q = jax.ShapeDtypeStruct((2, 300, 4, head_dim), dtype)
+  kv = jax.ShapeDtypeStruct((2, 300, 2, head_dim), dtype)
+  segment_ids = jax.ShapeDtypeStruct((2, 300), jnp.int32)
+  kernel = functools.partial(flash_attention, platform="gpu", block_q=blocks[0],
+                             block_k=blocks[1])
   lowered = jax.jit(_forward_and_backward(kernel)).trace(q, kv, kv, segment_ids).lower(
       lowering_platforms=("cuda",))
   # Forward, dQ and dK/dV kernels.
