@@ -22,10 +22,10 @@ import math
 import jax
 import jax.numpy as jnp
 
-from omnijax.kernels import flash_gpu, flash_tpu, tuning
+from omnijax.kernels import flash_gpu, flash_mgpu, flash_tpu, tuning
 from omnijax.kernels.block_sparsity import block_overlap
 
-PLATFORMS = {"tpu": flash_tpu, "gpu": flash_gpu}
+PLATFORMS = {"tpu": flash_tpu, "gpu": flash_gpu, "mosaic_gpu": flash_mgpu}
 
 
 @dataclasses.dataclass(frozen=True)
