@@ -29,8 +29,10 @@ REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_except_mlp", "save_att
 #   pallas: omnijax's Pallas flash attention (TPU Mosaic / GPU Triton; interpreted on CPU);
 #   splash: JAX's TPU splash attention (interpreted on CPU);
 #   cudnn: cuDNN fused attention, GPU only;
+#   mosaic_gpu: omnijax's Hopper flash attention in Pallas' Mosaic GPU lowering (H100/H200,
+#     16-bit inputs); opt-in only, `auto` never picks it;
 #   auto: the fastest correct one for the platform and row kind (omnijax.kernels.attention).
-ATTENTION_BACKENDS: tuple[str, ...] = ("xla", "pallas", "splash", "cudnn", "auto")
+ATTENTION_BACKENDS: tuple[str, ...] = ("xla", "pallas", "splash", "cudnn", "mosaic_gpu", "auto")
 # The tasks omnijax trains on. The order defines task indices in shard headers and the
 # `task_ids` batch field, so append new tasks at the end.
 TASKS: tuple[str, ...] = ("t2i", "caption", "vqa", "asr", "tts", "s2i", "svqa")

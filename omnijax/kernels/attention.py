@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from omnijax.config import ATTENTION_BACKENDS
-from omnijax.kernels import tuning
+from omnijax.kernels import flash_mgpu, tuning
 from omnijax.kernels.cudnn import cudnn_attention
 from omnijax.kernels.flash import flash_attention
 from omnijax.kernels.reference import xla_attention
@@ -37,6 +37,8 @@ _ROWS = contextvars.ContextVar("attention_rows", default="packed")
 # cuDNN's fused attention takes 16-bit inputs and head dims up to 128 only.
 CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 CUDNN_MAX_HEAD_DIM = 128
+# Backends that refuse any other platform (at trace time, when the platform is known).
+GPU_ONLY = ("cudnn", "mosaic_gpu")
 
 
 @contextlib.contextmanager
@@ -58,8 +60,8 @@ def get_attention(name: str) -> AttentionFn:
     return xla_attention
   if name not in ATTENTION_BACKENDS:
     raise ValueError(f"model.attention={name!r} is not one of {ATTENTION_BACKENDS}")
-  if name != "auto":
-    kernel_for(name, "tpu" if name != "cudnn" else "gpu")  # unknown names fail at construction
+  if name not in ("auto", *GPU_ONLY):
+    kernel_for(name, "tpu")  # unknown names fail at construction
 
   def attend(q, k, v, segment_ids):
     platform, device_kind, rows = mesh_platform(), mesh_device_kind(), _ROWS.get()
@@ -83,6 +85,8 @@ def resolve_auto(platform: str, rows: str, *, device_kind: str, head_dim: int, l
   (what every TPU config runs). GPU: the tuning table's measured winner for the device and shape
   class; without an entry, pallas for packed rows (its block skipping beats cuDNN's dense mask)
   and cuDNN for dense rows; always pallas where cuDNN cannot run (32-bit inputs, head dim > 128).
+  Never mosaic_gpu: its values are verified only by lowering until a GPU session runs its
+  numerics (benchmarks/gpu_checks.sh); it stays an explicit opt-in until then.
   """
   if rows not in tuning.ROW_KINDS:
     raise ValueError(f"attention rows={rows!r}: expected one of {tuning.ROW_KINDS}")
@@ -150,4 +154,10 @@ def kernel_for(name: str, platform: str, *, rows: str = "packed",
       raise ValueError(f"attention='cudnn' needs a GPU, but the platform is {platform!r}; "
                        "use 'xla', or 'pallas'/'splash' on TPU")
     return cudnn_attention
+  if name == "mosaic_gpu":
+    reason = flash_mgpu.unavailable_reason(platform, device_kind)
+    if reason:
+      raise ValueError(f"attention='mosaic_gpu' cannot run: {reason}; use 'pallas' or 'cudnn'")
+    return shard_over_mesh(functools.partial(flash_attention, platform="mosaic_gpu", rows=rows,
+                                             device_kind=device_kind))
   raise ValueError(f"no kernel backend named {name!r}")

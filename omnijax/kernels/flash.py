@@ -4,7 +4,8 @@ This module owns what is the same on every platform: argument checks, padding th
 whole blocks (padding tokens get segment id 0, so they are never attended and their rows are
 zero), the block-sparsity tables, the softmax scale, the backward's row term
 delta = sum(dO * O), and the `jax.custom_vjp` wiring (reverse-mode autodiff of `pallas_call`
-is not supported). A platform module (`flash_tpu`, `flash_gpu`) supplies the kernels:
+is not supported). A platform module (`flash_tpu`, `flash_gpu`, `flash_mgpu`) supplies the
+kernels:
 
   DEFAULT_BLOCK, fit_block(requested, length) -> block size legal for the platform
   forward(q, k, v, segment_ids, overlap, *, plan) -> (out, lse [B, Hq, L] fp32)
@@ -26,6 +27,9 @@ from omnijax.kernels import flash_gpu, flash_mgpu, flash_tpu, tuning
 from omnijax.kernels.block_sparsity import block_overlap
 
 PLATFORMS = {"tpu": flash_tpu, "gpu": flash_gpu, "mosaic_gpu": flash_mgpu}
+# The kernels the tuning table's blocks were measured for (benchmarks/attention.py --tune);
+# the others keep their own blocks.
+TUNED_PLATFORMS = ("tpu", "gpu")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,9 +49,10 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.A
   """Segment-masked bidirectional attention; same contract as `xla_attention`.
 
   q [B, L, Hq, D], k/v [B, L, Hkv, D] with Hq a multiple of Hkv, segment_ids int32 [B, L].
-  `platform` picks the kernel ("tpu": Mosaic, "gpu": Triton); by default the one for
-  `jax.default_backend()`, with the TPU kernel on CPU (only useful with interpret=True).
-  Blocks not given come from the tuning table's entry for `device_kind` (default: the first
+  `platform` picks the kernel ("tpu": Mosaic, "gpu": Triton, "mosaic_gpu": Hopper Mosaic GPU
+  for 16-bit inputs, no interpret mode); by default the one for `jax.default_backend()`, with
+  the TPU kernel on CPU (only useful with interpret=True). Blocks not given come from the
+  tuning table's entry (Triton and TPU kernels) for `device_kind` (default: the first
   device's), this head dim and length, and `rows` ("packed" or "dense"), else the platform's
   default.
   """
@@ -63,7 +68,9 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.A
   if segment_ids.shape != (batch, length):
     raise ValueError(f"segment_ids {segment_ids.shape} should be {(batch, length)}")
 
-  tuned = tuning.lookup(device_kind or jax.devices()[0].device_kind, head_dim, length, rows)
+  tuned = None
+  if platform in TUNED_PLATFORMS:
+    tuned = tuning.lookup(device_kind or jax.devices()[0].device_kind, head_dim, length, rows)
   block_q = kernels.fit_block(block_q or (tuned.block_q if tuned else kernels.DEFAULT_BLOCK),
                               length)
   block_k = kernels.fit_block(block_k or (tuned.block_k if tuned else kernels.DEFAULT_BLOCK),

@@ -67,9 +67,12 @@ def fit_block(requested: int, length: int) -> int:
   return requested
 
 
-def _check_inputs(q):
+def _check_inputs(q, plan):
   if jnp.dtype(q.dtype) not in map(jnp.dtype, SUPPORTED_DTYPES):
     raise ValueError(f"attention='mosaic_gpu' takes bfloat16 or float16 inputs, got {q.dtype}")
+  if plan.interpret:
+    raise ValueError("the Mosaic GPU kernel has no interpret mode (its TMA and WGMMA primitives "
+                     "do not run interpreted); test it on CPU by lowering for CUDA")
 
 
 def _pad_head_dim(x):
@@ -140,7 +143,7 @@ def _pipeline(body, context, grid, in_specs):
 
 
 def forward(q, k, v, segment_ids, overlap, *, plan):
-  _check_inputs(q)
+  _check_inputs(q, plan)
   batch, length, q_heads, head_dim = q.shape
   group = q_heads // k.shape[2]
   q, k, v = (_pad_head_dim(x) for x in (q, k, v))

@@ -1,5 +1,5 @@
-"""The sharded Pallas kernels compile for real TPU topologies (Mosaic), and the Triton kernels
-lower for CUDA, all on this CPU-only machine."""
+"""The sharded Pallas kernels compile for real TPU topologies (Mosaic), and the Triton and Mosaic
+GPU (Hopper) kernels lower for CUDA, all on this CPU-only machine."""
 
 import functools
 
@@ -78,3 +78,42 @@ def test_triton_kernels_lower_for_cuda(dtype, blocks, head_dim):
       lowering_platforms=("cuda",))
   # Forward, dQ and dK/dV kernels.
   assert lowered.as_text().count("custom_call @__gpu$xla.gpu.triton") == 3
+
+
+# (batch, length, q heads, kv heads, head dim): lengths off the 128 blocks (padded rows), GQA
+# ratios 1 to 8, head dims 64, 128 and 96 (zero-padded to 128). Which rows are packed, dense or
+# padding is data the same lowered program reads at run time (its block schedule), so shapes
+# are what lowering can vary; the values are tested on a GPU (test_flash.py).
+MGPU_SHAPES = [(2, 300, 8, 2, 128), (1, 256, 4, 4, 64), (2, 200, 8, 1, 64), (1, 128, 2, 1, 96)]
+
+
+@pytest.mark.parametrize("shape", MGPU_SHAPES, ids=lambda s: "B{}_L{}_H{}/{}_D{}".format(*s))
+def test_mosaic_gpu_kernels_lower_for_cuda(shape):
+  """Lowering runs the whole Pallas -> Mosaic GPU lowering: WGMMA operand layouts (tiling,
+  swizzle, transposes), TMA shapes and the shared-memory budget are all checked here; only
+  compiling to SASS and running needs a Hopper GPU."""
+  batch, length, q_heads, kv_heads, head_dim = shape
+  q = jax.ShapeDtypeStruct((batch, length, q_heads, head_dim), jnp.bfloat16)
+  kv = jax.ShapeDtypeStruct((batch, length, kv_heads, head_dim), jnp.bfloat16)
+  segment_ids = jax.ShapeDtypeStruct((batch, length), jnp.int32)
+  kernel = functools.partial(flash_attention, platform="mosaic_gpu")
+  forward = jax.jit(kernel).trace(q, kv, kv, segment_ids).lower(lowering_platforms=("cuda",))
+  grads = jax.jit(jax.grad(lambda *args: jnp.sum(kernel(*args).astype(jnp.float32)),
+                           argnums=(0, 1, 2)))
+  backward = grads.trace(q, kv, kv, segment_ids).lower(lowering_platforms=("cuda",)).as_text()
+
+  assert forward.as_text().count("custom_call @mosaic_gpu") == 1
+  # jax.grad through the custom VJP: the forward (for lse), dQ and dK/dV kernels, no Triton.
+  assert backward.count("custom_call @mosaic_gpu") == 3
+  assert "triton" not in backward
+  for name in ("flash_attention_mgpu_fwd", "flash_attention_mgpu_dq", "flash_attention_mgpu_dkv"):
+    assert name in backward
+
+
+def test_mosaic_gpu_lowering_checks_shared_memory():
+  """The check above has teeth: blocks whose pipeline outgrows Hopper's shared memory fail."""
+  q = jax.ShapeDtypeStruct((1, 512, 2, 128), jnp.bfloat16)
+  segment_ids = jax.ShapeDtypeStruct((1, 512), jnp.int32)
+  kernel = functools.partial(flash_attention, platform="mosaic_gpu", block_q=256, block_k=256)
+  with pytest.raises(ValueError, match="exceeds available shared memory"):
+    jax.jit(kernel).trace(q, q, q, segment_ids).lower(lowering_platforms=("cuda",))

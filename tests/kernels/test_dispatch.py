@@ -53,7 +53,7 @@ def test_sharded_kernel_matches_xla(mesh, backend):
 
 
 def test_backend_names_and_cudnn_needs_a_gpu():
-  assert set(ATTENTION_BACKENDS) == {"xla", "pallas", "splash", "cudnn", "auto"}
+  assert set(ATTENTION_BACKENDS) == {"xla", "pallas", "splash", "cudnn", "mosaic_gpu", "auto"}
   assert get_attention("xla") is xla_attention
   q = jnp.zeros((1, 8, 2, 16))
   segment_ids = jnp.ones((1, 8), jnp.int32)

@@ -2,7 +2,9 @@
 
 On a GPU (benchmarks/gpu_checks.sh runs this file with JAX_PLATFORMS=cuda) the compiled Triton
 kernel joins, with the test's small blocks and with the tuning table's, and cuDNN joins the
-bf16 test (it takes no fp32). fp32 matmuls run at full precision (no TF32) on every side."""
+bf16 test (it takes no fp32). On a Hopper GPU the Mosaic GPU kernel (16-bit only, no interpret
+mode) joins the bf16 test and gets its own bf16 test over every shape. fp32 matmuls run at full
+precision (no TF32) on every side."""
 
 import functools
 
@@ -11,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from omnijax.kernels import flash_attention, splash_attention
+from omnijax.kernels import flash_attention, flash_mgpu, splash_attention
 from omnijax.kernels.cudnn import cudnn_attention
 from omnijax.kernels.reference import xla_attention
 from kernel_segments import random_segment_ids
@@ -30,6 +32,11 @@ if jax.default_backend() == "gpu":
                                               block_k=16)
   KERNELS["gpu-compiled-tuned"] = functools.partial(flash_attention, platform="gpu")
   BF16_KERNELS = dict(KERNELS, cudnn=cudnn_attention)
+HOPPER = (jax.default_backend() == "gpu" and
+          flash_mgpu.unavailable_reason("gpu", jax.devices()[0].device_kind) is None)
+MOSAIC_GPU = functools.partial(flash_attention, platform="mosaic_gpu")
+if HOPPER:
+  BF16_KERNELS["mosaic-gpu-compiled"] = MOSAIC_GPU
 
 # (batch, length, q heads, kv heads, head dim, segments per row): odd lengths, GQA ratios
 # 1 to 8, up to 12 segments in a row, and (batch > 1) a last row that is all padding.
@@ -93,6 +100,18 @@ def test_dense_rows_match_xla(kernel):
     assert _max_error(grad, ref_grad) <= 1e-4, name
 
 
+def _assert_bf16_matches_xla_in_fp32(attention, q, k, v, segment_ids, weights):
+  out, grads = _value_and_grads(attention, q, k, v, segment_ids, weights)
+  as_fp32 = lambda x: x.astype(jnp.float32)
+  ref_out, ref_grads = _value_and_grads(xla_attention, *map(as_fp32, (q, k, v)), segment_ids,
+                                        weights)
+  assert out.dtype == jnp.bfloat16 and all(g.dtype == jnp.bfloat16 for g in grads)
+  for got, want in zip((out, *grads), (ref_out, *ref_grads)):
+    assert bool(jnp.all(jnp.isfinite(as_fp32(got))))
+    assert _max_error(got, want) <= 1.6e-2 * float(jnp.max(jnp.abs(want)))
+  return out, grads
+
+
 @pytest.mark.parametrize("kernel", sorted(BF16_KERNELS))
 def test_bf16_matches_xla_in_fp32(kernel):
   """bf16 inputs vs the fp32 reference on the same (bf16-rounded) inputs.
@@ -103,14 +122,24 @@ def test_bf16_matches_xla_in_fp32(kernel):
   largest reference value. Measured worst case: 6.3e-3 (dq).
   """
   q, k, v, segment_ids, weights = _inputs((2, 200, 4, 2, 64, 6), jnp.bfloat16, seed=7)
-  out, grads = _value_and_grads(BF16_KERNELS[kernel], q, k, v, segment_ids, weights)
-  as_fp32 = lambda x: x.astype(jnp.float32)
-  ref_out, ref_grads = _value_and_grads(xla_attention, *map(as_fp32, (q, k, v)), segment_ids,
-                                        weights)
-  assert out.dtype == jnp.bfloat16 and all(g.dtype == jnp.bfloat16 for g in grads)
-  for got, want in zip((out, *grads), (ref_out, *ref_grads)):
-    assert bool(jnp.all(jnp.isfinite(as_fp32(got))))
-    assert _max_error(got, want) <= 1.6e-2 * float(jnp.max(jnp.abs(want)))
+  _assert_bf16_matches_xla_in_fp32(BF16_KERNELS[kernel], q, k, v, segment_ids, weights)
+
+
+@pytest.mark.skipif(not HOPPER, reason="the Mosaic GPU kernel runs only on a Hopper GPU "
+                    "(test_aot.py lowers it for CUDA on CPU)")
+@pytest.mark.parametrize("rows", ["packed", "dense", "padding"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}_L{}_H{}/{}_D{}_S{}".format(*s))
+def test_mosaic_gpu_bf16_matches_xla_in_fp32(shape, rows):
+  """Every shape (GQA, head dims 32 to 128, odd lengths) with packed rows (and an all-padding
+  last row), dense rows and all padding: values and grads as in the bf16 test above, padding
+  rows exactly zero and padding keys without gradient."""
+  q, k, v, segment_ids, weights = _inputs(shape, jnp.bfloat16, seed=shape[1])
+  if rows != "packed":
+    segment_ids = jnp.full(segment_ids.shape, int(rows == "dense"), jnp.int32)
+  out, grads = _assert_bf16_matches_xla_in_fp32(MOSAIC_GPU, q, k, v, segment_ids, weights)
+  padding = (segment_ids == 0)[:, :, None, None]
+  for x in (out, grads[1], grads[2]):
+    assert not bool(jnp.any(jnp.where(padding, x, 0)))
 
 
 def test_all_padding_gives_zeros_not_nan():
