@@ -2,7 +2,9 @@
 
 Default (needs a GPU): L = 4096 and 16384, D = 128, bf16, rows holding one segment ("dense") and
 rows packed with 8 ("packed"). Every backend runs in this process on the same inputs; ratios
-are to cuDNN's time (to XLA's without a GPU). `--tune` instead measures the Pallas kernel's
+are to cuDNN's time (to XLA's without a GPU). On a Hopper GPU the Mosaic GPU kernel
+(`mosaic_gpu`) joins, with its ratio to the Triton kernel; a backend that fails to compile or
+run prints one line and the others go on. `--tune` instead measures the Pallas kernel's
 candidate block sizes per length and row kind against cuDNN (XLA without a GPU) and merges the
 winners into the tuning table (omnijax/kernels/tuning.json) under this device's kind.
 
@@ -22,7 +24,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from omnijax.kernels import flash_attention, tuning
+from omnijax.kernels import flash_attention, flash_mgpu, tuning
 from omnijax.kernels.cudnn import cudnn_attention
 from omnijax.kernels.reference import xla_attention
 
@@ -102,8 +104,14 @@ def _xla_fits(args, length):
   return args.batch * args.heads * length * length * 4 <= XLA_MAX_SCORE_BYTES
 
 
+def _hopper(on_gpu):
+  return on_gpu and flash_mgpu.unavailable_reason("gpu", jax.devices()[0].device_kind) is None
+
+
 def _compare(args, on_gpu):
-  print(f"{'L':>6} {'rows':>6} {'backend':>7} {'fwd ms':>9} {'x base':>6} {'fwd+bwd ms':>11} "
+  if not _hopper(on_gpu):
+    print("mosaic_gpu: skipped (needs a Hopper GPU)")
+  print(f"{'L':>6} {'rows':>6} {'backend':>10} {'fwd ms':>9} {'x base':>6} {'fwd+bwd ms':>11} "
         f"{'x base':>6} {'max|out-ref|':>12}")
   for length in args.lengths:
     q, k, v = _inputs(args, length)
@@ -113,24 +121,34 @@ def _compare(args, on_gpu):
       if _xla_fits(args, length):
         backends["xla"] = xla_attention
       else:
-        print(f"{length:>6} {rows:>6} {'xla':>7} skipped: fp32 [B, H, L, L] scores of "
+        print(f"{length:>6} {rows:>6} {'xla':>10} skipped: fp32 [B, H, L, L] scores of "
               f"{args.batch * args.heads * length * length * 4 / 2**30:.0f} GiB")
       if on_gpu:
         backends["cudnn"] = cudnn_attention
       backends["pallas"] = _pallas(args, rows, args.block_q, args.block_k)
+      if _hopper(on_gpu):
+        backends["mosaic_gpu"] = functools.partial(flash_attention, platform="mosaic_gpu")
       base_name = "cudnn" if on_gpu else "xla"
       times, reference = {}, None
       for name, attention in backends.items():
-        forward = _median_ms(jax.jit(attention), q, k, v, segment_ids, repeats=args.repeats)
-        both = _median_ms(jax.jit(_forward_backward(attention)), q, k, v, segment_ids,
-                          repeats=args.repeats)
+        try:
+          forward = _median_ms(jax.jit(attention), q, k, v, segment_ids, repeats=args.repeats)
+          both = _median_ms(jax.jit(_forward_backward(attention)), q, k, v, segment_ids,
+                            repeats=args.repeats)
+        except Exception as e:  # noqa: BLE001 -- an unverified backend must not stop the others
+          print(f"{length:>6} {rows:>6} {name:>10} failed: {str(e).splitlines()[0][:200]}")
+          continue
         times[name] = (forward, both)
         out = jax.jit(attention)(q, k, v, segment_ids).astype(jnp.float32)
         reference = out if reference is None else reference
         error = float(jnp.max(jnp.abs(out - reference)))
         base = times.get(base_name, (forward, both))
-        print(f"{length:>6} {rows:>6} {name:>7} {forward:>9.3f} {base[0] / forward:>6.2f} "
+        print(f"{length:>6} {rows:>6} {name:>10} {forward:>9.3f} {base[0] / forward:>6.2f} "
               f"{both:>11.3f} {base[1] / both:>6.2f} {error:>12.2e}")
+      if "mosaic_gpu" in times and "pallas" in times:
+        (pallas_fwd, pallas_both), (mosaic_fwd, mosaic_both) = times["pallas"], times["mosaic_gpu"]
+        print(f"{length:>6} {rows:>6} mosaic_gpu x pallas (Triton): fwd "
+              f"{pallas_fwd / mosaic_fwd:.2f}, fwd+bwd {pallas_both / mosaic_both:.2f}")
   print(f"x base: {'cuDNN' if on_gpu else 'XLA'}'s time divided by the backend's (above 1 means "
         "faster); ref: the first backend's output (xla where it fits)")
 

@@ -3,16 +3,18 @@
 # or H200), each part under its own timeout, everything written to one results directory:
 #
 #   1 numerics  tests/kernels/test_flash.py on the GPU: the compiled Triton kernel (small and
-#               tuned blocks; fwd + grads; dense, packed and padded rows; GQA) and cuDNN (bf16)
-#               against the reference
-#   2 attention benchmarks/attention.py: pallas vs cuDNN vs XLA, fwd and fwd+bwd, dense and
-#               packed rows, L = 4096 and 16384 (B4, 16 heads, D128, bf16)
+#               tuned blocks; fwd + grads; dense, packed and padded rows; GQA), cuDNN (bf16)
+#               and, on Hopper, the Mosaic GPU kernel (bf16, every shape and row kind) against
+#               the reference
+#   2 attention benchmarks/attention.py: pallas vs cuDNN vs XLA (and mosaic_gpu on Hopper, with
+#               its ratio to pallas), fwd and fwd+bwd, dense and packed rows, L = 4096 and
+#               16384 (B4, 16 heads, D128, bf16)
 #   3 tune      benchmarks/attention.py --tune: candidate blocks per length and row kind, into
 #               RESULTS/tuning.json (the package's table merged with this device's entries),
 #               which the train-step parts then use; copy it to omnijax/kernels/tuning.json
 #   4 train-1b  benchmarks/gpu_train_step.py --preset 1b, 4 x 4096 tokens in rows of 8
 #               segments: pallas, cudnn, xla beside the PyTorch twin, MFU, a profile
-#   5 train-7b  the same for omni7b widths with 4 layers
+#   5 train-7b  the same for omni7b widths with 4 layers, pallas and cudnn (train-1b has xla)
 #
 #   bash benchmarks/gpu_checks.sh [RESULTS_DIR] [PART ...]   # default: gpu_results, all parts
 #
@@ -49,20 +51,20 @@ run() {  # run NAME SECONDS COMMAND...: one part, its output in RESULTS, its sta
 for part in $PARTS; do
   case $part in
     numerics)  # the interpret-mode kernels run in CI already
-      run numerics 100 $PYTHON -m pytest -q -p no:cacheprovider tests/kernels/test_flash.py \
-        -k "compiled or cudnn" ;;
-    attention) run attention 110 $PYTHON benchmarks/attention.py --repeats 10 ;;
+      run numerics 130 $PYTHON -m pytest -q -p no:cacheprovider tests/kernels/test_flash.py \
+        -k "compiled or cudnn or mosaic" ;;
+    attention) run attention 135 $PYTHON benchmarks/attention.py --repeats 10 ;;
     tune)
       cp omnijax/kernels/tuning.json "$RESULTS/tuning.json"
-      run tune 120 $PYTHON benchmarks/attention.py --tune --repeats 5 --table "$RESULTS/tuning.json"
+      run tune 105 $PYTHON benchmarks/attention.py --tune --repeats 5 --table "$RESULTS/tuning.json"
       # The train steps (and `auto`) of this run use what was just measured.
       cp "$RESULTS/tuning.json" omnijax/kernels/tuning.json ;;
     train-1b)
-      run train-1b 130 $PYTHON benchmarks/gpu_train_step.py --preset 1b --batch 4 --seq-len 4096 \
+      run train-1b 120 $PYTHON benchmarks/gpu_train_step.py --preset 1b --batch 4 --seq-len 4096 \
         --steps 5 --attention pallas,cudnn,xla --profile "$RESULTS/profile-1b" ;;
     train-7b)
-      run train-7b 130 $PYTHON benchmarks/gpu_train_step.py --preset omni7b --batch 4 \
-        --seq-len 4096 --steps 5 --attention pallas,cudnn,xla model.num_layers=4 ;;
+      run train-7b 100 $PYTHON benchmarks/gpu_train_step.py --preset omni7b --batch 4 \
+        --seq-len 4096 --steps 5 --attention pallas,cudnn model.num_layers=4 ;;
     *) echo "unknown part $part (numerics attention tune train-1b train-7b)"; failed=$((failed + 1)) ;;
   esac
 done
