@@ -41,7 +41,14 @@ COMPUTE_WARPGROUPS = 2
 # this kernel keeps its own; 128 is also FA3's choice on Hopper for head dims up to 128.
 DEFAULT_BLOCK = WARPGROUP_ROWS * COMPUTE_WARPGROUPS
 HEAD_DIM_MULTIPLE = 64  # one 128-byte swizzled row of 16-bit elements
+# Wider heads overflow shared memory even at the smallest blocks (2 x 128-row K and V blocks in
+# flight plus the queries: 245 KiB at 192 > Hopper's 227 KiB).
+MAX_HEAD_DIM = 128
 PIPELINE_STEPS = 2  # blocks in flight: 2 keeps fwd+bwd shared memory under Hopper's 227 KiB
+# Rows of the other side a backward pipeline step loads (half a 128 block): a backward step
+# holds five [64, step] fp32 tiles besides its accumulators, which only fit the registers at
+# 64 (FA3's backward blocks); the schedule still skips whole 128 blocks.
+BACKWARD_STEP = 64
 MEMORY_REGISTERS = 40  # the TMA warpgroup needs few; the compute warpgroups get the rest
 LOG2E = math.log2(math.e)
 SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16)
@@ -70,6 +77,9 @@ def fit_block(requested: int, length: int) -> int:
 def _check_inputs(q, plan):
   if jnp.dtype(q.dtype) not in map(jnp.dtype, SUPPORTED_DTYPES):
     raise ValueError(f"attention='mosaic_gpu' takes bfloat16 or float16 inputs, got {q.dtype}")
+  if q.shape[-1] > MAX_HEAD_DIM:
+    raise ValueError(f"attention='mosaic_gpu' takes head dims up to {MAX_HEAD_DIM}, got "
+                     f"{q.shape[-1]}; use 'pallas'")
   if plan.interpret:
     raise ValueError("the Mosaic GPU kernel has no interpret mode (its TMA and WGMMA primitives "
                      "do not run interpreted); test it on CPU by lowering for CUDA")
@@ -171,6 +181,7 @@ def forward(q, k, v, segment_ids, overlap, *, plan):
       # As fm.finish: rows that saw no key (padding) give output 0 and lse 0.
       seen = l > 0
       safe_l = jnp.where(seen, l, 1.0)
+      # Q is no longer read: its buffer stages the output for the TMA store.
       q_smem[...] = (acc / lax.broadcast_in_dim(safe_l, acc.shape, [0])).astype(q_smem.dtype)
       lse_smem[...] = jnp.where(seen, (m + jnp.log2(safe_l)) / LOG2E, 0.0)
       plgpu.commit_smem()
@@ -227,7 +238,7 @@ def _dq(q, k, v, d_out, lse, delta, segment_ids, schedule, counts, *, plan):
   """dQ: one CTA per query block, pipelining the K/V blocks that share a segment with it."""
   batch, length, q_heads, width = q.shape
   group = q_heads // k.shape[2]
-  rows, block_k = plan.block_q // COMPUTE_WARPGROUPS, plan.block_k
+  rows, steps_per_block = plan.block_q // COMPUTE_WARPGROUPS, plan.block_k // BACKWARD_STEP
   score_scale = plan.scale * LOG2E
 
   def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, ids_ref, schedule_ref, counts_ref,
@@ -255,7 +266,7 @@ def _dq(q, k, v, d_out, lse, delta, segment_ids, schedule, counts, *, plan):
     def step(_, k_smem, v_smem, col_ids_smem, carry):
       dq, (row_ids, lse2, delta_rows) = carry
       q_smem, do_smem = q_smem2.at[wg], do_smem2.at[wg]
-      shape = (rows, block_k)
+      shape = (rows, BACKWARD_STEP)
       scores = _matmul(q_smem, plgpu.transpose_ref(k_smem, (1, 0)), shape)
       mask = _mask(row_ids, _row_stat(col_ids_smem, 1), shape)
       probs = jnp.where(mask, jnp.exp2(scores * score_scale
@@ -265,11 +276,11 @@ def _dq(q, k, v, d_out, lse, delta, segment_ids, schedule, counts, *, plan):
       return _accumulate(dq, d_scores.astype(k_smem.dtype), k_smem), carry[1]
 
     kv_head = lax.div(head, jnp.int32(group))
-    needed = lambda t: schedule_ref[b, i, t]
-    _pipeline(step, context, grid=(counts_ref[b, i],), in_specs=[
-        plgpu.BlockSpec((block_k, width), lambda t: (needed(t), 0), transforms=_swizzled()),
-        plgpu.BlockSpec((block_k, width), lambda t: (needed(t), 0), transforms=_swizzled()),
-        plgpu.BlockSpec((block_k,), lambda t: (needed(t),)),
+    needed = lambda t, half: schedule_ref[b, i, t] * steps_per_block + half
+    kv_spec = plgpu.BlockSpec((BACKWARD_STEP, width), lambda t, half: (needed(t, half), 0),
+                              transforms=_swizzled())
+    _pipeline(step, context, grid=(counts_ref[b, i], steps_per_block), in_specs=[
+        kv_spec, kv_spec, plgpu.BlockSpec((BACKWARD_STEP,), lambda t, half: (needed(t, half),)),
     ])(k_ref.at[b, :, kv_head], v_ref.at[b, :, kv_head], ids_ref.at[b])
 
   per_wg = lambda *shape: (COMPUTE_WARPGROUPS, rows, *shape)
@@ -291,7 +302,7 @@ def _dkv(q, k, v, d_out, lse, delta, segment_ids, schedule, counts, *, plan):
   query block) pairs that share a segment with it; the group's sum stays in registers."""
   batch, length, kv_heads, width = k.shape
   group = q.shape[2] // kv_heads
-  rows, block_q = plan.block_k // COMPUTE_WARPGROUPS, plan.block_q
+  rows, steps_per_block = plan.block_k // COMPUTE_WARPGROUPS, plan.block_q // BACKWARD_STEP
   score_scale = plan.scale * LOG2E
 
   def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, ids_ref, schedule_ref, counts_ref,
@@ -320,7 +331,7 @@ def _dkv(q, k, v, d_out, lse, delta, segment_ids, schedule, counts, *, plan):
     def step(_, q_smem, do_smem, lse_smem, delta_smem, col_ids_smem, carry):
       dk, dv, key_ids = carry
       k_smem, v_smem = k_smem2.at[wg], v_smem2.at[wg]
-      shape = (rows, block_q)
+      shape = (rows, BACKWARD_STEP)
       scores_t = _matmul(k_smem, plgpu.transpose_ref(q_smem, (1, 0)), shape)
       mask_t = _mask(key_ids, _row_stat(col_ids_smem, 1), shape)
       lse2 = lax.broadcast_in_dim(_row_stat(lse_smem, 1) * LOG2E, shape, [1])
@@ -331,13 +342,16 @@ def _dkv(q, k, v, d_out, lse, delta, segment_ids, schedule, counts, *, plan):
       d_scores_t = probs_t * (d_probs_t - delta_cols)
       return _accumulate(dk, d_scores_t.astype(q_smem.dtype), q_smem), dv, key_ids
 
-    needed = lambda t: schedule_ref[b, j, t]
+    needed = lambda t, half: schedule_ref[b, j, t] * steps_per_block + half
     q_head = lambda h: kv_head * group + h
-    q_spec = plgpu.BlockSpec((block_q, None, width), lambda h, t: (needed(t), q_head(h), 0),
+    q_spec = plgpu.BlockSpec((BACKWARD_STEP, None, width),
+                             lambda h, t, half: (needed(t, half), q_head(h), 0),
                              transforms=_swizzled())
-    row_spec = plgpu.BlockSpec((None, block_q), lambda h, t: (q_head(h), needed(t)))
-    _pipeline(step, context, grid=(group, counts_ref[b, j]), in_specs=[
-        q_spec, q_spec, row_spec, row_spec, plgpu.BlockSpec((block_q,), lambda h, t: (needed(t),)),
+    row_spec = plgpu.BlockSpec((None, BACKWARD_STEP),
+                               lambda h, t, half: (q_head(h), needed(t, half)))
+    ids_spec = plgpu.BlockSpec((BACKWARD_STEP,), lambda h, t, half: (needed(t, half),))
+    _pipeline(step, context, grid=(group, counts_ref[b, j], steps_per_block), in_specs=[
+        q_spec, q_spec, row_spec, row_spec, ids_spec,
     ])(q_ref.at[b], do_ref.at[b], lse_ref.at[b], delta_ref.at[b], ids_ref.at[b])
 
   per_wg = lambda *shape: (COMPUTE_WARPGROUPS, rows, *shape)

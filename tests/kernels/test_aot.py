@@ -111,9 +111,12 @@ def test_mosaic_gpu_kernels_lower_for_cuda(shape):
 
 
 def test_mosaic_gpu_lowering_checks_shared_memory():
-  """The check above has teeth: blocks whose pipeline outgrows Hopper's shared memory fail."""
+  """The check above has teeth: blocks whose pipeline outgrows Hopper's shared memory fail
+  (256 x 256 blocks lower at head dim 64, not at 128)."""
   q = jax.ShapeDtypeStruct((1, 512, 2, 128), jnp.bfloat16)
   segment_ids = jax.ShapeDtypeStruct((1, 512), jnp.int32)
   kernel = functools.partial(flash_attention, platform="mosaic_gpu", block_q=256, block_k=256)
+  lower = lambda x: jax.jit(kernel).trace(x, x, x, segment_ids).lower(lowering_platforms=("cuda",))
   with pytest.raises(ValueError, match="exceeds available shared memory"):
-    jax.jit(kernel).trace(q, q, q, segment_ids).lower(lowering_platforms=("cuda",))
+    lower(q)
+  assert "custom_call @mosaic_gpu" in lower(q.update(shape=(1, 512, 2, 64))).as_text()

@@ -66,6 +66,9 @@ def test_refusals_are_one_clear_line():
       lowering_platforms=("cuda",))
   with pytest.raises(ValueError, match="takes bfloat16 or float16 inputs, got float32"):
     lower(functools.partial(flash_attention, platform="mosaic_gpu"), q.astype(jnp.float32))
+  with pytest.raises(ValueError, match="takes head dims up to 128, got 192"):
+    lower(functools.partial(flash_attention, platform="mosaic_gpu"),
+          jnp.zeros((1, 128, 2, 192), jnp.bfloat16))
   with pytest.raises(ValueError, match="no interpret mode"):
     lower(functools.partial(flash_attention, platform="mosaic_gpu", interpret=True), q)
   with pytest.raises(ValueError, match="multiples of 128, got 64"):
