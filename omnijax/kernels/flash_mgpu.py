@@ -20,7 +20,6 @@ the other kernels'. Masked scores use `flash_math.MASK_VALUE` for the same NaN g
 
 from __future__ import annotations
 
-import functools
 import math
 
 import jax
@@ -29,10 +28,10 @@ from jax import lax
 
 from omnijax.kernels import flash_math as fm
 
-try:  # Mosaic GPU ships with jax >= 0.5 but not in every jaxlib build.
+try:  # older jax releases have no Mosaic GPU lowering; the backend is then refused
   from jax.experimental import pallas as pl
   from jax.experimental.pallas import mosaic_gpu as plgpu
-except ImportError:  # pragma: no cover - depends on the installed jax
+except ImportError:
   plgpu = None
 
 WARPGROUP_ROWS = 64  # the M of one WGMMA: rows of the output block a compute warpgroup owns
@@ -42,7 +41,7 @@ COMPUTE_WARPGROUPS = 2
 DEFAULT_BLOCK = WARPGROUP_ROWS * COMPUTE_WARPGROUPS
 HEAD_DIM_MULTIPLE = 64  # one 128-byte swizzled row of 16-bit elements
 # Wider heads overflow shared memory even at the smallest blocks (2 x 128-row K and V blocks in
-# flight plus the queries: 245 KiB at 192 > Hopper's 227 KiB).
+# flight plus the queries: 240 KiB at 192 > Hopper's 227 KiB).
 MAX_HEAD_DIM = 128
 PIPELINE_STEPS = 2  # blocks in flight: 2 keeps fwd+bwd shared memory under Hopper's 227 KiB
 # Rows of the other side a backward pipeline step loads (half a 128 block): a backward step
@@ -52,6 +51,8 @@ BACKWARD_STEP = 64
 MEMORY_REGISTERS = 40  # the TMA warpgroup needs few; the compute warpgroups get the rest
 LOG2E = math.log2(math.e)
 SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16)
+# Hopper (sm_90) device kinds as JAX reports them ("NVIDIA H100 80GB HBM3", "NVIDIA H200", ...).
+HOPPER_KINDS = ("H100", "H200", "H800", "H20", "GH200")
 
 
 def unavailable_reason(platform: str, device_kind: str | None) -> str | None:
@@ -60,8 +61,7 @@ def unavailable_reason(platform: str, device_kind: str | None) -> str | None:
     return f"this jax ({jax.__version__}) has no Pallas Mosaic GPU backend"
   if platform != "gpu":
     return f"it needs an NVIDIA Hopper GPU, but the platform is {platform!r}"
-  if device_kind is not None and not any(name in device_kind for name in ("H100", "H200", "H800",
-                                                                          "H20", "GH200")):
+  if device_kind is not None and not any(name in device_kind for name in HOPPER_KINDS):
     return f"it needs a Hopper GPU (WGMMA), but the device is {device_kind!r}"
   return None
 
@@ -132,10 +132,10 @@ def _zeros(shape, layout=None):
   return plgpu.layout_cast(jnp.zeros(shape, jnp.float32), layout or plgpu.Layout.WGMMA)
 
 
-def _row_stat(ref, axis_kept):
-  """A [N] fp32/int32 row vector from shared memory, laid out to broadcast along WGMMA rows
-  (axis_kept=0) or columns (axis_kept=1)."""
-  return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(1 - axis_kept))
+def _vector(ref, dim):
+  """An [N] vector (segment ids, lse, delta) from shared memory, in the layout that broadcasts
+  into a WGMMA tile along dimension `dim` (0: one value per row, 1: one per column)."""
+  return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(1 - dim))
 
 
 def _kernel(body, out_type, grid, scratch, name):
@@ -174,7 +174,7 @@ def forward(q, k, v, segment_ids, overlap, *, plan):
       plgpu.copy_gmem_to_smem(q_ref.at[b, queries, head], q_smem, loaded.at[wg])
       plgpu.copy_gmem_to_smem(ids_ref.at[b, queries], ids_smem, loaded.at[wg])
       plgpu.barrier_wait(loaded.at[wg])
-      row_ids = _row_stat(ids_smem, 0)
+      row_ids = _vector(ids_smem, 0)
       init = (_zeros((rows, width)), _zeros((rows,), plgpu.Layout.WGMMA.reduce(1)) + fm.MASK_VALUE,
               _zeros((rows,), plgpu.Layout.WGMMA.reduce(1)))
       acc, m, l = run_pipeline((init, row_ids))[0]
@@ -193,7 +193,7 @@ def forward(q, k, v, segment_ids, overlap, *, plan):
       (acc, m_prev, l_prev), row_ids = carry
       q_smem = q_smem2.at[wg]
       scores = _matmul(q_smem, plgpu.transpose_ref(k_smem, (1, 0)), (rows, block_k))
-      mask = _mask(row_ids, _row_stat(col_ids_smem, 1), scores.shape)
+      mask = _mask(row_ids, _vector(col_ids_smem, 1), scores.shape)
       scores = jnp.where(mask, scores * score_scale, fm.MASK_VALUE)
       m_next = jnp.maximum(m_prev, scores.max(axis=1))
       correction = jnp.exp2(m_prev - m_next)
@@ -255,8 +255,8 @@ def _dq(q, k, v, d_out, lse, delta, segment_ids, schedule, counts, *, plan):
                        (delta_ref.at[b, head, queries], delta_smem2.at[wg])):
         plgpu.copy_gmem_to_smem(src, dst, loaded.at[wg])
       plgpu.barrier_wait(loaded.at[wg])
-      rows_in = (_row_stat(ids_smem2.at[wg], 0), _row_stat(lse_smem2.at[wg], 0) * LOG2E,
-                 _row_stat(delta_smem2.at[wg], 0))
+      rows_in = (_vector(ids_smem2.at[wg], 0), _vector(lse_smem2.at[wg], 0) * LOG2E,
+                 _vector(delta_smem2.at[wg], 0))
       dq = run_pipeline((_zeros((rows, width)), rows_in))[0]
       q_smem[...] = (dq * plan.scale).astype(q_smem.dtype)  # Q is no longer read
       plgpu.commit_smem()
@@ -268,7 +268,7 @@ def _dq(q, k, v, d_out, lse, delta, segment_ids, schedule, counts, *, plan):
       q_smem, do_smem = q_smem2.at[wg], do_smem2.at[wg]
       shape = (rows, BACKWARD_STEP)
       scores = _matmul(q_smem, plgpu.transpose_ref(k_smem, (1, 0)), shape)
-      mask = _mask(row_ids, _row_stat(col_ids_smem, 1), shape)
+      mask = _mask(row_ids, _vector(col_ids_smem, 1), shape)
       probs = jnp.where(mask, jnp.exp2(scores * score_scale
                                        - lax.broadcast_in_dim(lse2, shape, [0])), 0.0)
       d_probs = _matmul(do_smem, plgpu.transpose_ref(v_smem, (1, 0)), shape)
@@ -318,7 +318,7 @@ def _dkv(q, k, v, d_out, lse, delta, segment_ids, schedule, counts, *, plan):
         plgpu.copy_gmem_to_smem(src, dst, loaded.at[wg])
       plgpu.barrier_wait(loaded.at[wg])
       dk, dv, _ = run_pipeline((_zeros((rows, width)), _zeros((rows, width)),
-                                _row_stat(ids_smem2.at[wg], 0)))
+                                _vector(ids_smem2.at[wg], 0)))
       k_smem[...] = (dk * plan.scale).astype(k_smem.dtype)  # K and V are no longer read
       v_smem[...] = dv.astype(v_smem.dtype)
       plgpu.commit_smem()
@@ -333,12 +333,12 @@ def _dkv(q, k, v, d_out, lse, delta, segment_ids, schedule, counts, *, plan):
       k_smem, v_smem = k_smem2.at[wg], v_smem2.at[wg]
       shape = (rows, BACKWARD_STEP)
       scores_t = _matmul(k_smem, plgpu.transpose_ref(q_smem, (1, 0)), shape)
-      mask_t = _mask(key_ids, _row_stat(col_ids_smem, 1), shape)
-      lse2 = lax.broadcast_in_dim(_row_stat(lse_smem, 1) * LOG2E, shape, [1])
+      mask_t = _mask(key_ids, _vector(col_ids_smem, 1), shape)
+      lse2 = lax.broadcast_in_dim(_vector(lse_smem, 1) * LOG2E, shape, [1])
       probs_t = jnp.where(mask_t, jnp.exp2(scores_t * score_scale - lse2), 0.0)
       dv = _accumulate(dv, probs_t.astype(do_smem.dtype), do_smem)
       d_probs_t = _matmul(v_smem, plgpu.transpose_ref(do_smem, (1, 0)), shape)
-      delta_cols = lax.broadcast_in_dim(_row_stat(delta_smem, 1), shape, [1])
+      delta_cols = lax.broadcast_in_dim(_vector(delta_smem, 1), shape, [1])
       d_scores_t = probs_t * (d_probs_t - delta_cols)
       return _accumulate(dk, d_scores_t.astype(q_smem.dtype), q_smem), dv, key_ids
 

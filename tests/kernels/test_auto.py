@@ -53,6 +53,18 @@ def test_gpu_takes_pallas_where_cudnn_cannot_run():
   assert _resolve("gpu", "dense", device_kind=H200, head_dim=256) == "pallas"
 
 
+def test_auto_never_picks_the_mosaic_gpu_kernel(tmp_path, monkeypatch):
+  """Its values are verified only by lowering until a GPU session runs its numerics, so even a
+  table naming it the winner on a Hopper GPU leaves auto on the default."""
+  table = tmp_path / "tuning.json"
+  tuning.write_table([tuning.TuningEntry(H200, 128, 4096, rows, 128, 128, "mosaic_gpu", "test")
+                      for rows in tuning.ROW_KINDS], table)
+  monkeypatch.setattr(tuning, "TABLE_PATH", table)
+  assert _resolve("gpu", "packed", device_kind=H200) == "pallas"
+  assert _resolve("gpu", "dense", device_kind=H200) == "cudnn"
+  assert _tiny("mosaic_gpu").attention == "mosaic_gpu"  # an explicit opt-in only
+
+
 def test_bad_row_kind_is_refused():
   with pytest.raises(ValueError, match="rows='causal'"):
     _resolve("gpu", "causal")
