@@ -157,7 +157,7 @@ def kernel_for(name: str, platform: str, *, rows: str = "packed",
   if name == "mosaic_gpu":
     reason = flash_mgpu.unavailable_reason(platform, device_kind)
     if reason:
-      raise ValueError(f"attention='mosaic_gpu' cannot run: {reason}; use 'pallas' or 'cudnn'")
+      raise ValueError(f"attention='mosaic_gpu' cannot run: {reason}; use 'auto' or 'pallas'")
     return shard_over_mesh(functools.partial(flash_attention, platform="mosaic_gpu", rows=rows,
                                              device_kind=device_kind))
   raise ValueError(f"no kernel backend named {name!r}")
