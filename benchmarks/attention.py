@@ -4,7 +4,7 @@ Default (needs a GPU): L = 4096 and 16384, D = 128, bf16, rows holding one segme
 rows packed with 8 ("packed"). Every backend runs in this process on the same inputs; ratios
 are to cuDNN's time (to XLA's without a GPU). On a Hopper GPU the Mosaic GPU kernel
 (`mosaic_gpu`) joins, with its ratio to the Triton kernel; a backend that fails to compile or
-run prints one line and the others go on. `--tune` instead measures the Pallas kernel's
+run prints one line, the others go on, and the exit status is 1. `--tune` instead measures the Pallas kernel's
 candidate block sizes per length and row kind against cuDNN (XLA without a GPU) and merges the
 winners into the tuning table (omnijax/kernels/tuning.json) under this device's kind.
 
@@ -113,6 +113,7 @@ def _compare(args, on_gpu):
     print("mosaic_gpu: skipped (needs a Hopper GPU)")
   print(f"{'L':>6} {'rows':>6} {'backend':>10} {'fwd ms':>9} {'x base':>6} {'fwd+bwd ms':>11} "
         f"{'x base':>6} {'max|out-ref|':>12}")
+  failed = []
   for length in args.lengths:
     q, k, v = _inputs(args, length)
     for rows, segments in _row_kinds(args).items():
@@ -137,6 +138,7 @@ def _compare(args, on_gpu):
                             repeats=args.repeats)
         except Exception as e:  # noqa: BLE001 -- an unverified backend must not stop the others
           print(f"{length:>6} {rows:>6} {name:>10} failed: {str(e).splitlines()[0][:200]}")
+          failed.append(f"{name} (L={length} {rows})")
           continue
         times[name] = (forward, both)
         out = jax.jit(attention)(q, k, v, segment_ids).astype(jnp.float32)
@@ -151,6 +153,7 @@ def _compare(args, on_gpu):
               f"{pallas_fwd / mosaic_fwd:.2f}, fwd+bwd {pallas_both / mosaic_both:.2f}")
   print(f"x base: {'cuDNN' if on_gpu else 'XLA'}'s time divided by the backend's (above 1 means "
         "faster); ref: the first backend's output (xla where it fits)")
+  return failed
 
 
 def _tune(args, on_gpu):
@@ -195,7 +198,10 @@ def main():
         f"{args.repeats}, fwd+bwd = grads of q, k, v")
   if not on_gpu:
     print("cudnn: skipped (needs a GPU)")
-  (_tune if args.tune else _compare)(args, on_gpu)
+  if args.tune:
+    _tune(args, on_gpu)
+  elif failed := _compare(args, on_gpu):
+    raise SystemExit(f"failed: {', '.join(failed)}")
 
 
 if __name__ == "__main__":
