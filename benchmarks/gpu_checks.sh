@@ -4,8 +4,8 @@
 #
 #   1 numerics  tests/kernels/test_flash.py on the GPU: the compiled Triton kernel (small and
 #               tuned blocks; fwd + grads; dense, packed and padded rows; GQA), cuDNN (bf16)
-#               and, on Hopper, the Mosaic GPU kernel (bf16; packed, dense, all-padding rows) against
-#               the reference
+#               and, on Hopper, the Mosaic GPU kernel (bf16; packed, dense, all-padding rows)
+#               against the reference
 #   2 attention benchmarks/attention.py: pallas vs cuDNN vs XLA (and mosaic_gpu on Hopper, with
 #               its ratio to pallas), fwd and fwd+bwd, dense and packed rows, L = 4096 and
 #               16384 (B4, 16 heads, D128, bf16)
