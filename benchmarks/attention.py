@@ -91,8 +91,12 @@ def _inputs(args, length):
   return normal(keys[0], args.heads), normal(keys[1], args.kv_heads), normal(keys[2], args.kv_heads)
 
 
-def _row_kinds(args):
-  return {"dense": 1, "packed": args.packed_segments}
+def _cases(args):
+  """(length, rows, segments, q, k, v, segment_ids) for every length and row kind."""
+  for length in args.lengths:
+    q, k, v = _inputs(args, length)
+    for rows, segments in {"dense": 1, "packed": args.packed_segments}.items():
+      yield length, rows, segments, q, k, v, _segment_ids(args.batch, length, segments)
 
 
 def _pallas(args, rows, block_q, block_k):
@@ -114,43 +118,40 @@ def _compare(args, on_gpu):
   print(f"{'L':>6} {'rows':>6} {'backend':>10} {'fwd ms':>9} {'x base':>6} {'fwd+bwd ms':>11} "
         f"{'x base':>6} {'max|out-ref|':>12}")
   failed = []
-  for length in args.lengths:
-    q, k, v = _inputs(args, length)
-    for rows, segments in _row_kinds(args).items():
-      segment_ids = _segment_ids(args.batch, length, segments)
-      backends = {}
-      if _xla_fits(args, length):
-        backends["xla"] = xla_attention
-      else:
-        print(f"{length:>6} {rows:>6} {'xla':>10} skipped: fp32 [B, H, L, L] scores of "
-              f"{args.batch * args.heads * length * length * 4 / 2**30:.0f} GiB")
-      if on_gpu:
-        backends["cudnn"] = cudnn_attention
-      backends["pallas"] = _pallas(args, rows, args.block_q, args.block_k)
-      if _hopper(on_gpu):
-        backends["mosaic_gpu"] = functools.partial(flash_attention, platform="mosaic_gpu")
-      base_name = "cudnn" if on_gpu else "xla"
-      times, reference = {}, None
-      for name, attention in backends.items():
-        try:
-          forward = _median_ms(jax.jit(attention), q, k, v, segment_ids, repeats=args.repeats)
-          both = _median_ms(jax.jit(_forward_backward(attention)), q, k, v, segment_ids,
-                            repeats=args.repeats)
-        except Exception as e:  # noqa: BLE001 -- an unverified backend must not stop the others
-          print(f"{length:>6} {rows:>6} {name:>10} failed: {str(e).splitlines()[0][:200]}")
-          failed.append(f"{name} (L={length} {rows})")
-          continue
-        times[name] = (forward, both)
-        out = jax.jit(attention)(q, k, v, segment_ids).astype(jnp.float32)
-        reference = out if reference is None else reference
-        error = float(jnp.max(jnp.abs(out - reference)))
-        base = times.get(base_name, (forward, both))
-        print(f"{length:>6} {rows:>6} {name:>10} {forward:>9.3f} {base[0] / forward:>6.2f} "
-              f"{both:>11.3f} {base[1] / both:>6.2f} {error:>12.2e}")
-      if "mosaic_gpu" in times and "pallas" in times:
-        (pallas_fwd, pallas_both), (mosaic_fwd, mosaic_both) = times["pallas"], times["mosaic_gpu"]
-        print(f"{length:>6} {rows:>6} mosaic_gpu x pallas (Triton): fwd "
-              f"{pallas_fwd / mosaic_fwd:.2f}, fwd+bwd {pallas_both / mosaic_both:.2f}")
+  for length, rows, _, q, k, v, segment_ids in _cases(args):
+    backends = {}
+    if _xla_fits(args, length):
+      backends["xla"] = xla_attention
+    else:
+      print(f"{length:>6} {rows:>6} {'xla':>10} skipped: fp32 [B, H, L, L] scores of "
+            f"{args.batch * args.heads * length * length * 4 / 2**30:.0f} GiB")
+    if on_gpu:
+      backends["cudnn"] = cudnn_attention
+    backends["pallas"] = _pallas(args, rows, args.block_q, args.block_k)
+    if _hopper(on_gpu):
+      backends["mosaic_gpu"] = functools.partial(flash_attention, platform="mosaic_gpu")
+    base_name = "cudnn" if on_gpu else "xla"
+    times, reference = {}, None
+    for name, attention in backends.items():
+      try:
+        forward = _median_ms(jax.jit(attention), q, k, v, segment_ids, repeats=args.repeats)
+        both = _median_ms(jax.jit(_forward_backward(attention)), q, k, v, segment_ids,
+                          repeats=args.repeats)
+      except Exception as e:  # noqa: BLE001 -- an unverified backend must not stop the others
+        print(f"{length:>6} {rows:>6} {name:>10} failed: {str(e).splitlines()[0][:200]}")
+        failed.append(f"{name} (L={length} {rows})")
+        continue
+      times[name] = (forward, both)
+      out = jax.jit(attention)(q, k, v, segment_ids).astype(jnp.float32)
+      reference = out if reference is None else reference
+      error = float(jnp.max(jnp.abs(out - reference)))
+      base = times.get(base_name, (forward, both))
+      print(f"{length:>6} {rows:>6} {name:>10} {forward:>9.3f} {base[0] / forward:>6.2f} "
+            f"{both:>11.3f} {base[1] / both:>6.2f} {error:>12.2e}")
+    if "mosaic_gpu" in times and "pallas" in times:
+      (pallas_fwd, pallas_both), (mosaic_fwd, mosaic_both) = times["pallas"], times["mosaic_gpu"]
+      print(f"{length:>6} {rows:>6} mosaic_gpu x pallas (Triton): fwd "
+            f"{pallas_fwd / mosaic_fwd:.2f}, fwd+bwd {pallas_both / mosaic_both:.2f}")
   print(f"x base: {'cuDNN' if on_gpu else 'XLA'}'s time divided by the backend's (above 1 means "
         "faster); ref: the first backend's output (xla where it fits)")
   return failed
@@ -163,29 +164,26 @@ def _tune(args, on_gpu):
   competitor = cudnn_attention if on_gpu else xla_attention
   date = datetime.date.today().isoformat()
   entries = []
-  for length in args.lengths:
-    q, k, v = _inputs(args, length)
-    for rows, segments in _row_kinds(args).items():
-      segment_ids = _segment_ids(args.batch, length, segments)
-      timed = {}
-      for block_q, block_k in candidates:
-        timed[block_q, block_k] = _median_ms(
-            jax.jit(_forward_backward(_pallas(args, rows, block_q, block_k))), q, k, v,
-            segment_ids, repeats=args.repeats)
-      (block_q, block_k), best = min(timed.items(), key=lambda item: item[1])
-      other = _median_ms(jax.jit(_forward_backward(competitor)), q, k, v, segment_ids,
-                         repeats=args.repeats)
-      fastest = "pallas" if best < other else competitor_name
-      tried = ", ".join(f"{bq}x{bk} {ms:.3f}" for (bq, bk), ms in timed.items())
-      source = (f"benchmarks/attention.py --tune ({device}, jax {jax.__version__}, bf16, "
-                f"B{args.batch} H{args.heads}/{args.kv_heads} D{args.head_dim} L{length}, "
-                f"{segments} segment(s) a row, fwd+bwd ms: pallas {tried}; {competitor_name} "
-                f"{other:.3f}; {date})")
-      entries.append(tuning.TuningEntry(device, args.head_dim, length, rows, block_q, block_k,
-                                        fastest, source))
-      print(f"L={length} {rows} rows: blocks {block_q}x{block_k} ({best:.3f} ms fwd+bwd; "
-            f"{competitor_name} {other:.3f} ms; pallas x{competitor_name} {other / best:.2f}; "
-            f"tried {tried})")
+  for length, rows, segments, q, k, v, segment_ids in _cases(args):
+    timed = {}
+    for block_q, block_k in candidates:
+      timed[block_q, block_k] = _median_ms(
+          jax.jit(_forward_backward(_pallas(args, rows, block_q, block_k))), q, k, v,
+          segment_ids, repeats=args.repeats)
+    (block_q, block_k), best = min(timed.items(), key=lambda item: item[1])
+    other = _median_ms(jax.jit(_forward_backward(competitor)), q, k, v, segment_ids,
+                       repeats=args.repeats)
+    fastest = "pallas" if best < other else competitor_name
+    tried = ", ".join(f"{bq}x{bk} {ms:.3f}" for (bq, bk), ms in timed.items())
+    source = (f"benchmarks/attention.py --tune ({device}, jax {jax.__version__}, bf16, "
+              f"B{args.batch} H{args.heads}/{args.kv_heads} D{args.head_dim} L{length}, "
+              f"{segments} segment(s) a row, fwd+bwd ms: pallas {tried}; {competitor_name} "
+              f"{other:.3f}; {date})")
+    entries.append(tuning.TuningEntry(device, args.head_dim, length, rows, block_q, block_k,
+                                      fastest, source))
+    print(f"L={length} {rows} rows: blocks {block_q}x{block_k} ({best:.3f} ms fwd+bwd; "
+          f"{competitor_name} {other:.3f} ms; pallas x{competitor_name} {other / best:.2f}; "
+          f"tried {tried})")
   tuning.write_table(entries, args.table)
   print(f"wrote {len(entries)} entries for {device!r} to {args.table or tuning.TABLE_PATH}")
 
