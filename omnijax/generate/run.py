@@ -97,11 +97,15 @@ class Generator:
           self.template.tokenizer.encode(probe, add_special_tokens=False).ids)
     return int(np.sum(prompt < self.vocab.text_size)) - self._tts_overhead
 
+  def rule_canvas(self, task: str, prompt: np.ndarray) -> int:
+    """The task's canvas rule for `prompt`, before rounding up to `CANVAS_BUCKET`."""
+    return settings_lib.canvas_length(task, self.lengths, prompt_tokens=len(prompt),
+                                      text_tokens=self._text_tokens(prompt)
+                                      if task == "tts" else 0)
+
   def _request(self, task: str, prompt: np.ndarray, canvas: int | None) -> Request:
     if canvas is None:
-      canvas = settings_lib.canvas_length(task, self.lengths, prompt_tokens=len(prompt),
-                                          text_tokens=self._text_tokens(prompt)
-                                          if task == "tts" else 0)
+      canvas = self.rule_canvas(task, prompt)
       if settings_lib.TABLE[task].canvas in ("asr", "tts"):
         canvas = -(-canvas // CANVAS_BUCKET) * CANVAS_BUCKET
     uncond = None

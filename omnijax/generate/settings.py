@@ -31,14 +31,15 @@ class Lengths:
 
   @classmethod
   def toy_world(cls, spec) -> Lengths:
-    """Canvases that just hold the longest response of the toy world's training split.
+    """Canvases that just hold the longest response of the toy world's training split (VQA
+    keeps the release's 8: its responses, at most 4 tokens, end within the tail pads).
 
     Past its response a canvas position is one the model saw only as one of its 1-16 tail pads:
     the former, looser constants (caption and svqa 32, ASR 0.3, TTS 8) cost the long config's
     model 11 points on captions, 14 on ASR and 27 on TTS (docs/benchmarks.md, "Toy canvases").
     The toy world speaks 4.4-6.8 codes per BPE token (GLM-4-Voice: about 3.5), so the TTS rule
-    still leaves up to 63 spare positions; its transcripts hold 15-22 % as many tokens as the
-    ASR prompt."""
+    still leaves up to 63 spare positions before the generator rounds canvases up; its
+    transcripts hold 15-22 % as many tokens as the ASR prompt."""
     return cls(image_codes=spec.images.codes_per_image, caption=27, vqa=8, svqa=25,
                asr_per_prompt_token=0.22, tts_per_text_token=7.0)
 
