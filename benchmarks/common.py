@@ -8,10 +8,11 @@ import time
 
 import numpy as np
 
-from omnijax import convert, runtime
+from omnijax import processes
 from omnijax.model.rope import segment_positions
+from omnijax.weights import convert
 
-runtime.configure_environment()
+processes.configure_environment()
 
 
 def time_per_call(fn, steps: int) -> float:

@@ -20,7 +20,8 @@ import common  # noqa: F401 - environment for libtpu
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from omnijax.diffusion.sampler import sample_with_stats  # noqa: E402
+from omnijax.diffusion.sampler import decode  # noqa: E402
+from omnijax.diffusion.settings import DecodeSettings  # noqa: E402
 from omnijax.eval.metrics import task_metrics  # noqa: E402
 from omnijax.generate import settings  # noqa: E402
 from omnijax.generate.run import open_run, read_samples  # noqa: E402
@@ -62,17 +63,18 @@ def main() -> None:
         f"{jax.default_backend()}, {jax.device_count()} device(s); t2i canvas {canvas}")
 
   # 1. Throughput, one token per step on both sides.
-  sample_with_stats(model, vocab, prompts, canvas=canvas, steps=canvas)  # compile
-  ours = sample_with_stats(model, vocab, prompts, canvas=canvas, steps=canvas)
+  one_a_step = DecodeSettings(canvas=canvas, steps=canvas)
+  decode(model, vocab, prompts, one_a_step)  # compile
+  ours = decode(model, vocab, prompts, one_a_step)
   ours_rate = len(prompts) / ours.seconds
   release_style_decode(model, vocab, prompts[0], canvas)  # compile
   start = time.perf_counter()
   for prompt in prompts[:args.baseline_rows]:
     release_style_decode(model, vocab, prompt, canvas)
   baseline_rate = args.baseline_rows / (time.perf_counter() - start)
-  default = settings.sampler_kwargs("t2i", canvas, vocab)
-  sample_with_stats(model, vocab, prompts, **default)
-  with_defaults = sample_with_stats(model, vocab, prompts, **default)
+  default = settings.decode_settings("t2i", canvas, vocab)
+  decode(model, vocab, prompts, default)  # compile
+  with_defaults = decode(model, vocab, prompts, default)
   print(f"| sampler, batch {len(prompts)}, {canvas} steps (1 token/step) | "
         f"{ours_rate:.2f} images/s | {ours.loop_steps} passes |")
   print(f"| sampler, batch {len(prompts)}, t2i defaults (entropy, penalties, top-p/k) | "

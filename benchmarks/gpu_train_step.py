@@ -1,7 +1,7 @@
 """Train-step tokens/s and MFU of a model preset on one accelerator: omnijax (per attention
 backend) beside its transformers/PyTorch twin, as ratios measured in one run.
 
-omnijax runs `runtime.build_train_program`'s step (AdamW, clipping, the diffusion objective,
+omnijax runs `build_train_program`'s step (AdamW, clipping, the diffusion objective,
 the preset's remat and compute dtype) on a batch of rows packed with `--segments` equal samples.
 The twin is transformers' Qwen2ForCausalLM with the same dims (SDPA attention, a 4-D
 block-diagonal mask for the packed rows, bf16 autocast when the preset computes in bf16,
@@ -36,12 +36,13 @@ import numpy as np  # noqa: E402
 import yaml  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from omnijax import convert, runtime  # noqa: E402
 from omnijax.config import (ATTENTION_BACKENDS, CONFIG_ROOT, ConfigError, MeshConfig,  # noqa: E402
                             load_config)
 from omnijax.model.build import create_model  # noqa: E402
 from omnijax.sharding import make_mesh  # noqa: E402
 from omnijax.train import flops  # noqa: E402
+from omnijax.train.program import build_train_program  # noqa: E402
+from omnijax.weights import convert  # noqa: E402
 
 PROFILE_STEPS = 3
 
@@ -117,7 +118,7 @@ def _free_torch_memory():
 
 def _jax_seconds(args, config, batch, profile_dir):
   one_device = make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1])
-  program = runtime.build_train_program(config, "stage1", mesh=one_device)
+  program = build_train_program(config, "stage1", mesh=one_device)
   model = create_model(config.model, program.mesh, seed=0)
   state = [program.init_state(nnx.to_pure_dict(nnx.state(model)), np.int32(20))]
   del model

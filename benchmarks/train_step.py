@@ -18,7 +18,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from omnijax import runtime  # noqa: E402
+from omnijax.train.program import build_train_program  # noqa: E402
 from omnijax.config import CONFIG_ROOT, load_config  # noqa: E402
 from omnijax.data.pipeline import Batches  # noqa: E402
 from omnijax.model.build import create_model  # noqa: E402
@@ -44,7 +44,7 @@ def main() -> None:
   batch = next(batches)
   batches.close()
 
-  program = runtime.build_train_program(config, "stage1")
+  program = build_train_program(config, "stage1")
   model = create_model(config.model, program.mesh, seed=0)
   torch_model = torch_twin(model, config.model).train()  # before donation consumes the weights
   train_state = [program.init_state(nnx.to_pure_dict(nnx.state(model)), np.int32(20))]

@@ -2,7 +2,7 @@
 
 Each area registers its own subcommands (`register(subparsers)` in its `cli` module) and keeps
 heavy imports inside the handlers, so `omnijax --help` stays fast. The global options set up
-the process (omnijax.runtime.initialize) before any subcommand runs.
+the process (omnijax.processes.initialize) before any subcommand runs.
 """
 
 from __future__ import annotations
@@ -17,9 +17,8 @@ import threading
 
 # The modules whose `register(subparsers)` add subcommands, in `omnijax --help` order (eval
 # after train: it extends `train` with the main job's evaluation).
-COMMAND_AREAS = ("omnijax.train.cli", "omnijax.model.cli", "omnijax.data.cli",
-                 "omnijax.generate.cli", "omnijax.eval.cli", "omnijax.scaling",
-                 "omnijax.golden")
+COMMAND_AREAS = ("omnijax.train.cli", "omnijax.weights.cli", "omnijax.data.cli",
+                 "omnijax.generate.cli", "omnijax.eval.cli", "omnijax.podfit.cli")
 
 
 def _add_global_args(parser: argparse.ArgumentParser, top_level: bool) -> None:
@@ -149,10 +148,10 @@ def main(argv: list[str] | None = None) -> int:
     return 2
   if not args.debug and argv is None:
     _quiet_background_failures()
-  from omnijax import runtime
+  from omnijax import processes
   from omnijax.config import ConfigError
   try:
-    runtime.initialize(host_devices=args.host_devices, coordinator=args.coordinator,
+    processes.initialize(host_devices=args.host_devices, coordinator=args.coordinator,
                        num_processes=args.num_processes, process_id=args.process_id,
                        distributed=getattr(args, "distributed", False))
     status = args.func(args)

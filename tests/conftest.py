@@ -8,9 +8,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pytest  # noqa: E402
 
-from omnijax import runtime  # noqa: E402
+from omnijax import processes  # noqa: E402
 
-runtime.configure_environment(host_devices=8)
+processes.configure_environment(host_devices=8)
 
 
 def pytest_collection_modifyitems(config, items):

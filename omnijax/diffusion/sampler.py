@@ -24,9 +24,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import math
 import time
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -34,7 +33,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from omnijax.config import SAMPLER_ALGS
+from omnijax.diffusion.settings import DecodeSettings
 from omnijax.kernels.attention import attention_rows
 from omnijax.sharding import logical_to_spec, shard_count
 from omnijax.vocab import Vocab
@@ -54,21 +53,24 @@ class SampleResult:
 
 @dataclasses.dataclass(frozen=True)
 class _Plan:
-  """Everything static about one decode: one compiled loop per distinct plan."""
+  """Everything static about one decode: one compiled loop per distinct plan. The steps per
+  block, the seed and the prefilled canvas are inputs of the compiled loop, so they are cleared
+  here and decodes that differ only in them share one compilation."""
 
-  canvas: int
-  blocks: tuple[tuple[int, int], ...]  # (start, end) per block, left to right; the steps per
-  # block are an input of the compiled loop, so step counts share one compilation
-  alg: str
-  temperature: float
-  top_p: float
-  top_k: int
-  repeat_penalty: float
-  position_penalty: float
-  cfg: float
-  threshold: float | None
+  settings: DecodeSettings
   mask_id: int
   vocab_size: int  # ids at or above it (embedding padding rows) are never produced
+
+  @classmethod
+  def of(cls, settings: DecodeSettings, vocab: Vocab) -> _Plan:
+    static = dataclasses.replace(settings, steps=1, seed=0, prefill=())
+    return cls(static, vocab.mask_id, vocab.size)
+
+  @property
+  def blocks(self) -> tuple[tuple[int, int], ...]:
+    """(start, end) per block, left to right."""
+    plan = block_plan(self.settings.canvas, self.settings.canvas, self.settings.block_size)
+    return tuple((start, end) for start, end, _ in plan)
 
 
 def block_plan(canvas: int, steps: int, block_size: int) -> tuple[tuple[int, int, int], ...]:
@@ -128,30 +130,31 @@ def position_factors(masked: jax.Array, gamma: float) -> jax.Array:
 def choose_tokens(logits: jax.Array, canvas: jax.Array, plan: _Plan,
                   keys: jax.Array | None) -> tuple[jax.Array, jax.Array]:
   """Per-position token and confidence from [B, N, V] (shifted, guided) logits (§4.3-4.4)."""
+  settings = plan.settings
   vocab_ids = jnp.arange(logits.shape[-1])
   allowed = (vocab_ids < plan.vocab_size) & (vocab_ids != plan.mask_id)
   logits = jnp.where(allowed, logits.astype(jnp.float32), -jnp.inf)
-  if plan.temperature > 0:
-    logits = logits / plan.temperature
-  if plan.top_p < 1 or plan.top_k > 0:
-    logits = top_p_top_k_filter(logits, plan.top_p, plan.top_k)
-  if plan.repeat_penalty != 1:
+  if settings.temperature > 0:
+    logits = logits / settings.temperature
+  if settings.top_p < 1 or settings.top_k > 0:
+    logits = top_p_top_k_filter(logits, settings.top_p, settings.top_k)
+  if settings.repeat_penalty != 1:
     rows = jnp.arange(canvas.shape[0])[:, None]
     present = jnp.zeros((canvas.shape[0], logits.shape[-1]), bool).at[rows, canvas].set(True)
     present = present.at[:, plan.mask_id].set(False)
-    logits = ctrl_scale(logits, jnp.where(present[:, None, :], plan.repeat_penalty, 1.0))
-  if plan.position_penalty != 1:
-    factors = position_factors(canvas == plan.mask_id, plan.position_penalty)
+    logits = ctrl_scale(logits, jnp.where(present[:, None, :], settings.repeat_penalty, 1.0))
+  if settings.position_penalty != 1:
+    factors = position_factors(canvas == plan.mask_id, settings.position_penalty)
     logits = ctrl_scale(logits, factors[..., None])
   probs = jax.nn.softmax(logits, axis=-1)
-  if plan.temperature > 0:
+  if settings.temperature > 0:
     tokens = jax.vmap(lambda key, row: jax.random.categorical(key, row, axis=-1))(keys, logits)
   else:
     tokens = jnp.argmax(logits, axis=-1)
   chosen_prob = jnp.take_along_axis(probs, tokens[..., None], axis=-1)[..., 0]
-  if plan.alg == "maskgit_plus":
+  if settings.alg == "maskgit_plus":
     confidence = chosen_prob
-  elif plan.alg == "topk_margin":
+  elif settings.alg == "topk_margin":
     top2 = jax.lax.top_k(probs, 2)[0]
     confidence = top2[..., 0] - top2[..., 1]
   else:  # entropy: negative entropy, higher is more confident
@@ -199,20 +202,21 @@ def _decode_loop(graphdef, params, base, segment_ids, starts, canvas, active, st
 
   def body(state):
     canvas, block, local_step, passes, loop_steps = state
-    cfg_canvas = jnp.concatenate([canvas, canvas]) if plan.cfg > 0 else canvas
+    cfg_canvas = jnp.concatenate([canvas, canvas]) if plan.settings.cfg > 0 else canvas
     with attention_rows("dense"):  # one prompt + canvas a row: `auto` picks for dense rows
       logits = model(_rows_with_canvas(base, cfg_canvas, starts), segment_ids, positions)
     # Dream shift: canvas position j is scored by the logits at (start + j) - 1.
     logits = jnp.take_along_axis(logits, (starts[:, None] - 1 + columns)[..., None], axis=1)
     logits = logits.astype(jnp.float32)
-    if plan.cfg > 0:
+    if plan.settings.cfg > 0:
       cond_logits, uncond_logits = logits[:batch], logits[batch:]
-      logits = uncond_logits + (plan.cfg + 1.0) * (cond_logits - uncond_logits)
+      logits = uncond_logits + (plan.settings.cfg + 1.0) * (cond_logits - uncond_logits)
     step_keys = (jax.vmap(lambda k: jax.random.fold_in(k, loop_steps))(row_keys)
-                 if plan.temperature > 0 else None)
+                 if plan.settings.temperature > 0 else None)
     tokens, confidence = choose_tokens(logits, canvas, plan, step_keys)
     candidates = masked_in_block(canvas, block)
-    k = commit_counts(candidates, confidence, local_step, steps_per_block[block], plan.threshold)
+    k = commit_counts(candidates, confidence, local_step, steps_per_block[block],
+                      plan.settings.threshold)
     # Rank masked positions by confidence (stable: ties go to the earlier position).
     order = jnp.argsort(-jnp.where(candidates, confidence, -jnp.inf), axis=-1, stable=True)
     rank = jnp.argsort(order, axis=-1)
@@ -270,63 +274,29 @@ def _as_prompts(prompts, vocab: Vocab, what: str) -> list[np.ndarray]:
   return rows
 
 
-def _prefill_items(prefill, canvas: int, vocab: Vocab) -> list[tuple[int, int]]:
-  if prefill is None:
-    return []
-  items = list(prefill.items()) if isinstance(prefill, Mapping) else list(prefill)
-  for offset, token in items:
-    if not 0 <= int(offset) < canvas:
-      raise ValueError(f"prefill offset {offset} is outside the canvas [0, {canvas})")
+def decode(model, vocab: Vocab, prompts: Sequence, settings: DecodeSettings, *,
+           uncond_prompts: Sequence | None = None) -> SampleResult:
+  """Decodes `settings.canvas` tokens after each prompt (`sample`'s rules), returning each
+  row's canvas with its forward passes and the loop's step count."""
+  if settings.cfg > 0 and uncond_prompts is None:
+    raise ValueError("cfg > 0 needs uncond_prompts (one per prompt)")
+  if uncond_prompts is not None and len(uncond_prompts) != len(prompts):
+    raise ValueError(f"uncond_prompts has {len(uncond_prompts)} rows, prompts {len(prompts)}")
+  for offset, token in settings.prefill:
     vocab.check_ids([token], f"prefill at offset {offset}")
-    if int(token) == vocab.mask_id:
+    if token == vocab.mask_id:
       raise ValueError(f"prefill at offset {offset}: the mask id cannot be prefilled")
-  return [(int(offset), int(token)) for offset, token in items]
-
-
-def _check_settings(*, canvas, steps, alg, temperature, top_p, top_k, repeat_penalty,
-                    position_penalty, cfg, threshold, n_prompts, uncond_prompts) -> None:
-  checks = [
-      (isinstance(canvas, (int, np.integer)) and canvas >= 1, f"canvas={canvas!r} must be >= 1"),
-      (isinstance(steps, (int, np.integer)) and steps >= 1, f"steps={steps!r} must be >= 1"),
-      (alg in SAMPLER_ALGS, f"alg={alg!r} is not one of {SAMPLER_ALGS}"),
-      (temperature >= 0, f"temperature={temperature} must be >= 0"),
-      (0 < top_p <= 1, f"top_p={top_p} must lie in (0, 1]"),
-      (top_k >= 0, f"top_k={top_k} must be >= 0"),
-      (repeat_penalty > 0, f"repeat_penalty={repeat_penalty} must be > 0"),
-      (position_penalty > 0, f"position_penalty={position_penalty} must be > 0"),
-      (cfg >= 0, f"cfg={cfg} must be >= 0"),
-      (threshold is None or math.isfinite(threshold), f"threshold={threshold} must be finite"),
-      (cfg == 0 or uncond_prompts is not None, "cfg > 0 needs uncond_prompts (one per prompt)"),
-      (uncond_prompts is None or len(uncond_prompts) == n_prompts,
-       f"uncond_prompts has {len(uncond_prompts or ())} rows, prompts {n_prompts}"),
-  ]
-  for ok, message in checks:
-    if not ok:
-      raise ValueError(message)
-
-
-def sample_with_stats(model, vocab: Vocab, prompts: Sequence, *, canvas: int, steps: int,
-                      alg: str = "maskgit_plus", temperature: float = 0.0, top_p: float = 1.0,
-                      top_k: int = 0, repeat_penalty: float = 1.0, position_penalty: float = 1.0,
-                      cfg: float = 0.0, uncond_prompts: Sequence | None = None,
-                      block_size: int = 0, threshold: float | None = None,
-                      prefill=None, seed: int = 0) -> SampleResult:
-  """`sample`, also returning forward passes per row and the loop's step count."""
-  _check_settings(canvas=canvas, steps=steps, alg=alg, temperature=temperature, top_p=top_p,
-                  top_k=top_k, repeat_penalty=repeat_penalty, position_penalty=position_penalty,
-                  cfg=cfg, threshold=threshold, n_prompts=len(prompts),
-                  uncond_prompts=uncond_prompts)
   rows = _as_prompts(prompts, vocab, "prompts")
   if not rows:
     return SampleResult([], np.zeros((0,), np.int32), 0, 0.0)
-  uncond = _as_prompts(uncond_prompts, vocab, "uncond_prompts") if cfg > 0 else []
+  uncond = _as_prompts(uncond_prompts, vocab, "uncond_prompts") if settings.cfg > 0 else []
   graphdef, params = nnx.split(model)
   model_vocab = model.config.vocab_size
   if model_vocab < vocab.size:
     raise ValueError(f"the model's embedding has {model_vocab} rows, fewer than the "
                      f"vocabulary's {vocab.size} ids")
   mesh = _model_mesh(params)
-  batch = len(rows)
+  batch, canvas = len(rows), settings.canvas
   batch_shards = 1 if mesh is None else shard_count("batch", mesh)
   padded_batch = -(-batch // batch_shards) * batch_shards
   # Padding rows (inactive) repeat row 0's prompt; they never count toward stopping.
@@ -343,22 +313,18 @@ def sample_with_stats(model, vocab: Vocab, prompts: Sequence, *, canvas: int, st
     segment_ids[r, :len(prompt) + canvas] = 1
   starts = np.asarray([len(prompt) for prompt in forward_rows], np.int32)
   start_canvas = np.full((padded_batch, canvas), vocab.mask_id, np.int32)
-  for offset, token in _prefill_items(prefill, canvas, vocab):
+  for offset, token in settings.prefill:
     start_canvas[:, offset] = token
   active = np.arange(padded_batch) < batch
-  blocks = block_plan(int(canvas), int(steps), int(block_size))
-  plan = _Plan(canvas=int(canvas), blocks=tuple((start, end) for start, end, _ in blocks),
-               alg=alg, temperature=float(temperature), top_p=float(top_p), top_k=int(top_k),
-               repeat_penalty=float(repeat_penalty), position_penalty=float(position_penalty),
-               cfg=float(cfg), threshold=None if threshold is None else float(threshold),
-               mask_id=vocab.mask_id, vocab_size=vocab.size)
+  plan = _Plan.of(settings, vocab)
   inputs = (base, segment_ids, starts, start_canvas, active)
   if mesh is not None:
     spec = logical_to_spec(("batch",), mesh)
     inputs = tuple(jax.device_put(x, NamedSharding(mesh, PartitionSpec(*spec, *[None] * (x.ndim - 1))))
                    for x in inputs)
+  blocks = block_plan(canvas, settings.steps, settings.block_size)
   steps_per_block = jnp.asarray([block_steps for _, _, block_steps in blocks], jnp.int32)
-  args = (params, *inputs, steps_per_block, jax.random.key(seed))
+  args = (params, *inputs, steps_per_block, jax.random.key(settings.seed))
   with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
     run = _compiled(graphdef, plan, args)
     start = time.perf_counter()
@@ -369,23 +335,25 @@ def sample_with_stats(model, vocab: Vocab, prompts: Sequence, *, canvas: int, st
                       seconds)
 
 
-def sample(model, vocab: Vocab, prompts: Sequence, *, canvas: int, steps: int,
-           alg: str = "maskgit_plus", temperature: float = 0.0, top_p: float = 1.0,
-           top_k: int = 0, repeat_penalty: float = 1.0, position_penalty: float = 1.0,
-           cfg: float = 0.0, uncond_prompts: Sequence | None = None, block_size: int = 0,
-           threshold: float | None = None, prefill=None, seed: int = 0) -> list[np.ndarray]:
+def sample_with_stats(model, vocab: Vocab, prompts: Sequence, *,
+                      uncond_prompts: Sequence | None = None, **settings) -> SampleResult:
+  """`sample`, also returning forward passes per row and the loop's step count."""
+  return decode(model, vocab, prompts, DecodeSettings(**settings), uncond_prompts=uncond_prompts)
+
+
+def sample(model, vocab: Vocab, prompts: Sequence, *, uncond_prompts: Sequence | None = None,
+           **settings) -> list[np.ndarray]:
   """Decodes `canvas` tokens after each prompt; returns each row's canvas, untrimmed.
 
   model: the NNX Transformer (sharded or not; a sharded model runs on its mesh);
-  prompts: 1-D int arrays of any lengths; cfg > 0 needs `uncond_prompts` (one per prompt),
-  whose rows hold the same canvas as the conditional ones. block_size > 0 decodes blocks left
-  to right; threshold commits every masked position whose confidence is above it (at least one
-  per step; the confidence of `alg`: a probability, a margin, or a negative entropy), with
-  `steps` as the ceiling; prefill: {canvas offset: token id} written before decoding. A row's
-  tokens never depend on the other rows at temperature 0.
+  prompts: 1-D int arrays of any lengths; settings: the keyword arguments of `DecodeSettings`
+  (canvas and steps required; alg, temperature, top_p, top_k, repeat_penalty,
+  position_penalty, cfg, block_size, threshold, prefill, seed). cfg > 0 needs `uncond_prompts`
+  (one per prompt), whose rows hold the same canvas as the conditional ones. block_size > 0
+  decodes blocks left to right; threshold commits every masked position whose confidence is
+  above it (at least one per step; the confidence of `alg`: a probability, a margin, or a
+  negative entropy), with `steps` as the ceiling; prefill: {canvas offset: token id} written
+  before decoding. A row's tokens never depend on the other rows at temperature 0.
   """
-  return sample_with_stats(
-      model, vocab, prompts, canvas=canvas, steps=steps, alg=alg, temperature=temperature,
-      top_p=top_p, top_k=top_k, repeat_penalty=repeat_penalty,
-      position_penalty=position_penalty, cfg=cfg, uncond_prompts=uncond_prompts,
-      block_size=block_size, threshold=threshold, prefill=prefill, seed=seed).canvases
+  return sample_with_stats(model, vocab, prompts, uncond_prompts=uncond_prompts,
+                           **settings).canvases

@@ -107,7 +107,7 @@ def evaluate_after_training(workdir: str | pathlib.Path) -> dict | None:
   from omnijax.data.tasks import TASKS
   from omnijax.generate.run import Generator
   from omnijax.files import resolve
-  from omnijax.runtime import read_run_config, restore_workdir
+  from omnijax.train.restore import read_run_config, restore_workdir
 
   config = read_run_config(workdir)
   if not config.eval.after_training:

@@ -22,7 +22,7 @@ from omnijax.data.requests import INPUTS, request_messages, unconditional_messag
 from omnijax.data.tasks import IMAGE_TASKS
 from omnijax.data.templates import ChatTemplate
 from omnijax.diffusion.postprocess import image_grid, split_modalities, spoken_answer, trim
-from omnijax.diffusion.sampler import sample_with_stats
+from omnijax.diffusion import sampler
 from omnijax.generate import settings as settings_lib
 from omnijax.vocab import Vocab
 
@@ -144,12 +144,12 @@ class Generator:
       groups.setdefault((request.task, request.canvas), []).append(index)
     seconds = 0.0
     for (task, canvas), indices in groups.items():
-      kwargs = settings_lib.sampler_kwargs(task, canvas, self.vocab, steps=steps, **overrides)
+      settings = settings_lib.decode_settings(task, canvas, self.vocab, steps=steps, **overrides)
       for begin in range(0, len(indices), self.batch_size):
         batch = [requests[i] for i in indices[begin:begin + self.batch_size]]
-        uncond = [r.uncond for r in batch] if kwargs["cfg"] > 0 else None
-        result = sample_with_stats(self.model, self.vocab, [r.prompt for r in batch],
-                                   uncond_prompts=uncond, **kwargs)
+        uncond = [r.uncond for r in batch] if settings.cfg > 0 else None
+        result = sampler.decode(self.model, self.vocab, [r.prompt for r in batch], settings,
+                                uncond_prompts=uncond)
         seconds += result.seconds
         for index, row, passes in zip(indices[begin:begin + self.batch_size], result.canvases,
                                       result.forward_passes):
@@ -212,7 +212,7 @@ def open_run(workdir: str | pathlib.Path, *, data_dir: str | None = None,
              split: str | None = None, batch_size: int = 16):
   """(the restored run, a Generator on its model) for a training workdir; the tokenizer and
   codecs come from `data_dir` (default: the run's data.dir) / `split` (default: data.split)."""
-  from omnijax.runtime import restore_workdir
+  from omnijax.train.restore import restore_workdir
 
   run = restore_workdir(workdir)
   split_dir = pathlib.Path(data_dir or run.config.data.dir) / (split or run.config.data.split)

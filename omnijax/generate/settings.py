@@ -12,6 +12,7 @@ import math
 
 from omnijax.config import ConfigError
 from omnijax.data.tasks import TASKS
+from omnijax.diffusion.settings import DecodeSettings
 
 # Released tasks decode greedily with top_p 0.9 and (probably) top_k 50 (reference §4.3): with
 # greedy decoding they only shape the confidence.
@@ -86,22 +87,17 @@ def default_steps(task: str, canvas: int) -> int:
   return canvas if TABLE[task].steps == "canvas" else max(1, canvas // 2)
 
 
-def sampler_kwargs(task: str, canvas: int, vocab, *, steps: int | None = None,
-                   **overrides) -> dict:
-  """Keyword arguments of `omnijax.diffusion.sample` for `task` (uncond prompts excluded);
-  `overrides` whose value is None keep the table's value."""
+def decode_settings(task: str, canvas: int, vocab, *, steps: int | None = None,
+                    **overrides) -> DecodeSettings:
+  """The decode settings of `task` at `canvas`; `overrides` (any `DecodeSettings` field) whose
+  value is None keep the table's value."""
   settings = TABLE[task]
   if steps is not None and steps < 1:
     raise ConfigError(f"--steps {steps}: expected >= 1 (leave it out for the task's default)")
-  kwargs = dict(canvas=canvas, steps=steps if steps is not None else default_steps(task, canvas),
-                alg=settings.alg,
-                top_p=TOP_P, top_k=TOP_K, repeat_penalty=settings.repeat_penalty,
-                position_penalty=settings.position_penalty, cfg=settings.cfg)
-  if settings.boa_at is not None:
-    kwargs["prefill"] = {math.floor(settings.boa_at * canvas): vocab.begin_audio_id}
-  unknown = set(overrides) - set(kwargs) - {"temperature", "block_size", "threshold", "seed",
-                                            "prefill"}
-  if unknown:
-    raise ValueError(f"unknown decode setting {sorted(unknown)[0]!r}")
-  kwargs.update({key: value for key, value in overrides.items() if value is not None})
-  return kwargs
+  prefill = ({math.floor(settings.boa_at * canvas): vocab.begin_audio_id}
+             if settings.boa_at is not None else ())
+  table = DecodeSettings(canvas=canvas, steps=default_steps(task, canvas), alg=settings.alg,
+                         top_p=TOP_P, top_k=TOP_K, repeat_penalty=settings.repeat_penalty,
+                         position_penalty=settings.position_penalty, cfg=settings.cfg,
+                         prefill=prefill)
+  return table.replace(steps=steps, **overrides)

@@ -174,7 +174,7 @@ class Checkpoints:
   def _set_aside(self, unreadable: list[int]) -> None:
     """Renames unreadable checkpoints (kept for inspection, never deleted) so that training
     can write those steps again."""
-    # Orbax's own process agreement (this module sits below omnijax.runtime).
+    # Orbax's own process agreement (this module sits below the process group, omnijax.processes).
     if ocp.multihost.is_primary_host(0):
       for step in unreadable:
         target = self.directory / f"{step}.unreadable.{int(time.time())}"

@@ -1,7 +1,6 @@
-"""Command-line entry points of the training area, registered into `omnijax`'s argparse.
+"""Command-line entry point of the training area, registered into `omnijax`'s argparse.
 
     omnijax train --config FILE [--workdir DIR] [--stage N] [--max-steps N] [key=value ...]
-    omnijax compile --config FILE [--topology NAME] [--stage N] [--out REPORT.json] [key=value ...]
 """
 
 from __future__ import annotations
@@ -13,7 +12,7 @@ from omnijax.config import add_config_args
 
 
 def register(subparsers) -> None:
-  """Adds `train` and `compile` to an argparse subparsers object."""
+  """Adds `train` to an argparse subparsers object."""
   train = subparsers.add_parser("train", help="run the configured training stages (resumes)")
   add_config_args(train)
   train.add_argument("--workdir", default=None,
@@ -24,17 +23,8 @@ def register(subparsers) -> None:
                      help="stop after this global step, with a checkpoint")
   train.add_argument("--checkpoint-every", type=int, default=None)
   train.add_argument("--log-every", type=int, default=None)
-  # Every process of a multi-host job runs training (see omnijax.runtime.initialize).
+  # Every process of a multi-host job runs training (see omnijax.processes.initialize).
   train.set_defaults(func=run_train, distributed=True)
-
-  compile_ = subparsers.add_parser(
-      "compile", help="compile the train step for a TPU topology ahead of time (needs libtpu)")
-  add_config_args(compile_)
-  compile_.add_argument("--topology", default=None, help="override topology.name, e.g. v5e:2x4")
-  compile_.add_argument("--stage", default=None, help="whose optimizer (default: first stage)")
-  compile_.add_argument("--out", default=None, metavar="REPORT.json",
-                        help="also write the report as JSON (exit status 3: does not fit)")
-  compile_.set_defaults(func=run_compile)
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -59,17 +49,3 @@ def run_train(args: argparse.Namespace) -> int:
   if result["stopped"]:
     print(f"stopped by {result['stopped']} at step {result['step']} after saving a checkpoint")
   return 0
-
-
-def run_compile(args: argparse.Namespace) -> int:
-  from omnijax.aot import DOES_NOT_FIT_EXIT, compile_train_step, write_report
-  from omnijax.config import load_config
-
-  overrides = list(args.overrides)
-  if args.topology:
-    overrides.append(f"topology.name={args.topology}")
-  report, _ = compile_train_step(load_config(args.config, overrides), stage=args.stage)
-  print(report.describe())
-  if args.out:
-    write_report(report, args.out)
-  return 0 if report.fits else DOES_NOT_FIT_EXIT

@@ -17,18 +17,19 @@ import time
 import jax
 from flax import nnx
 
+from omnijax import processes
 from omnijax.config import Config, ConfigError, DataConfig, StageConfig, to_dict
 from omnijax.data import shards
 from omnijax.data.pipeline import Batches, mixture_weights
 from omnijax.files import atomic_write_text, resolve
 from omnijax.model.build import create_model
 from omnijax.model.params_io import load_model
-from omnijax import runtime
 from omnijax.sharding import make_mesh
 from omnijax.train import flops as flops_lib
 from omnijax.train.checkpoints import Checkpoints
 from omnijax.train.metrics import MetricsLogger, plot_loss_curves, step_record
 from omnijax.train.optimizer import stage_boundaries
+from omnijax.train.program import build_train_program
 from omnijax.train.state import StateLayout
 from omnijax.train.step import check_batch_fits_mesh
 from omnijax.train.workdir import (CHECKPOINTS_DIR, CONFIG_FILE, WorkdirBusyError, WorkdirLock,
@@ -47,7 +48,7 @@ def ensure_data(config: Config) -> None:
   wait (a failure there fails every process). Any other data.dir without a dataset is an error:
   a misspelt path must not quietly become a new toy world that training then uses."""
   split_dir = pathlib.Path(config.data.dir) / config.data.split
-  runtime.primary_first(lambda: _generate_toyworld_if_missing(config, split_dir))
+  processes.primary_first(lambda: _generate_toyworld_if_missing(config, split_dir))
   if not (split_dir / shards.MANIFEST).is_file():
     raise ConfigError(f"data.dir={config.data.dir!r}: process {jax.process_index()} sees no "
                       f"{shards.MANIFEST} under {split_dir}, which process 0 has; on several "
@@ -143,7 +144,7 @@ class _StopRequest:
 
   def agreed(self) -> bool:
     """All hosts stop at the same step, so their collective checkpoint save lines up."""
-    return runtime.any_process(self.requested)
+    return processes.any_process(self.requested)
 
   def restore(self):
     signal.signal(signal.SIGTERM, self._previous)
@@ -170,14 +171,14 @@ def train(config: Config, workdir: str | os.PathLike, *, only_stage: str | None 
   workdir = resolve(workdir)  # local or gs://
   lock = WorkdirLock(workdir)
   busy = None
-  if runtime.is_primary():
+  if processes.is_primary():
     workdir.mkdir(parents=True, exist_ok=True)
     try:
       lock.acquire()
     except WorkdirBusyError as e:
       busy = e
   # The processes of one run share the workdir under process 0's lock, and refuse together.
-  if runtime.any_process(busy is not None):
+  if processes.any_process(busy is not None):
     raise busy or WorkdirBusyError(f"{workdir} is in use by another `omnijax train`")
   try:
     check_same_run(workdir, config)
@@ -216,12 +217,12 @@ def _train(config: Config, workdir, mesh, stages: list, only_stage: str | None,
     _this_process_state(data_state, stage_data_config(config, train_config.stages[meta["stage"]]),
                         step)
   # Written once the checkpoints are known to belong to this config: it describes them.
-  if runtime.is_primary():
+  if processes.is_primary():
     atomic_write_text(workdir / CONFIG_FILE, config_text(config))
 
   peak_flops, peak_source = flops_lib.peak_flops_per_device(train_config.peak_flops_per_device)
   flops_per_token = flops_lib.training_flops_per_token(config.model, config.data.seq_len)
-  metrics_log = MetricsLogger(workdir, step, total_steps, enabled=runtime.is_primary())
+  metrics_log = MetricsLogger(workdir, step, total_steps, enabled=processes.is_primary())
   stop = _StopRequest()
   last_record: dict = {}
   stopped = None
@@ -230,7 +231,7 @@ def _train(config: Config, workdir, mesh, stages: list, only_stage: str | None,
   def save(stage_name: str, data: Batches, data_config: DataConfig) -> None:
     # Each host reads its own slice of the data, so every host's iterator state is saved.
     data_states = {"fingerprint": _data_fingerprint(data_config),
-                   "processes": runtime.gather(data.get_state())}
+                   "processes": processes.gather(data.get_state())}
     checkpoints.save(step, state, data_states, {"stage": stage_name, "step": step})
 
   try:
@@ -250,7 +251,7 @@ def _train(config: Config, workdir, mesh, stages: list, only_stage: str | None,
       stage = train_config.stages[stage_name]
 
       ###################### Stage: optimizer and state ######################
-      program = runtime.build_train_program(config, stage_name, mesh=mesh, layout=layout)
+      program = build_train_program(config, stage_name, mesh=mesh, layout=layout)
       if state is None:
         state = program.init_state(initial_params(config, layout, mesh), step)
       elif meta["stage"] != stage_name:
@@ -308,7 +309,7 @@ def _train(config: Config, workdir, mesh, stages: list, only_stage: str | None,
     stop.restore()
     checkpoints.close()
     metrics_log.close()
-  if runtime.is_primary():
+  if processes.is_primary():
     plot_loss_curves(workdir)
   print(f"done at step {step}; MFU against {peak_source}: "
         f"{peak_flops / 1e9:.1f} GFLOP/s per device", flush=True)

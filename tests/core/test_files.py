@@ -88,7 +88,7 @@ def test_metrics_and_plots_in_a_gs_workdir(bucket, monkeypatch):
 
 def test_a_run_config_is_read_from_a_gs_workdir(bucket):
   from omnijax.config import CONFIG_ROOT, load_config, to_dict
-  from omnijax.runtime import WorkdirError, read_run_config
+  from omnijax.train.restore import WorkdirError, read_run_config
   import yaml
 
   config = load_config(CONFIG_ROOT / "experiments" / "toy.yaml")

@@ -12,6 +12,7 @@ from omnijax.config import load_config
 from omnijax.diffusion import sample, sample_with_stats
 from omnijax.diffusion import sampler as sampler_lib
 from omnijax.diffusion.postprocess import image_grid, split_modalities, spoken_answer, trim
+from omnijax.diffusion.settings import DecodeSettings
 from omnijax.model.build import create_model
 from omnijax.sharding import make_mesh
 from omnijax.config import MeshConfig
@@ -142,10 +143,7 @@ def test_prefill_is_kept_and_not_counted_as_masked():
 # --- token choice -----------------------------------------------------------------------------
 
 def plan(**changes):
-  defaults = dict(canvas=4, blocks=((0, 4, 4),), alg="maskgit_plus", temperature=0.0, top_p=1.0,
-                  top_k=0, repeat_penalty=1.0, position_penalty=1.0, cfg=0.0, threshold=None,
-                  mask_id=VOCAB.mask_id, vocab_size=VOCAB.size)
-  return sampler_lib._Plan(**{**defaults, **changes})
+  return sampler_lib._Plan.of(DecodeSettings(canvas=4, steps=4, **changes), VOCAB)
 
 
 def logits_for(probs, rows=MODEL_ROWS):

@@ -10,7 +10,7 @@ from fault_helpers import assert_refused, copy_tree, omnijax, snapshot
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
   """A small Qwen2-layout Hugging Face directory exported by omnijax itself."""
-  from omnijax import convert
+  from omnijax.weights import convert
   from omnijax.config import load_config
   from omnijax.model.build import create_model
   config = load_config(None, ["model.num_layers=1", "model.hidden_size=32",

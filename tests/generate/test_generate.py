@@ -38,14 +38,14 @@ def test_table_follows_the_release():
   assert settings.default_steps("asr", 100) == 50
   assert settings.canvas_length("tts", release, prompt_tokens=30, text_tokens=20) == 70
   assert settings.canvas_length("svqa", release, prompt_tokens=30, text_tokens=0) == 128
-  kwargs = settings.sampler_kwargs("svqa", 128, vocab)
-  assert kwargs["prefill"] == {25: vocab.begin_audio_id}  # floor(0.2 x 128)
-  assert (kwargs["alg"], kwargs["repeat_penalty"], kwargs["top_p"]) == ("entropy", 1.2, 0.9)
-  kwargs = settings.sampler_kwargs("s2i", 260, vocab, steps=16, threshold=0.9, cfg=None)
-  assert (kwargs["cfg"], kwargs["position_penalty"], kwargs["repeat_penalty"]) == (2.0, 2.0, 1.5)
-  assert (kwargs["steps"], kwargs["threshold"]) == (16, 0.9)
+  decode = settings.decode_settings("svqa", 128, vocab)
+  assert decode.prefill == ((25, vocab.begin_audio_id),)  # floor(0.2 x 128)
+  assert (decode.alg, decode.repeat_penalty, decode.top_p) == ("entropy", 1.2, 0.9)
+  decode = settings.decode_settings("s2i", 260, vocab, steps=16, threshold=0.9, cfg=None)
+  assert (decode.cfg, decode.position_penalty, decode.repeat_penalty) == (2.0, 2.0, 1.5)
+  assert (decode.steps, decode.threshold) == (16, 0.9)
   with pytest.raises(ValueError, match="unknown decode setting 'temprature'"):
-    settings.sampler_kwargs("t2i", 68, vocab, temprature=1.0)
+    settings.decode_settings("t2i", 68, vocab, temprature=1.0)
   # The toy world's image is 8 x 8 codes.
   assert settings.canvas_length("t2i", settings.Lengths.toy_world(SPEC), prompt_tokens=1,
                                 text_tokens=0) == 68
@@ -146,9 +146,9 @@ def test_steps_and_batch_size_below_one_are_refused_and_none_means_the_default()
   from omnijax.config import ConfigError
   vocab = SPEC.vocab
   default = settings.default_steps("caption", 32)
-  assert settings.sampler_kwargs("caption", 32, vocab)["steps"] == default
-  assert settings.sampler_kwargs("caption", 32, vocab, steps=3)["steps"] == 3
+  assert settings.decode_settings("caption", 32, vocab).steps == default
+  assert settings.decode_settings("caption", 32, vocab, steps=3).steps == 3
   with pytest.raises(ConfigError, match="--steps 0: expected >= 1"):
-    settings.sampler_kwargs("caption", 32, vocab, steps=0)
+    settings.decode_settings("caption", 32, vocab, steps=0)
   with pytest.raises(ConfigError, match="--batch-size 0: expected >= 1"):
     Generator(None, vocab, None, None, batch_size=0)

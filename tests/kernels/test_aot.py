@@ -46,7 +46,7 @@ def _forward_and_backward(attention):
     ("v5e:2x4", jnp.bfloat16, splash_attention),
 ], ids=["flash-v5e-bf16", "flash-v5p-fp32-256x128", "splash-v5e-bf16"])
 def test_sharded_kernel_compiles_for_tpu(topology, dtype, kernel):
-  # Compile-only: omnijax.runtime lets libtpu load beside another test process (conftest).
+  # Compile-only: omnijax.processes lets libtpu load beside another test process (conftest).
   mesh = _compile_only_mesh(topology)
   # Inside the mesh context only: some Mosaic lowering rules read the device kind from it,
   # and a global TPU mesh would send later eager CPU ops to compile-only devices.

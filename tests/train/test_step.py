@@ -11,7 +11,7 @@ from train_helpers import tiny_config
 from omnijax.config import MeshConfig
 from omnijax.data.pipeline import Batches
 from omnijax.model.build import create_model
-from omnijax.runtime import build_train_program
+from omnijax.train.program import build_train_program
 from omnijax.sharding import make_mesh
 from omnijax.train import flops
 

@@ -5,7 +5,8 @@ import json
 
 import pytest
 
-from omnijax import golden, sharding
+from omnijax import sharding
+from omnijax.podfit import golden
 
 EXPERIMENTS = golden.shipped_experiments()
 

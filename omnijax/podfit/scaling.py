@@ -2,7 +2,7 @@
 
 For every shipped topology of the generation (tpu_configs/topology/<generation>-*.yaml) with a
 chip count in `--chips`, and every sharding strategy in `--strategies`, the train step is
-compiled ahead of time (omnijax.aot) at the same global batch, with gradient accumulation
+compiled ahead of time (omnijax.podfit.aot) at the same global batch, with gradient accumulation
 chosen so that each micro-batch puts `--rows-per-chip` rows on every batch shard. The sweep
 writes scaling.csv, scaling.json (with the smallest slice that fits per strategy) and
 scaling.png (per-chip peak memory and predicted step time against chips).
@@ -17,7 +17,6 @@ Strategies (the mesh of each point):
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
@@ -26,8 +25,8 @@ import pathlib
 import re
 import sys
 
-from omnijax.config import (CONFIG_ROOT, Config, ConfigError, add_config_args, apply_overrides,
-                            from_dict, load_yaml_tree)
+from omnijax.config import (CONFIG_ROOT, Config, ConfigError, apply_overrides, from_dict,
+                            load_yaml_tree)
 
 STRATEGIES = ("fsdp", "fsdp_tensor", "data_fsdp", "multislice")
 # Slices of a multislice point.
@@ -101,7 +100,7 @@ def sweep(config_path: str, overrides: list[str], generation: str, chips: list[i
           rows_per_chip: int) -> list[dict]:
   from tqdm import tqdm
 
-  from omnijax.aot import compile_train_step
+  from omnijax.podfit.aot import compile_train_step
 
   tree = apply_overrides(load_yaml_tree(config_path), overrides)
   topologies = shipped_topologies(generation)
@@ -214,63 +213,3 @@ def write_outputs(rows: list[dict], out: pathlib.Path, title: str) -> None:
        "smallest_fit": {strategy: {"topology": row["topology"], "chips": row["chips"]}
                         for strategy, row in best.items()}}, indent=2) + "\n")
   plot(rows, out / "scaling.png", title)
-
-
-def _run(args) -> int:
-  from omnijax.aot import DOES_NOT_FIT_EXIT
-
-  def int_list(text: str, flag: str) -> list[int]:
-    try:
-      values = [int(x) for x in text.split(",")]
-    except ValueError:
-      raise ConfigError(f"{flag} {text!r}: expected comma-separated integers") from None
-    if min(values) < 1:
-      raise ConfigError(f"{flag} {text!r}: expected positive integers")
-    return values
-
-  for flag in ("rows_per_chip", "tensor", "data"):
-    if getattr(args, flag) < 1:
-      raise ConfigError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: expected >= 1")
-
-  strategies = args.strategies.split(",")
-  for strategy in strategies:
-    strategy_mesh(strategy, args.tensor, args.data)  # rejects unknown names before compiling
-  overrides = list(args.overrides)
-  if args.global_batch is not None:
-    overrides.append(f"data.global_batch_size={args.global_batch}")
-  chips = (int_list(args.chips, "--chips") if args.chips is not None
-           else sorted(shipped_topologies(args.generation)))
-  rows = sweep(args.config, overrides, args.generation, chips,
-               strategies, args.stage, args.tensor, args.data, args.rows_per_chip)
-  title = (f"{pathlib.Path(args.config).stem} on {args.generation}"
-           + (f", stage {args.stage}" if args.stage else ""))
-  write_outputs(rows, pathlib.Path(args.out), title)
-  best = smallest_fits(rows)
-  for strategy in strategies:
-    row = best.get(strategy)
-    print(f"{strategy}: " + (f"smallest slice that fits: {row['topology']} ({row['chips']} chips, "
-                             f"{row['peak_bytes_per_chip'] / 2**30:.2f} GiB per chip)"
-                             if row else "fits on none of the swept slices"))
-  print(f"wrote {args.out}/scaling.csv, scaling.json, scaling.png")
-  return 0 if best else DOES_NOT_FIT_EXIT
-
-
-def register(commands: argparse._SubParsersAction) -> None:
-  parser = commands.add_parser(
-      "scaling", help="compile the train step over a TPU generation's slices and strategies; "
-                      "table + plot of per-chip memory and predicted step time (needs libtpu)")
-  add_config_args(parser)
-  parser.add_argument("--generation", required=True, choices=GENERATIONS)
-  parser.add_argument("--chips", default=None,
-                      help="comma-separated chip counts (default: every shipped single slice)")
-  parser.add_argument("--strategies", default=",".join(STRATEGIES),
-                      help=f"comma-separated, from {', '.join(STRATEGIES)}")
-  parser.add_argument("--stage", default=None, help="whose optimizer (default: first stage)")
-  parser.add_argument("--global-batch", type=int, default=None,
-                      help="global batch of every point (default: the config's)")
-  parser.add_argument("--rows-per-chip", type=int, default=1,
-                      help="rows per batch shard in each micro-batch (sets grad accumulation)")
-  parser.add_argument("--tensor", type=int, default=4, help="tensor axis of fsdp_tensor")
-  parser.add_argument("--data", type=int, default=2, help="data axis of data_fsdp")
-  parser.add_argument("--out", required=True, help="directory for scaling.csv/.json/.png")
-  parser.set_defaults(func=_run)

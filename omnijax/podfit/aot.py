@@ -6,7 +6,7 @@ mesh and compiled by the real TPU compiler. Out-of-memory, illegal kernel block 
 sharding mistakes fail here, before a pod is rented.
 
 `omnijax compile --out report.json` writes the per-chip verdict a script can read: whether the
-step fits the chip's HBM, its compiled peak against the analytic minimum (omnijax.train.memory)
+step fits the chip's HBM, its compiled peak against the analytic minimum (omnijax.podfit.memory)
 and the analytic FLOPs. Running out of HBM is a verdict, not an error: the compiler's refusal is
 turned into `fits: false` with the memory it asked for.
 """
@@ -23,10 +23,10 @@ import numpy as np
 
 from omnijax.config import Config, ConfigError
 from omnijax.data.pipeline import BATCH_FIELDS
-from omnijax.runtime import build_train_program
+from omnijax.podfit.memory import analytic_minimum
 from omnijax.sharding import make_mesh
 from omnijax.train import flops
-from omnijax.train.memory import analytic_minimum
+from omnijax.train.program import build_train_program
 
 
 class LibtpuMissingError(RuntimeError):

@@ -29,7 +29,7 @@ from omnijax.model.build import model_from_arrays
 from omnijax.model.transformer import Transformer
 from omnijax.sharding import path_str
 from omnijax.vocab import Vocab
-from omnijax.vocab_growth import VocabGrowth, VocabGrowthError, text_layout
+from omnijax.weights.vocab_growth import VocabGrowth, VocabGrowthError, text_layout
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # config.json `model_type`s of the backbone omnijax implements (Qwen2 and Dream, its diffusion
@@ -219,7 +219,7 @@ def from_hf(path: str | os.PathLike, vocab: VocabConfig | None = None,
   """Reads a Hugging Face Qwen2/Dream directory into (config, model); sharded if `mesh`.
 
   `vocab` names the checkpoint's token layout when config.json does not; with `grow_vocab` the
-  model comes out in that bigger layout (omnijax.vocab_growth, new rows drawn with `seed`).
+  model comes out in that bigger layout (omnijax.weights.vocab_growth, new rows drawn with `seed`).
   """
   directory = pathlib.Path(path)
   config_file = directory / "config.json"

@@ -6,10 +6,10 @@ import pathlib
 import jax
 
 from omnijax.config import MeshConfig, load_config
+from omnijax.podfit.memory import analytic_minimum, kept_per_token
 from omnijax.sharding import make_mesh
-from omnijax.train.memory import analytic_minimum, kept_per_token
 
-TINY = pathlib.Path(__file__).parent / "tiny_experiment.yaml"
+TINY = pathlib.Path(__file__).parents[1] / "train" / "tiny_experiment.yaml"
 
 
 def test_state_is_divided_over_shards_and_frozen_parameters_carry_no_optimizer_state():

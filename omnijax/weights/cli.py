@@ -1,4 +1,5 @@
-"""Command-line entry points of the model area, registered into `omnijax`'s argparse.
+"""Command-line entry points of the weights area (weights in and out, and what a config
+builds), registered into `omnijax`'s argparse.
 
     omnijax info --config FILE [key=value ...]
     omnijax convert {from-hf,to-hf} SOURCE DEST [--vocab LAYOUT] [--dtype DTYPE] [--force]
@@ -37,10 +38,10 @@ def register(subparsers) -> None:
 
 
 def run_info(args: argparse.Namespace) -> int:
-  from omnijax.info import print_info
+  from omnijax.weights.info import print_info
   return print_info(args.config, args.overrides)
 
 
 def run_convert(args: argparse.Namespace) -> int:
-  from omnijax.convert import run_convert as convert
+  from omnijax.weights.convert import run_convert as convert
   return convert(args)

@@ -11,11 +11,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from omnijax import convert
+from omnijax.weights import convert
 from omnijax.config import Config, MeshConfig, VocabConfig
 from omnijax.model.params_io import load_model
 from omnijax.sharding import make_mesh
-from omnijax.vocab_growth import grow_rows
+from omnijax.weights.vocab_growth import grow_rows
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

@@ -1,4 +1,4 @@
-"""omnijax.runtime: the one train-program builder and restoring a workdir onto any mesh."""
+"""omnijax.train.restore: a training workdir's model, restored onto any mesh."""
 
 import shutil
 
@@ -11,9 +11,9 @@ from jax.sharding import PartitionSpec as P
 
 from train_helpers import tiny_config
 from omnijax.config import ConfigError, MeshConfig
-from omnijax.runtime import ProcessGroup, WorkdirError, build_train_program, restore_workdir
 from omnijax.sharding import make_mesh
 from omnijax.train.loop import train
+from omnijax.train.restore import WorkdirError, restore_workdir
 
 
 @pytest.fixture(scope="module")
@@ -76,51 +76,3 @@ def test_workdirs_without_a_run_fail_in_one_line(tmp_path, trained):
   with pytest.raises(WorkdirError, match="no checkpoints directory"):
     restore_workdir(tmp_path)
   assert issubclass(WorkdirError, ConfigError)  # the CLI prints it as one line
-
-
-def test_one_program_builder_serves_every_stage(toy_data):
-  config = tiny_config(toy_data)
-  program = build_train_program(config, "2")
-  assert program.stage == "stage2"
-  assert program.batch_sharding.spec == P("fsdp", None)
-  state = program.abstract_state()
-  assert state.params["embed_tokens"].sharding.spec == P(None, "fsdp")
-  assert build_train_program(config).stage == "stage1"
-
-
-@pytest.mark.parametrize("options,message", [
-    (dict(num_processes=2, process_id=0), "need --coordinator"),
-    (dict(coordinator="localhost", num_processes=2, process_id=0), "expected HOST:PORT"),
-    (dict(coordinator="localhost:1234"), "needs --num-processes N and --process-id I"),
-    (dict(coordinator="localhost:1234", num_processes=2, process_id=2), r"must lie in \[0"),
-])
-def test_process_options_are_checked(monkeypatch, options, message):
-  for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
-    monkeypatch.delenv(name, raising=False)
-  with pytest.raises(ConfigError, match=message):
-    ProcessGroup.resolve(**options)
-
-
-def test_process_group_from_the_environment(monkeypatch):
-  monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "10.0.0.2:8476")
-  monkeypatch.setenv("JAX_NUM_PROCESSES", "4")
-  monkeypatch.setenv("JAX_PROCESS_ID", "3")
-  assert ProcessGroup.resolve() == ProcessGroup("10.0.0.2:8476", 4, 3)
-  assert ProcessGroup.resolve(process_id=1).process_id == 1  # options beat the environment
-  monkeypatch.setenv("JAX_NUM_PROCESSES", "four")
-  with pytest.raises(ConfigError, match="JAX_NUM_PROCESSES='four': expected an integer"):
-    ProcessGroup.resolve()
-
-
-def test_the_cli_reports_bad_process_options_in_one_line():
-  import subprocess
-  import sys
-  from train_helpers import TINY_EXPERIMENT
-  result = subprocess.run(
-      [sys.executable, "-m", "omnijax.cli", "--coordinator", "localhost", "--num-processes", "2",
-       "--process-id", "0", "info", "--config", str(TINY_EXPERIMENT)],
-      capture_output=True, text=True, timeout=120)
-  assert result.returncode == 2
-  assert result.stderr.strip().splitlines()[-1] == (
-      "omnijax info: config error: --coordinator='localhost': expected HOST:PORT, e.g. 10.0.0.2:8476")
-  assert "Traceback" not in result.stderr

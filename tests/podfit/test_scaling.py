@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from omnijax import scaling
+from omnijax.podfit import scaling
 
 TINY = pathlib.Path(__file__).parents[1] / "train" / "tiny_experiment.yaml"
 

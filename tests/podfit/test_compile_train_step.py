@@ -9,7 +9,7 @@ import sys
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from omnijax.aot import DOES_NOT_FIT_EXIT, GIB, compile_train_step, out_of_memory
+from omnijax.podfit.aot import DOES_NOT_FIT_EXIT, GIB, compile_train_step, out_of_memory
 from omnijax.config import ConfigError, load_config
 
 TINY = pathlib.Path(__file__).parents[1] / "train" / "tiny_experiment.yaml"

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from omnijax import convert
+from omnijax.weights import convert
 from omnijax.config import VocabConfig
 from omnijax.model.build import create_model
 from omnijax.sharding import make_mesh

@@ -1,14 +1,12 @@
-"""The runtime layer every entry point uses (`omnijax train`, `compile`, generate/eval, the
-benchmarks and the tests), so none of them re-assembles the pipeline:
+"""This process's place in the job, set up once before any JAX backend is used, and the few
+agreements between processes (no-ops in a single process):
 
-  * `initialize()`: the libtpu/XLA environment (set once, here) and `jax.distributed` when the
-    job spans several processes (a multi-host TPU VM slice, or an explicit coordinator);
-  * `is_primary`, `barrier`, `gather`, `any_process`: the few cross-process agreements;
-  * `build_train_program()`: mesh -> state layout -> optimizer -> jitted, sharded train step;
-  * `restore_workdir()`: a training run's model, restored onto any mesh.
+  * `initialize()`: the libtpu/XLA environment and `jax.distributed` when the job spans several
+    processes (a multi-host TPU VM slice, or an explicit coordinator);
+  * `is_primary`, `barrier`, `gather`, `any_process`, `primary_first`.
 
-Layering: above the train building blocks (step, state, optimizer, checkpoints), below the
-programs that drive them (train/loop.py, eval, generate, aot).
+Every entry point uses it (`omnijax`, the benchmarks, the tests), so it sits low: it imports
+only the config's errors.
 """
 
 from __future__ import annotations
@@ -20,19 +18,8 @@ from typing import Callable
 
 import jax
 import numpy as np
-import optax
-import yaml
-from flax import nnx
 
-from omnijax.config import Config, ConfigError, from_dict
-from omnijax.files import resolve
-from omnijax.sharding import make_mesh
-from omnijax.train.checkpoints import Checkpoints, CheckpointRestoreError
-from omnijax.train.optimizer import global_schedule
-from omnijax.train.state import StateLayout
-from omnijax.train.step import (TrainState, batch_sharding, check_batch_fits_mesh, jit_train_step,
-                                make_train_step)
-from omnijax.train.workdir import CHECKPOINTS_DIR, CONFIG_FILE
+from omnijax.config import ConfigError
 
 # The environment variables `initialize()` reads when the options are not given (JAX itself
 # reads the first).
@@ -43,9 +30,6 @@ ENV_PROCESS_ID = "JAX_PROCESS_ID"
 # a process died (they then exit with an error instead of waiting in a collective forever).
 INITIALIZATION_TIMEOUT_S = 300
 HEARTBEAT_TIMEOUT_S = 60
-
-
-###################### Process setup ######################
 
 
 def on_tpu_vm() -> bool:
@@ -207,114 +191,3 @@ def barrier(name: str) -> None:
     from jax.experimental import multihost_utils
 
     multihost_utils.sync_global_devices(name)
-
-
-###################### The training program ######################
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainProgram:
-  """One stage's jitted, sharded train step and the layout of the state it updates."""
-
-  mesh: jax.sharding.Mesh
-  layout: StateLayout
-  stage: str
-  tx: optax.GradientTransformation
-  shardings: TrainState
-  # (state, batch) -> (state, metrics); the state is donated (updated in place).
-  step: Callable
-
-  @property
-  def batch_sharding(self) -> jax.sharding.NamedSharding:
-    return batch_sharding(self.mesh)
-
-  def abstract_state(self) -> TrainState:
-    """ShapeDtypeStructs with shardings: a restore target, or the AOT compiler's input."""
-    return self.layout.abstract_state(self.tx)
-
-  def init_state(self, params, step) -> TrainState:
-    """State from parameters (already on the mesh) with a fresh optimizer state."""
-    init_opt = jax.jit(self.tx.init, out_shardings=self.shardings.opt_state)
-    return TrainState(params, init_opt(params), jax.device_put(step, self.layout.replicated))
-
-
-def build_train_program(config: Config, stage: str | None = None, *,
-                        mesh: jax.sharding.Mesh | None = None,
-                        layout: StateLayout | None = None) -> TrainProgram:
-  """The train step of `stage` (default: the first) on `mesh` (default: `config.mesh` over all
-  devices). Pass `layout` to reuse one already built for this mesh (it is stage-independent)."""
-  mesh = make_mesh(config.mesh) if mesh is None else mesh
-  check_batch_fits_mesh(config, mesh)
-  stages = config.train.ordered_stages
-  if not stages:
-    raise ConfigError("train.stages is empty: configure at least one stage")
-  stage_name = config.train.resolve_stage(stage) if stage else stages[0][0]
-  layout = StateLayout.create(config, mesh) if layout is None else layout
-  tx = layout.optimizer(config, config.train.stages[stage_name])
-  shardings = layout.shardings(tx)
-  step = jit_train_step(make_train_step(config, layout.graphdef, tx, global_schedule(config.train),
-                                        layout.trainable(config.train.stages[stage_name])),
-                        shardings, mesh)
-  return TrainProgram(mesh, layout, stage_name, tx, shardings, step)
-
-
-###################### A trained model, restored onto any mesh ######################
-
-
-class WorkdirError(ConfigError):
-  """The workdir holds no run that can be restored; the message says what is missing."""
-
-
-@dataclasses.dataclass
-class RestoredRun:
-  config: Config  # the run's config (workdir/config.yaml)
-  model: nnx.Module  # the Transformer with the checkpoint's parameters, sharded on the mesh
-  step: int
-  stage: str
-
-
-def read_run_config(workdir: str | os.PathLike) -> Config:
-  """The config a training run wrote into its workdir."""
-  path = resolve(workdir) / CONFIG_FILE
-  try:
-    tree = yaml.safe_load(path.read_text())
-  except OSError as e:
-    raise WorkdirError(f"{path}: cannot read the run's config ({e.strerror or e}); is "
-                       f"{workdir} a training workdir?") from None
-  try:
-    return from_dict(Config, tree)
-  except ConfigError as e:
-    raise WorkdirError(f"{path}: {e}") from None
-
-
-def restore_workdir(workdir: str | os.PathLike, *, mesh: jax.sharding.Mesh | None = None,
-                    step: int | None = None) -> RestoredRun:
-  """The run in `workdir` at `step` (default: its newest readable checkpoint), its parameters
-  sharded on `mesh` (default: the run config's mesh section over all local devices)."""
-  config = read_run_config(workdir)
-  if mesh is None:
-    mesh = make_mesh(config.mesh, jax.local_devices())
-  layout = StateLayout.create(config, mesh)
-  params = jax.tree.map(lambda x, sharding: jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                                                 sharding=sharding),
-                        layout.abstract_params, layout.param_shardings)
-
-  directory = resolve(workdir) / CHECKPOINTS_DIR
-  if not directory.is_dir():
-    raise WorkdirError(f"{workdir}: no checkpoints directory ({directory}); has training saved "
-                       "a checkpoint yet?")
-  checkpoints = Checkpoints(directory, keep=None, read_only=True)
-  try:
-    # The parameters are the same for every stage (only the optimizer state differs).
-    restored = (checkpoints.restore_latest(lambda meta: params, params_only=True)
-                if step is None else checkpoints.restore(step, lambda meta: params,
-                                                         params_only=True))
-  except CheckpointRestoreError as e:
-    raise WorkdirError(str(e)) from None
-  finally:
-    checkpoints.close()
-  if restored is None:
-    raise WorkdirError(f"{workdir}: no checkpoint under {checkpoints.directory}")
-  restored_step, state, _, meta = restored
-  model = nnx.merge(layout.graphdef, state["params"])
-  return RestoredRun(config=config, model=model, step=restored_step, stage=meta["stage"])

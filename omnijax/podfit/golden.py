@@ -4,14 +4,13 @@ For each experiment under tpu_configs/experiments/ that names a TPU topology, th
 records the mesh and, per parameter path, its global shape, PartitionSpec and per-chip shape, as
 the rules table (omnijax.sharding.RULES) lays them out on that topology's devices. A change to
 the rules, the model or a config that moves a parameter shows up as a failing test
-(tests/core/test_golden_shardings.py) until the goldens are regenerated on purpose with
+(tests/podfit/test_golden_shardings.py) until the goldens are regenerated on purpose with
 `omnijax shardings --update` and the diff is reviewed. Experiments without a topology run on
 whatever local devices there are, so they have no golden.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
 import sys
@@ -37,8 +36,8 @@ def sharding_record(config: Config) -> dict:
   import jax
   from flax import nnx
 
-  from omnijax.aot import topology_devices
   from omnijax.model.build import abstract_model
+  from omnijax.podfit.aot import topology_devices
   from omnijax.sharding import make_mesh, path_str, state_shardings
 
   mesh = make_mesh(config.mesh, topology_devices(config))
@@ -121,18 +120,3 @@ def check_or_update(names: list[str] | None, directory: pathlib.Path, update: bo
     print(f"{failed} experiment(s) differ; if the change is intended, run "
           "`omnijax shardings --update` and review the diff", file=sys.stderr)
   return 1 if failed else 0
-
-
-def _run(args) -> int:
-  return check_or_update(args.experiments, pathlib.Path(args.golden_dir), args.update)
-
-
-def register(commands: argparse._SubParsersAction) -> None:
-  parser = commands.add_parser(
-      "shardings", help="check (or --update) the golden parameter shardings of the shipped "
-                        "experiments (needs libtpu)")
-  parser.add_argument("experiments", nargs="*", help="experiment names (default: all)")
-  parser.add_argument("--update", action="store_true",
-                      help="rewrite the goldens from the current code (an intended change)")
-  parser.add_argument("--golden-dir", default=str(GOLDEN_DIR))
-  parser.set_defaults(func=_run)

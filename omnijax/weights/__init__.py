@@ -1,0 +1,2 @@
+"""Weights in and out: Hugging Face safetensors import/export, vocabulary growth, and what a
+config builds (`omnijax info`)."""
