@@ -38,6 +38,8 @@ ATTENTION_BACKENDS: tuple[str, ...] = ("xla", "pallas", "splash", "cudnn", "mosa
 TASKS: tuple[str, ...] = ("t2i", "caption", "vqa", "asr", "tts", "s2i", "svqa")
 # The sampler's confidence rules (reference §4.4), here so the CLI can list them without jax.
 SAMPLER_ALGS: tuple[str, ...] = ("maskgit_plus", "topk_margin", "entropy")
+# Training objectives (omnijax.diffusion.objective.OBJECTIVES holds one object per name).
+OBJECTIVE_KINDS = ("omni", "llada")
 
 
 class ConfigError(ValueError):
@@ -288,8 +290,9 @@ class ObjectiveConfig:
   vocab_chunks: int = 8
 
   def __post_init__(self):
-    if self.kind not in ("omni", "llada"):
-      raise ConfigError(f"train.objective.kind={self.kind!r}: expected 'omni' or 'llada'")
+    if self.kind not in OBJECTIVE_KINDS:
+      raise ConfigError(f"train.objective.kind={self.kind!r}: expected one of "
+                        f"{', '.join(OBJECTIVE_KINDS)}")
     if self.vocab_chunks < 1:
       raise ConfigError(f"train.objective.vocab_chunks={self.vocab_chunks} must be >= 1")
     if not 0 < self.eps < 1 or not 0 < self.pad_mask_ratio <= 1:

@@ -10,6 +10,7 @@ import pytest
 from omnijax.config import ObjectiveConfig
 from omnijax.data.tasks import TASKS
 from omnijax.diffusion import objective
+from omnijax.diffusion.cross_entropy import token_cross_entropy
 from omnijax.vocab import Vocab
 
 VOCAB = Vocab.compact(100, n_image_codes=16, n_speech_codes=16)
@@ -152,7 +153,7 @@ def test_chunked_loss_never_holds_the_full_logits():
   targets = jax.ShapeDtypeStruct((rows, length), jnp.int32)
 
   def temp_bytes(chunks):
-    loss = lambda h, w, t: objective.token_cross_entropy(h, w, t, chunks).sum()
+    loss = lambda h, w, t: token_cross_entropy(h, w, t, chunks).sum()
     compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(hidden, head, targets).compile()
     return compiled.memory_analysis().temp_size_in_bytes
 
@@ -168,3 +169,16 @@ def test_objective_config_is_validated():
   with pytest.raises(ConfigError, match="train.objective.vocab_chunks=0"):
     ObjectiveConfig(vocab_chunks=0)
   assert dataclasses.replace(ObjectiveConfig(), pad_mask_ratio=1.0).pad_mask_ratio == 1.0
+
+
+def test_objectives_are_chosen_by_name_and_an_unknown_kind_is_refused_naming_the_key():
+  from omnijax.config import OBJECTIVE_KINDS, ConfigError
+  assert tuple(objective.OBJECTIVES) == OBJECTIVE_KINDS
+  for kind in OBJECTIVE_KINDS:
+    chosen = objective.get_objective(kind)
+    assert chosen.name == kind and isinstance(chosen, objective.Objective)
+    assert not chosen.causal  # both diffusion objectives attend bidirectionally
+  with pytest.raises(ConfigError, match=r"train.objective.kind='ar': expected one of omni, llada"):
+    objective.get_objective("ar")
+  with pytest.raises(ConfigError, match=r"train.objective.kind='ar': expected one of omni, llada"):
+    ObjectiveConfig(kind="ar")
