@@ -1,11 +1,14 @@
 """`omnijax train`: runs the configured stages in order, resuming from whatever the workdir holds.
 
-Read top to bottom: mesh and data, model and checkpoints, then one section per stage (optimizer,
-state, data iterator, the step loop with logging, checkpoints and the NaN / SIGTERM guards).
+Read top to bottom: `train` takes the workdir; `_train` is the run in a dozen lines (data
+checked, progress resumed, then per stage: `enter_stage` builds its program and state, a data
+iterator, and `_StepLoop.run` steps it with its hooks: logging, checkpoints, the NaN and SIGTERM
+guards). The pieces follow in that order.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -189,128 +192,187 @@ def train(config: Config, workdir: str | os.PathLike, *, only_stage: str | None 
 
 def _train(config: Config, workdir, mesh, stages: list, only_stage: str | None,
            max_steps: int | None) -> dict:
-  train_config = config.train
+  vocab = check_data(config)
+  total_steps = stages[-1][2] if max_steps is None else min(max_steps, stages[-1][2])
+  layout = StateLayout.create(config, mesh)
+  checkpoints = Checkpoints(workdir / CHECKPOINTS_DIR, config.train.keep_checkpoints)
+  progress = resume(config, layout, checkpoints)
+  # Written once the checkpoints are known to belong to this config: it describes them.
+  if processes.is_primary():
+    atomic_write_text(workdir / CONFIG_FILE, config_text(config))
+  metrics_log = MetricsLogger(workdir, progress.step, total_steps, enabled=processes.is_primary())
+  steps = _StepLoop(config, mesh, checkpoints, metrics_log)
+  try:
+    for stage_name, stage_end in _stages_to_run(stages, progress, only_stage, max_steps, workdir):
+      program = enter_stage(config, stage_name, stage_end, layout, mesh, progress)
+      data_config = stage_data_config(config, config.train.stages[stage_name])
+      # Closing the iterator stops its worker processes (else they leak shared memory).
+      with contextlib.closing(Batches(data_config, vocab, program.batch_sharding)) as data:
+        if progress.data_state is not None and progress.stage == stage_name:
+          data.set_state(_this_process_state(progress.data_state, data_config, progress.step))
+        progress.stage, progress.data_state = stage_name, None
+        stage_stop = stage_end if max_steps is None else min(stage_end, max_steps)
+        if steps.run(program, data, data_config, progress, stage_stop):
+          break
+  finally:
+    steps.close()
+    checkpoints.close()
+    metrics_log.close()
+  if processes.is_primary():
+    plot_loss_curves(workdir)
+  print(f"done at step {progress.step}; {steps.describe_utilisation()}", flush=True)
+  return {"step": progress.step, "stopped": steps.stopped, "last": steps.last_record}
 
-  ###################### Data on disk ######################
+
+def check_data(config: Config):
+  """The dataset on disk (the toy world made if it is the toy experiment's), its vocabulary and
+  shards checked, and every stage's mixture found in it now, not after the earlier stages have
+  run. Returns the vocabulary."""
   ensure_data(config)
   vocab = config.model.vocab.build()
   split_dir = pathlib.Path(config.data.dir) / config.data.split
   manifest = shards.load_manifest(split_dir)
   shards.check_vocab(manifest, vocab, str(split_dir / shards.MANIFEST))
   shards.check_shards(split_dir, manifest)
-  for name, stage in train_config.ordered_stages:
-    # Every stage's mixture must find its tasks now, not after the earlier stages have run.
+  for name, stage in config.train.ordered_stages:
     mixture_weights(stage_data_config(config, stage), manifest,
                     f"{split_dir} (train.stages.{name}.mixture)")
-  total_steps = stages[-1][2] if max_steps is None else min(max_steps, stages[-1][2])
+  return vocab
 
-  ###################### Model (abstract), shardings, checkpoints ######################
-  layout = StateLayout.create(config, mesh)
-  checkpoints = Checkpoints(workdir / CHECKPOINTS_DIR, train_config.keep_checkpoints)
+
+@dataclasses.dataclass
+class Progress:
+  """Where the run stands: the global step, the train state (None before the first stage
+  builds it), the stage that state belongs to, and a restored data-iterator state that the
+  stage it was saved in consumes."""
+
+  step: int = 0
+  state: object = None
+  stage: str | None = None
+  data_state: dict | None = None
+
+
+def resume(config: Config, layout: StateLayout, checkpoints: Checkpoints) -> Progress:
+  """The newest readable checkpoint's progress, or a fresh start."""
   restored = checkpoints.restore_latest(lambda meta: layout.checkpoint_target(config, meta))
   if restored is None:
-    step, state, data_state, meta = 0, None, None, {"stage": None}
-  else:
-    step, state, data_state, meta = restored
-    print(f"resumed from {checkpoints.directory}/{step} (stage {meta['stage']})", flush=True)
-    # The data iterator must resume exactly too: checked now, before config.yaml is replaced.
-    _this_process_state(data_state, stage_data_config(config, train_config.stages[meta["stage"]]),
-                        step)
-  # Written once the checkpoints are known to belong to this config: it describes them.
-  if processes.is_primary():
-    atomic_write_text(workdir / CONFIG_FILE, config_text(config))
+    return Progress()
+  step, state, data_state, meta = restored
+  print(f"resumed from {checkpoints.directory}/{step} (stage {meta['stage']})", flush=True)
+  # The data iterator must resume exactly too: checked now, before config.yaml is replaced.
+  _this_process_state(data_state, stage_data_config(config, config.train.stages[meta["stage"]]),
+                      step)
+  return Progress(step, state, meta["stage"], data_state)
 
-  peak_flops, peak_source = flops_lib.peak_flops_per_device(train_config.peak_flops_per_device)
-  flops_per_token = flops_lib.training_flops_per_token(config.model, config.data.seq_len)
-  metrics_log = MetricsLogger(workdir, step, total_steps, enabled=processes.is_primary())
-  stop = _StopRequest()
-  last_record: dict = {}
-  stopped = None
-  data = None
 
-  def save(stage_name: str, data: Batches, data_config: DataConfig) -> None:
+def _stages_to_run(stages: list, progress: Progress, only_stage: str | None,
+                   max_steps: int | None, workdir):
+  """(stage name, end step) of each stage still to run, judged as the run goes (`progress` moves
+  between stages)."""
+  for stage_name, stage_start, stage_end in stages:
+    if only_stage is not None and stage_name != only_stage:
+      continue
+    if max_steps is not None and progress.step >= max_steps:
+      return
+    if progress.step >= stage_end:
+      continue
+    if progress.step < stage_start:
+      if progress.state is not None:
+        raise ConfigError(f"--stage {stage_name} starts at step {stage_start} but the latest "
+                          f"checkpoint in {workdir} is at step {progress.step}: run the earlier "
+                          "stages first")
+      progress.step = stage_start  # a stage run on its own from fresh weights
+    yield stage_name, stage_end
+
+
+def enter_stage(config: Config, stage_name: str, stage_end: int, layout: StateLayout, mesh,
+                progress: Progress):
+  """The stage's train program; the state initialised, carried from the previous stage's final
+  weights, or with its optimizer reset when the stage asks for it."""
+  stage = config.train.stages[stage_name]
+  program = build_train_program(config, stage_name, mesh=mesh, layout=layout)
+  if progress.state is None:
+    progress.state = program.init_state(initial_params(config, layout, mesh), progress.step)
+  elif progress.stage != stage_name:
+    previous = config.train.stages[progress.stage]
+    if not stage.carry_optimizer or previous.trainable != stage.trainable:
+      if stage.carry_optimizer:
+        log.warning("%s: trainable parameters differ from %s; optimizer state reset",
+                    stage_name, progress.stage)
+      progress.state = program.init_state(progress.state.params, progress.state.step)
+  print(f"stage {stage_name}: steps {progress.step}..{stage_end} "
+        f"(mixture {stage.mixture or 'all tasks'})", flush=True)
+  return program
+
+
+class _StepLoop:
+  """The step loop and its hooks: metrics every `log_every` steps, a checkpoint every
+  `checkpoint_every` steps and at the stage's end, the NaN guard, and SIGTERM (every host
+  stops at the same step, after saving)."""
+
+  def __init__(self, config: Config, mesh, checkpoints: Checkpoints, metrics_log: MetricsLogger):
+    self.config, self.mesh = config, mesh
+    self.checkpoints, self.metrics_log = checkpoints, metrics_log
+    self.stop = _StopRequest()
+    self.stopped: str | None = None
+    self.last_record: dict = {}
+    self.peak_flops, self.peak_source = flops_lib.peak_flops_per_device(
+        config.train.peak_flops_per_device)
+    self.flops_per_token = flops_lib.training_flops_per_token(config.model, config.data.seq_len)
+    self.tokens_per_step = config.data.global_batch_size * config.data.seq_len
+    self.run_tokens, self.run_seconds = 0, 0.0
+
+  def run(self, program, data: Batches, data_config: DataConfig, progress: Progress,
+          stage_stop: int) -> bool:
+    """Steps until `stage_stop`; True when the run must stop (SIGTERM)."""
+    train = self.config.train
+    window_start, window_tokens = time.perf_counter(), 0
+    with jax.set_mesh(self.mesh):
+      while progress.step < stage_stop:
+        progress.state, metrics = program.step(progress.state, next(data))
+        progress.step += 1
+        window_tokens += self.tokens_per_step
+        self.metrics_log.advance()
+        stopping = self.stop.agreed()
+        must_save = progress.step % train.checkpoint_every == 0 or progress.step == stage_stop
+        if progress.step % train.log_every == 0 or must_save or stopping:
+          elapsed = time.perf_counter() - window_start
+          self._log(metrics, progress, window_tokens, elapsed)
+          self.run_tokens, self.run_seconds = self.run_tokens + window_tokens, \
+              self.run_seconds + elapsed
+          window_start, window_tokens = time.perf_counter(), 0
+        if must_save or stopping:
+          self._save(progress, data, data_config)
+        if stopping:
+          self.stopped = "SIGTERM"
+          return True
+    return False
+
+  def _mfu(self, tokens_per_s: float) -> float:
+    return tokens_per_s * self.flops_per_token / (self.peak_flops * self.mesh.devices.size)
+
+  def _log(self, metrics, progress: Progress, tokens: int, seconds: float) -> None:
+    host = jax.device_get(metrics)
+    _check_healthy(host, progress.step, progress.stage, self.checkpoints)
+    tokens_per_s = tokens / seconds
+    self.last_record = step_record(progress.step, progress.stage, host, tokens_per_s,
+                                   self._mfu(tokens_per_s))
+    self.metrics_log.log(self.last_record)
+
+  def _save(self, progress: Progress, data: Batches, data_config: DataConfig) -> None:
     # Each host reads its own slice of the data, so every host's iterator state is saved.
     data_states = {"fingerprint": _data_fingerprint(data_config),
                    "processes": processes.gather(data.get_state())}
-    checkpoints.save(step, state, data_states, {"stage": stage_name, "step": step})
+    self.checkpoints.save(progress.step, progress.state, data_states,
+                          {"stage": progress.stage, "step": progress.step})
 
-  try:
-    for stage_name, stage_start, stage_end in stages:
-      if only_stage is not None and stage_name != only_stage:
-        continue
-      if max_steps is not None and step >= max_steps:
-        break
-      if step >= stage_end:
-        continue
-      if step < stage_start:
-        if state is not None:
-          raise ConfigError(f"--stage {stage_name} starts at step {stage_start} but the latest "
-                            f"checkpoint in {workdir} is at step {step}: run the earlier "
-                            "stages first")
-        step = stage_start  # a stage run on its own from fresh weights
-      stage = train_config.stages[stage_name]
+  def describe_utilisation(self) -> str:
+    """The run's mean throughput and MFU (model FLOPs / the peak of `peak_source`)."""
+    if not self.run_seconds:
+      return f"no steps run (peak: {self.peak_source})"
+    tokens_per_s = self.run_tokens / self.run_seconds
+    return (f"{tokens_per_s:,.0f} tokens/s, MFU {self._mfu(tokens_per_s):.2%} of "
+            f"{self.peak_flops / 1e9:.1f} GFLOP/s per device ({self.peak_source})")
 
-      ###################### Stage: optimizer and state ######################
-      program = build_train_program(config, stage_name, mesh=mesh, layout=layout)
-      if state is None:
-        state = program.init_state(initial_params(config, layout, mesh), step)
-      elif meta["stage"] != stage_name:
-        # Entering a new stage from the previous stage's final weights.
-        previous = train_config.stages[meta["stage"]]
-        if not stage.carry_optimizer or previous.trainable != stage.trainable:
-          if stage.carry_optimizer:
-            log.warning("%s: trainable parameters differ from %s; optimizer state reset",
-                        stage_name, meta["stage"])
-          state = program.init_state(state.params, state.step)
-      print(f"stage {stage_name}: steps {step}..{stage_end} "
-            f"(mixture {stage.mixture or 'all tasks'})", flush=True)
-
-      ###################### Stage: data ######################
-      data_config = stage_data_config(config, stage)
-      data = Batches(data_config, vocab, program.batch_sharding)
-      if data_state is not None and meta["stage"] == stage_name:
-        data.set_state(_this_process_state(data_state, data_config, step))
-      meta = {"stage": stage_name}
-      data_state = None
-
-      ###################### Stage: steps ######################
-      stage_stop = stage_end if max_steps is None else min(stage_end, max_steps)
-      window_start, window_tokens = time.perf_counter(), 0
-      with jax.set_mesh(mesh):
-        while step < stage_stop:
-          batch = next(data)
-          state, metrics = program.step(state, batch)
-          step += 1
-          window_tokens += config.data.global_batch_size * config.data.seq_len
-          metrics_log.advance()
-          stopping = stop.agreed()
-          must_save = step % train_config.checkpoint_every == 0 or step == stage_stop
-          if step % train_config.log_every == 0 or must_save or stopping:
-            host = jax.device_get(metrics)
-            _check_healthy(host, step, stage_name, checkpoints)
-            elapsed = time.perf_counter() - window_start
-            tokens_per_s = window_tokens / elapsed
-            mfu = tokens_per_s * flops_per_token / (peak_flops * mesh.devices.size)
-            last_record = step_record(step, stage_name, host, tokens_per_s, mfu)
-            metrics_log.log(last_record)
-            window_start, window_tokens = time.perf_counter(), 0
-          if must_save or stopping:
-            save(stage_name, data, data_config)
-          if stopping:
-            stopped = "SIGTERM"
-            break
-      data.close()
-      data = None
-      if stopped:
-        break
-  finally:
-    if data is not None:
-      data.close()  # stops grain worker processes
-    stop.restore()
-    checkpoints.close()
-    metrics_log.close()
-  if processes.is_primary():
-    plot_loss_curves(workdir)
-  print(f"done at step {step}; MFU against {peak_source}: "
-        f"{peak_flops / 1e9:.1f} GFLOP/s per device", flush=True)
-  return {"step": step, "stopped": stopped, "last": last_record}
+  def close(self) -> None:
+    self.stop.restore()

@@ -44,9 +44,23 @@ def test_sharded_params_and_forward(reference, shape):
   q_kernel = state["layers"]["self_attn"]["q_proj"]["kernel"][...]
   embed = state["embed_tokens"][...]
   data, fsdp, tensor = shape
-  assert q_kernel.sharding.spec == sharding.logical_to_spec(("layers", "embed", "heads"), mesh)
-  assert {s.data.shape for s in q_kernel.addressable_shards} == {
-      (2, 64 // fsdp, 64 // tensor)}
+  # The layout written out by hand (not read back from the rules table): matrices over fsdp x
+  # tensor, heads and the MLP over tensor, norms replicated.
+  assert q_kernel.sharding.spec == P(None, "fsdp" if fsdp > 1 else None,
+                                     "tensor" if tensor > 1 else None)
+  shard_shapes = {path: {s.data.shape for s in state[path[0]][path[1]][path[2]][path[3]][...]
+                         .addressable_shards}
+                  for path in [("layers", "self_attn", "q_proj", "kernel"),
+                               ("layers", "self_attn", "k_proj", "kernel"),
+                               ("layers", "mlp", "up_proj", "kernel"),
+                               ("layers", "mlp", "down_proj", "kernel")]}
+  assert shard_shapes == {
+      ("layers", "self_attn", "q_proj", "kernel"): {(2, 64 // fsdp, 64 // tensor)},
+      ("layers", "self_attn", "k_proj", "kernel"): {(2, 64 // fsdp, 32 // tensor)},
+      ("layers", "mlp", "up_proj", "kernel"): {(2, 64 // fsdp, 128 // tensor)},
+      ("layers", "mlp", "down_proj", "kernel"): {(2, 128 // tensor, 64 // fsdp)}}
+  norm = state["layers"]["input_layernorm"]["scale"][...]
+  assert {s.data.shape for s in norm.addressable_shards} == {(2, 64)}
   assert {s.data.shape for s in embed.addressable_shards} == {(1152 // tensor, 64 // fsdp)}
   for variable in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, nnx.Variable)):
     array = variable.get_value()
@@ -59,8 +73,9 @@ def test_sharded_params_and_forward(reference, shape):
   with jax.set_mesh(mesh):
     out = jax.jit(lambda t, s: model(t, s))(jax.device_put(tokens, batch_sharding),
                                             jax.device_put(segment_ids, batch_sharding))
-  expected_sharding = jax.NamedSharding(
-      mesh, sharding.logical_to_spec(("batch", "length", "act_vocab"), mesh))
+  batch_axes = tuple(axis for axis, size in zip(("data", "fsdp"), shape[:2]) if size > 1)
+  expected_sharding = jax.NamedSharding(mesh, P(batch_axes or None, None,
+                                                "tensor" if tensor > 1 else None))
   assert out.sharding.is_equivalent_to(expected_sharding, out.ndim)
   np.testing.assert_allclose(np.asarray(out), expected, atol=1e-5, rtol=0)
 

@@ -100,10 +100,13 @@ def test_tokenizer_fills_text_ids_and_places_specials():
   assert world.tokenizer.get_vocab_size() == vocab.speech_offset
   for token, expected in vocab.special_tokens.items():
     assert world.tokenizer.token_to_id(token) == expected
+  specials = set(vocab.special_tokens.values())
   for split in world.samples.values():
     for sample in split:
-      text = sample.tokens[sample.tokens < vocab.text_size]
-      assert text.max() < vocab.text_size
+      vocab.check_ids(sample.tokens, "a toy-world sample")
+      # Below the codes, an id is BPE text or one of the placed specials, never a gap id.
+      below_codes = sample.tokens[sample.tokens < vocab.speech_offset]
+      assert set(below_codes[below_codes >= vocab.text_size].tolist()) <= specials
 
 
 def test_every_task_decodes_to_its_scene():

@@ -355,4 +355,5 @@ def test_spoken_answer_splits_at_the_prefilled_begin_of_audio():
   np.testing.assert_array_equal(split_modalities(text, v).text, [7, 8])  # filler dropped
   np.testing.assert_array_equal(split_modalities(spoken, v).speech, [4, 5])
   text, spoken = spoken_answer(np.asarray([7, v.im_end_id, 9]), v)  # no speech at all
-  np.testing.assert_array_equal(text, [7]) and len(spoken) == 0
+  np.testing.assert_array_equal(text, [7])
+  assert len(spoken) == 0

@@ -9,8 +9,9 @@ import sys
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from omnijax.podfit.aot import DOES_NOT_FIT_EXIT, GIB, compile_train_step, out_of_memory
 from omnijax.config import ConfigError, load_config
+from omnijax.data.pipeline import BATCH_FIELDS
+from omnijax.podfit.aot import DOES_NOT_FIT_EXIT, GIB, compile_train_step, out_of_memory
 
 TINY = pathlib.Path(__file__).parents[1] / "train" / "tiny_experiment.yaml"
 
@@ -36,13 +37,18 @@ def test_train_step_compiles_for_tpu(tmp_path, topology, attention):
     assert report.custom_calls >= 3
   else:
     assert report.custom_calls == 0
-  assert report.argument_bytes > 0 and report.temp_bytes > 0 and report.code_bytes > 0
-  assert report.fits and report.peak_bytes_per_chip == (
-      report.argument_bytes + report.temp_bytes + report.code_bytes)
-  assert report.hbm_bytes_per_chip in (16 * GIB, 95 * GIB)
-  assert report.peak_bytes_per_chip > report.analytic_min_bytes_per_chip > 0
-  assert report.ratio_to_analytic_min == (report.peak_bytes_per_chip /
-                                          report.analytic_min_bytes_per_chip)
+  assert report.temp_bytes > 0 and report.code_bytes > 0
+  # The compiler's arguments are the donated state (fp32 parameters and AdamW's two moments,
+  # sharded as the rules table says: `params_per_chip` elements each) and this chip's rows of
+  # the batch, plus a few scalars (step, optimizer counts): a state replicated where the rules
+  # shard it, or a missing optimizer moment, falls outside this window.
+  batch_shards = report.mesh["data"] * report.mesh["fsdp"]
+  batch_bytes = len(BATCH_FIELDS) * 64 * 256 * 4 // batch_shards
+  state_bytes = 3 * 4 * report.params_per_chip
+  assert state_bytes + batch_bytes <= report.argument_bytes <= state_bytes + batch_bytes + 1024
+  assert report.fits and report.hbm_bytes_per_chip in (16 * GIB, 95 * GIB)
+  # The compiled peak holds at least the analytic minimum, within a plausible overhead.
+  assert 1 < report.ratio_to_analytic_min < 50
   # The compiled executable takes the batch split over the batch axes and the parameters
   # sharded as the rules table says.
   (state_shardings, batch_shardings), _ = compiled.input_shardings
