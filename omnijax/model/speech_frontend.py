@@ -40,13 +40,17 @@ def fbank(waveform: np.ndarray, config: SpeechEncoderConfig) -> np.ndarray:
   """[samples] float waveform in [-1, 1] at config.sample_rate -> [frames, num_mel_bins] float32
   log-mel energies (kaldi fbank, snip_edges: only whole frames)."""
   waveform = np.asarray(waveform, dtype=np.float32)
-  if waveform.ndim != 1 or not waveform.size:
-    raise FrontendError(f"expected a non-empty mono waveform, got shape {waveform.shape}")
+  if waveform.ndim != 1:
+    raise FrontendError(f"expected a mono waveform, got shape {waveform.shape}")
+  # FunASR shortens the frame of a shorter clip, and fails below 256 samples; no speech is that
+  # short, so such clips are refused.
+  if waveform.size < _window_samples(config, config.frame_length_ms):
+    raise FrontendError(f"{waveform.size} samples are shorter than one {config.frame_length_ms:g} "
+                        f"ms frame at {config.sample_rate} Hz")
   options = knf.FbankOptions()
   frame = options.frame_opts
   frame.samp_freq = float(config.sample_rate)
-  # As FunASR: a clip shorter than one frame becomes a single frame of its own length.
-  frame.frame_length_ms = min(config.frame_length_ms, waveform.size / config.sample_rate * 1000)
+  frame.frame_length_ms = config.frame_length_ms
   frame.frame_shift_ms = config.frame_shift_ms
   frame.window_type = config.window
   frame.dither = 0.0
@@ -112,10 +116,9 @@ def speech_features(waveform: np.ndarray, config: SpeechEncoderConfig, cmvn: Cmv
 
 def feature_frames(num_samples: int, config: SpeechEncoderConfig) -> int:
   """How many encoder input frames `speech_features` gives for `num_samples` samples, without
-  computing them (for sizing sequences before reading audio)."""
-  if num_samples < 1:
-    return 0
+  computing them (for sizing sequences before reading audio); 0 for a clip it refuses."""
   window = _window_samples(config, config.frame_length_ms)
-  shift = _window_samples(config, config.frame_shift_ms)
-  fbank_frames = 1 if num_samples < window else 1 + (num_samples - window) // shift
+  if num_samples < window:
+    return 0
+  fbank_frames = 1 + (num_samples - window) // _window_samples(config, config.frame_shift_ms)
   return math.ceil(fbank_frames / config.lfr_n)
