@@ -38,6 +38,7 @@ class SenseVoiceReference:
     self.torch = pytest.importorskip("torch")
     self.model_module = pytest.importorskip("funasr.models.sense_voice.model")
     self.frontend_module = pytest.importorskip("funasr.frontends.wav_frontend")
+    self.fbank_module = pytest.importorskip("funasr.utils.fbank")
     self.torch.set_num_threads(1)
 
   def build(self, config, seed: int = 0):
@@ -61,6 +62,23 @@ class SenseVoiceReference:
         elif name.endswith("bias"):
           param.copy_(0.1 * torch.randn_like(param))
     return model
+
+  def build_projector(self, width: int, hidden: int, seed: int = 0):
+    """resampler_projector.py's ResamplerProjector, by its module names; LayerNorm not 1 and 0."""
+    torch = self.torch
+    torch.manual_seed(seed)
+    projector = torch.nn.Module()
+    projector.pre_proj_layernorm = torch.nn.LayerNorm(width)
+    projector.mlp = torch.nn.Sequential(torch.nn.Linear(width, hidden, bias=False),
+                                        torch.nn.GELU(), torch.nn.Linear(hidden, hidden, bias=False))
+    with torch.no_grad():
+      projector.pre_proj_layernorm.weight.add_(0.1 * torch.randn(width))
+      projector.pre_proj_layernorm.bias.add_(0.1 * torch.randn(width))
+    return projector
+
+  def project(self, projector, x: np.ndarray) -> np.ndarray:
+    with self.torch.no_grad():
+      return projector.mlp(projector.pre_proj_layernorm(self.torch.from_numpy(x))).numpy()
 
   def encode(self, model, features: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     """[B, T, F] features -> [B, T + 4, d]: language "auto" (a text id outside the language

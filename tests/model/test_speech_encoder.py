@@ -74,23 +74,13 @@ def test_release_encoder_matches_funasr(sensevoice):
 
 
 def test_projector_matches_the_release_resampler_projector(tiny_speech_model, sensevoice):
-  torch = sensevoice.torch
   config = tiny_speech_model()
-  width, hidden = config.speech_encoder.hidden_size, config.hidden_size
-  torch.manual_seed(0)
-  # resampler_projector.py's ResamplerProjector, by its module names.
-  projector = torch.nn.Module()
-  projector.pre_proj_layernorm = torch.nn.LayerNorm(width)
-  projector.mlp = torch.nn.Sequential(torch.nn.Linear(width, hidden, bias=False), torch.nn.GELU(),
-                                      torch.nn.Linear(hidden, hidden, bias=False))
-  with torch.no_grad():
-    projector.pre_proj_layernorm.weight.add_(0.1 * torch.randn(width))
-    projector.pre_proj_layernorm.bias.add_(0.1 * torch.randn(width))
-  x = np.random.default_rng(0).standard_normal((2, 7, width)).astype(np.float32)
-  with torch.no_grad():
-    expected = projector.mlp(projector.pre_proj_layernorm(torch.from_numpy(x))).numpy()
-  ours = projector_from_tensors(config, sensevoice.state_dict(projector).__getitem__)(x)
-  np.testing.assert_allclose(np.asarray(ours), expected, atol=1e-5)
+  reference = sensevoice.build_projector(config.speech_encoder.hidden_size, config.hidden_size)
+  projector = projector_from_tensors(config, sensevoice.state_dict(reference).__getitem__)
+  x = np.random.default_rng(0).standard_normal((2, 7, config.speech_encoder.hidden_size))
+  x = x.astype(np.float32)
+  np.testing.assert_allclose(np.asarray(projector(x)), sensevoice.project(reference, x),
+                             atol=1e-5)
 
 
 @pytest.fixture(scope="module")

@@ -33,8 +33,11 @@ def test_features_equal_funasr_wav_frontend(sensevoice, cmvn_file, samples):
   ours = speech_features(waveform, RELEASE, read_cmvn(cmvn_file, 560))
   assert ours.dtype == np.float32 and ours.shape == tuple(expected.shape[1:])
   assert expected_lengths.tolist() == [len(ours)] == [feature_frames(samples, RELEASE)]
-  # The same kaldi-native-fbank with the same options, the same gather and affine map.
-  np.testing.assert_array_equal(ours, expected[0].numpy())
+  # FunASR's fbank is kaldi-native-fbank where torchaudio does not load (this machine, CI): the
+  # same library with the same options, the same gather and affine map give the same bits.
+  # torchaudio's kaldi fbank differs from it by ~2.4e-4 on log-mels.
+  uses_torchaudio = sensevoice.fbank_module._HAS_TORCHAUDIO
+  np.testing.assert_allclose(ours, expected[0].numpy(), rtol=0, atol=1e-3 if uses_torchaudio else 0)
 
 
 @pytest.mark.parametrize("m,n", [(7, 6), (3, 2), (1, 1)])
