@@ -212,9 +212,10 @@ def speech_embeddings(encoder: SpeechEncoder, projector: SpeechProjector, featur
     encoded = encoder(features.reshape(batch * clips, frames, width), lengths.reshape(-1))
     return projector(encoded).reshape(batch, clips, encoded_frames(frames), -1)
 
-  out_shape = jax.eval_shape(encode, features)
-  projected = jax.lax.cond(jnp.any(lengths > 0), encode,
-                           lambda _: jnp.zeros(out_shape.shape, out_shape.dtype), features)
+  out = projector.linear_out
+  silence = lambda _: jnp.zeros((batch, clips, encoded_frames(frames), out.kernel.shape[1]),
+                                out.compute_dtype)
+  projected = jax.lax.cond(jnp.any(lengths > 0), encode, silence, features)
   return projected, jnp.where(lengths > 0, encoded_frames(lengths), 0)
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import pathlib
 
 import kaldi_native_fbank as knf
 import numpy as np
@@ -88,7 +89,7 @@ def read_cmvn(path: str | os.PathLike, feature_size: int) -> Cmvn:
   """Reads a Kaldi nnet text am.mvn: the vectors after `<AddShift>` and `<Rescale>` (each on the
   next line, `<LearnRateCoef> 0 [ v1 ... vN ]`)."""
   try:
-    lines = open(path, encoding="utf-8").read().splitlines()
+    lines = pathlib.Path(path).read_text(encoding="utf-8").splitlines()
   except (OSError, UnicodeDecodeError) as e:
     raise FrontendError(f"{path}: cannot read the CMVN statistics: {e}") from None
   vectors = {}

@@ -24,7 +24,7 @@ import numpy as np
 from flax import nnx
 
 from omnijax.config import ModelConfig, SpeechEncoderConfig
-from omnijax.model.build import module_from_arrays
+from omnijax.model.build import Create, abstract_module, module_from_arrays
 from omnijax.model.speech import SpeechEncoder, SpeechProjector
 from omnijax.sharding import path_str
 
@@ -42,6 +42,7 @@ _MODULES = {"queries": "embed", "after_norm": "encoder.after_norm",
             "tp_norm": "encoder.tp_norm", "projector/norm": "pre_proj_layernorm",
             "projector/linear_in": "mlp.0", "projector/linear_out": "mlp.2"}
 _LEAVES = {"kernel": "weight", "scale": "weight", "bias": "bias"}
+_STACKED = ("blocks", "tp_blocks")  # parameters with a leading layers axis
 _QKV = ("linear_q", "linear_k", "linear_v")
 
 
@@ -80,7 +81,7 @@ def _source(path: tuple[str, ...], layer: int | None) -> _Source:
 
 def _sources(path: tuple[str, ...], shape: tuple) -> list[_Source]:
   """One source per layer for stacked blocks, else one."""
-  if path[0] in ("blocks", "tp_blocks"):
+  if path[0] in _STACKED:
     return [_source(path, layer) for layer in range(shape[0])]
   return [_source(path, None)]
 
@@ -88,7 +89,7 @@ def _sources(path: tuple[str, ...], shape: tuple) -> list[_Source]:
 def _read(get: GetTensor, path: tuple[str, ...], shape: tuple) -> np.ndarray:
   sources = _sources(path, shape)
   arrays = [source.to_omnijax(np.asarray(get(source.name))) for source in sources]
-  array = np.stack(arrays) if path[0] in ("blocks", "tp_blocks") else arrays[0]
+  array = np.stack(arrays) if path[0] in _STACKED else arrays[0]
   if array.shape != tuple(shape):
     raise ValueError(f"tensor {sources[0].name}: gives shape {array.shape} for parameter "
                      f"{'/'.join(path)}, expected {tuple(shape)}")
@@ -109,15 +110,20 @@ def projector_from_tensors(config: ModelConfig, get: GetTensor,
                             lambda path, shape: _read(get, ("projector", *path), shape), mesh)
 
 
+def _parameters(state: nnx.State, prefix: tuple[str, ...]):
+  """(omnijax path as _source reads it, variable) for every parameter of `state`."""
+  for path, variable in jax.tree_util.tree_leaves_with_path(
+      state, is_leaf=lambda x: isinstance(x, nnx.Variable)):
+    yield (*prefix, *path_str(path).split("/")), variable
+
+
 def _tensors(module: nnx.Module, prefix: tuple[str, ...]) -> dict[str, np.ndarray]:
   """The torch state dict entries of `module`'s parameters, fused q, k, v reassembled."""
   tensors: dict[str, np.ndarray] = {}
   thirds: dict[str, list] = {}
-  for path, variable in jax.tree_util.tree_leaves_with_path(
-      nnx.state(module, nnx.Param), is_leaf=lambda x: isinstance(x, nnx.Variable)):
-    keys = (*prefix, *path_str(path).split("/"))
+  for keys, variable in _parameters(nnx.state(module, nnx.Param), prefix):
     value = np.asarray(variable.get_value())
-    layers = list(value) if keys[0] in ("blocks", "tp_blocks") else [value]
+    layers = list(value) if keys[0] in _STACKED else [value]
     for source, array in zip(_sources(keys, value.shape), layers):
       if source.layout == "kernel":
         array = array.T
@@ -131,6 +137,12 @@ def _tensors(module: nnx.Module, prefix: tuple[str, ...]) -> dict[str, np.ndarra
   return tensors
 
 
+def _names(create: Create, prefix: tuple[str, ...]) -> set[str]:
+  _, state = abstract_module(create)
+  return {source.name for keys, variable in _parameters(state, prefix)
+          for source in _sources(keys, variable.get_value().shape)}
+
+
 def encoder_tensors(encoder: SpeechEncoder) -> dict[str, np.ndarray]:
   """FunASR name -> array for every encoder parameter (what encoder_from_tensors reads)."""
   return _tensors(encoder, ())
@@ -139,3 +151,13 @@ def encoder_tensors(encoder: SpeechEncoder) -> dict[str, np.ndarray]:
 def projector_tensors(projector: SpeechProjector) -> dict[str, np.ndarray]:
   """ResamplerProjector name -> array (without the release prefix)."""
   return _tensors(projector, ("projector",))
+
+
+def encoder_tensor_names(config: SpeechEncoderConfig) -> set[str]:
+  """Every FunASR name encoder_from_tensors reads (allocates nothing): with
+  UNUSED_ENCODER_PREFIXES, what tells an import which audio tensors it does not know."""
+  return _names(lambda rngs: SpeechEncoder(config, rngs), ())
+
+
+def projector_tensor_names(config: ModelConfig) -> set[str]:
+  return _names(lambda rngs: SpeechProjector(config, rngs), ("projector",))

@@ -41,20 +41,29 @@ class SenseVoiceReference:
     self.fbank_module = pytest.importorskip("funasr.utils.fbank")
     self.torch.set_num_threads(1)
 
-  def build(self, config, seed: int = 0):
-    """SenseVoiceSmall in eval mode; LayerNorms and biases are random too (not 1 and 0), so that
-    a weight read into the wrong place shows."""
-    torch = self.torch
-    torch.manual_seed(seed)
+  def _model(self, config):
+    """The release's SenseVoiceSmall (config.yaml: dropout 0.1, "pe" input) at config's sizes."""
     encoder_conf = dict(output_size=config.hidden_size, attention_heads=config.num_heads,
                         linear_units=config.mlp_size, num_blocks=config.num_blocks,
                         tp_blocks=config.tp_blocks, kernel_size=config.fsmn_kernel_size,
                         sanm_shfit=0, normalize_before=True, dropout_rate=0.1,
                         positional_dropout_rate=0.1, attention_dropout_rate=0.1,
                         input_layer="pe")
-    model = self.model_module.SenseVoiceSmall(
+    return self.model_module.SenseVoiceSmall(
         encoder="SenseVoiceEncoderSmall", encoder_conf=encoder_conf,
-        input_size=config.feature_size, vocab_size=64).eval()
+        input_size=config.feature_size, vocab_size=25055)
+
+  def shapes(self, config) -> dict[str, tuple]:
+    """Tensor name -> shape, built on the meta device (no memory, any size)."""
+    with self.torch.device("meta"):
+      return {name: tuple(p.shape) for name, p in self._model(config).named_parameters()}
+
+  def build(self, config, seed: int = 0):
+    """SenseVoiceSmall in eval mode; LayerNorms and biases are random too (not 1 and 0), so that
+    a weight read into the wrong place shows."""
+    torch = self.torch
+    torch.manual_seed(seed)
+    model = self._model(config).eval()
     with torch.no_grad():
       for name, param in model.named_parameters():
         if "norm" in name:

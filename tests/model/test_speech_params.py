@@ -2,15 +2,18 @@
 names and shapes, read into omnijax's encoder and projector, computes what FunASR and the
 release's projector compute; export gives back the same tensors bit for bit."""
 
+import jax
 import numpy as np
 import pytest
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from omnijax.config import SpeechEncoderConfig
 from omnijax.model.speech import encoded_frames
 from omnijax.model.speech_params import (RELEASE_ENCODER_PREFIX, RELEASE_PROJECTOR_PREFIX,
                                          UNUSED_ENCODER_PREFIXES, encoder_from_tensors,
-                                         encoder_tensors, projector_from_tensors,
+                                         encoder_tensor_names, encoder_tensors,
+                                         projector_from_tensors, projector_tensor_names,
                                          projector_tensors)
 
 
@@ -52,8 +55,9 @@ def test_release_layout_checkpoint_gives_funasr_outputs(release_checkpoint, tiny
   features[1, 6:] = 0.0
   encoded = sensevoice.encode(reference_encoder, features, lengths)
   expected = sensevoice.project(reference_projector, encoded)
-  ours_encoded = np.asarray(encoder(features, lengths))
-  ours = np.asarray(projector(ours_encoded))
+  ours_encoded = np.asarray(jax.jit(lambda encoder, x, n: encoder(x, n))(encoder, features,
+                                                                          lengths))
+  ours = np.asarray(jax.jit(lambda projector, x: projector(x))(projector, ours_encoded))
   for row, length in enumerate(lengths):
     valid = encoded_frames(length)
     np.testing.assert_allclose(ours_encoded[row, :valid], encoded[row, :valid], atol=1e-4)
@@ -62,7 +66,8 @@ def test_release_layout_checkpoint_gives_funasr_outputs(release_checkpoint, tiny
 
 def test_export_gives_back_every_audio_tensor_bit_for_bit(release_checkpoint, tiny_speech_model):
   path, _, _ = release_checkpoint
-  encoder, projector = _load(path, tiny_speech_model())
+  config = tiny_speech_model()
+  encoder, projector = _load(path, config)
   exported = {RELEASE_ENCODER_PREFIX + name: value
               for name, value in encoder_tensors(encoder).items()}
   exported.update({RELEASE_PROJECTOR_PREFIX + name: value
@@ -76,6 +81,9 @@ def test_export_gives_back_every_audio_tensor_bit_for_bit(release_checkpoint, ti
     assert unused == {RELEASE_ENCODER_PREFIX + "ctc.ctc_lo.weight",
                       RELEASE_ENCODER_PREFIX + "ctc.ctc_lo.bias"}
     assert set(exported) == set(audio) - unused
+    assert set(exported) == (
+        {RELEASE_ENCODER_PREFIX + name for name in encoder_tensor_names(config.speech_encoder)}
+        | {RELEASE_PROJECTOR_PREFIX + name for name in projector_tensor_names(config)})
     for name, value in exported.items():
       original = checkpoint.get_tensor(name)
       assert value.dtype == original.dtype and np.array_equal(value, original), name
@@ -97,3 +105,11 @@ def test_missing_or_misshapen_tensors_are_named(release_checkpoint, tiny_speech_
                      r": gives shape \(80, 64\) for parameter input_block/self_attn/linear_\w"
                      r"/kernel, expected \(560, 64\)"):
     encoder_from_tensors(config.speech_encoder, narrow.__getitem__)
+
+
+def test_release_encoder_reads_every_funasr_tensor_but_the_ctc_head(sensevoice):
+  release = SpeechEncoderConfig()
+  funasr_names = set(sensevoice.shapes(release))
+  assert len(funasr_names) == 917
+  assert encoder_tensor_names(release) == {
+      name for name in funasr_names if not name.startswith(UNUSED_ENCODER_PREFIXES)}
