@@ -4,7 +4,7 @@ embeddings.
 
 `SpeechEncoder(config, rngs)(features [B, T, F], lengths [B]) -> [B, T + 4, hidden]`: the four
 query embeddings (language, event, emotion, text norm) are prepended to the T frames of stacked
-fbank features (omnijax.model.speech_frontend); rows at or past `lengths + 4` are padding and
+fbank features (omnijax.data.speech_frontend); rows at or past `lengths + 4` are padding and
 come out as zeros. It computes what FunASR's `SenseVoiceSmall.inference_encode` computes (the
 release's call), without dropout. `SpeechProjector` maps its 512-d frames to the backbone width;
 `splice_speech` writes them over the `<|context_of_audio|>` placeholders. Every parameter
@@ -62,8 +62,9 @@ class SANMAttention(nnx.Module):
     self.linear_out = Dense(d, d, ("heads", "embed"), bias=True, config=config, rngs=rngs)
     taps = config.fsmn_kernel_size
     # taps[j] weighs the value j - (taps - 1) // 2 frames away (FunASR's zero padding).
-    self.fsmn = nnx.Param(config.init_std * jax.random.normal(
-        rngs.params(), (taps, d), jnp.dtype(config.param_dtype)), logical_axes=("fsmn_taps", "heads"))
+    self.fsmn = nnx.Param(
+        config.init_std * jax.random.normal(rngs.params(), (taps, d), jnp.dtype(config.param_dtype)),
+        logical_axes=("fsmn_taps", "heads"))
 
   def __call__(self, x: jax.Array, valid: jax.Array) -> jax.Array:
     batch, length, _ = x.shape

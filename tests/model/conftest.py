@@ -1,5 +1,5 @@
 """The reference for the speech encoder: FunASR's PyTorch SenseVoiceSmall built offline from a
-SpeechEncoderConfig, every tensor random (seeded), and its encode path."""
+SpeechEncoderConfig, every tensor random (seeded), its encode path, and the release's projector."""
 
 import numpy as np
 import pytest
@@ -12,23 +12,9 @@ def _tiny_speech_model(*overrides):
   return load_config(CONFIG_ROOT / "model" / "tiny_speech.yaml", list(overrides)).model
 
 
-def _write_am_mvn(path, shift: np.ndarray, scale: np.ndarray) -> None:
-  """An am.mvn in the layout SenseVoiceSmall ships (Kaldi nnet text)."""
-  vector = lambda v: " ".join(f"{x:.9g}" for x in v)
-  size = len(shift)
-  path.write_text(f"<Nnet>\n<Splice> {size} {size}\n[ 0 ]\n"
-                  f"<AddShift> {size} {size}\n<LearnRateCoef> 0 [ {vector(shift)} ]\n"
-                  f"<Rescale> {size} {size}\n<LearnRateCoef> 0 [ {vector(scale)} ]\n</Nnet>\n")
-
-
 @pytest.fixture(scope="session")
 def tiny_speech_model():
   return _tiny_speech_model
-
-
-@pytest.fixture(scope="session")
-def write_am_mvn():
-  return _write_am_mvn
 
 
 class SenseVoiceReference:
@@ -37,8 +23,6 @@ class SenseVoiceReference:
   def __init__(self):
     self.torch = pytest.importorskip("torch")
     self.model_module = pytest.importorskip("funasr.models.sense_voice.model")
-    self.frontend_module = pytest.importorskip("funasr.frontends.wav_frontend")
-    self.fbank_module = pytest.importorskip("funasr.utils.fbank")
     self.torch.set_num_threads(1)
 
   def _model(self, config):
@@ -78,8 +62,9 @@ class SenseVoiceReference:
     torch.manual_seed(seed)
     projector = torch.nn.Module()
     projector.pre_proj_layernorm = torch.nn.LayerNorm(width)
-    projector.mlp = torch.nn.Sequential(torch.nn.Linear(width, hidden, bias=False),
-                                        torch.nn.GELU(), torch.nn.Linear(hidden, hidden, bias=False))
+    projector.mlp = torch.nn.Sequential(
+        torch.nn.Linear(width, hidden, bias=False), torch.nn.GELU(),
+        torch.nn.Linear(hidden, hidden, bias=False))
     with torch.no_grad():
       projector.pre_proj_layernorm.weight.add_(0.1 * torch.randn(width))
       projector.pre_proj_layernorm.bias.add_(0.1 * torch.randn(width))

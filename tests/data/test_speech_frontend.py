@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from omnijax.config import SpeechEncoderConfig
-from omnijax.model.speech_frontend import (FrontendError, fbank, feature_frames, read_cmvn,
+from omnijax.data.speech_frontend import (FrontendError, fbank, feature_frames, read_cmvn,
                                            speech_features, stack_low_frame_rate)
 
 RELEASE = SpeechEncoderConfig()
@@ -22,13 +22,13 @@ def cmvn_file(tmp_path_factory, write_am_mvn):
 
 # One frame exactly, one sample over, the LFR boundaries, seconds of audio.
 @pytest.mark.parametrize("samples", [400, 401, 1200, 1360, 16000, 23999, 48000])
-def test_features_equal_funasr_wav_frontend(sensevoice, cmvn_file, samples):
+def test_features_equal_funasr_wav_frontend(funasr_frontend, cmvn_file, samples):
   rng = np.random.default_rng(samples)
   waveform = (0.3 * rng.standard_normal(samples)).clip(-1, 1).astype(np.float32)
-  frontend = sensevoice.frontend_module.WavFrontend(
+  frontend = funasr_frontend.wav_frontend.WavFrontend(
       cmvn_file=str(cmvn_file), fs=16000, window="hamming", n_mels=80, frame_length=25,
       frame_shift=10, lfr_m=7, lfr_n=6, dither=0.0)
-  torch = sensevoice.torch
+  torch = funasr_frontend.torch
   expected, expected_lengths = frontend(torch.from_numpy(waveform)[None], torch.tensor([samples]))
   ours = speech_features(waveform, RELEASE, read_cmvn(cmvn_file, 560))
   assert ours.dtype == np.float32 and ours.shape == tuple(expected.shape[1:])
@@ -36,16 +36,16 @@ def test_features_equal_funasr_wav_frontend(sensevoice, cmvn_file, samples):
   # FunASR's fbank is kaldi-native-fbank where torchaudio does not load (this machine, CI): the
   # same library with the same options, the same gather and affine map give the same bits.
   # torchaudio's kaldi fbank differs from it by ~2.4e-4 on log-mels.
-  uses_torchaudio = sensevoice.fbank_module._HAS_TORCHAUDIO
+  uses_torchaudio = funasr_frontend.fbank._HAS_TORCHAUDIO
   np.testing.assert_allclose(ours, expected[0].numpy(), rtol=0, atol=1e-3 if uses_torchaudio else 0)
 
 
 @pytest.mark.parametrize("m,n", [(7, 6), (3, 2), (1, 1)])
-def test_low_frame_rate_equals_funasr_apply_lfr(sensevoice, m, n):
-  torch = sensevoice.torch
+def test_low_frame_rate_equals_funasr_apply_lfr(funasr_frontend, m, n):
+  torch = funasr_frontend.torch
   for frames in range(1, 40):
     x = torch.randn(frames, 5)
-    expected = sensevoice.frontend_module.apply_lfr(x, m, n).numpy()
+    expected = funasr_frontend.wav_frontend.apply_lfr(x, m, n).numpy()
     np.testing.assert_array_equal(stack_low_frame_rate(x.numpy(), m, n), expected)
 
 
