@@ -20,6 +20,8 @@ INSTALL_REQUIRES = [
     "matplotlib>=3.8",
     "tqdm>=4.66",
     "jiwer>=3.0,<5",  # word error rate (omnijax.eval.wer)
+    # the speech encoder's fbank (omnijax.model.speech_frontend); FunASR's own fbank here
+    "kaldi-native-fbank>=1.23,<2",
 ]
 EXTRAS = {
     # libtpu for ahead-of-time compilation against real TPU topologies (runs on a CPU host).
@@ -28,7 +30,11 @@ EXTRAS = {
     # Cloud Storage through gcsfs; TensorBoard events go through google-cloud-storage.
     "gcs": ["gcsfs>=2024.2", "google-cloud-storage>=2.14"],
     # torch 2.13.0 is the CPU build this machine installs in seconds; unpinned pulls a CUDA build.
-    "parity": ["torch==2.13.0", "transformers>=4.51,<6"],
+    # funasr: the speech encoder's reference (tests/model/test_speech_*), pinned to the version
+    # parity was measured against. Its declared dependencies (modelscope, hydra, jieba, umap...)
+    # cost about a minute and 0.4 GB more than the tests need (`pip install --no-deps funasr`
+    # with kaldiio, omegaconf, librosa suffices), which setup.py cannot express.
+    "parity": ["torch==2.13.0", "transformers>=4.51,<6", "funasr==1.4.16"],
 }
 EXTRAS["test"] = ["pytest>=8"] + EXTRAS["tpu"] + EXTRAS["parity"]
 

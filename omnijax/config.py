@@ -80,6 +80,100 @@ class VocabConfig:
                          n_speech_codes=self.n_speech_codes)
 
 
+# Kaldi's window functions (kaldi-native-fbank accepts these names).
+FBANK_WINDOWS: tuple[str, ...] = ("hamming", "hanning", "povey", "rectangular", "blackman")
+# The encoder prepends this many query embeddings (language, event, emotion, text norm).
+SPEECH_QUERIES = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class SpeechEncoderConfig:
+  """The continuous speech input (reference §1.4): SenseVoiceSmall's front end (host side:
+  kaldi fbank, low frame rate stacking, CMVN) and its SANM encoder. The defaults are exactly the
+  release's (SenseVoiceSmall config.yaml as Omni-Diffusion loads it); `tpu_configs/model/speech/`
+  holds this preset and a tiny one."""
+
+  # front end: 16 kHz waveform -> num_mel_bins log-mel fbank every frame_shift_ms
+  sample_rate: int = 16000
+  num_mel_bins: int = 80
+  frame_length_ms: float = 25.0
+  frame_shift_ms: float = 10.0
+  window: str = "hamming"
+  # low frame rate: each encoder frame stacks lfr_m fbank frames, one every lfr_n
+  lfr_m: int = 7
+  lfr_n: int = 6
+  # encoder: an input block (feature_size -> hidden_size), num_blocks - 1 more, a LayerNorm, then
+  # tp_blocks more and a second LayerNorm; every block is pre-norm attention + FSMN memory + FFN
+  hidden_size: int = 512
+  num_heads: int = 4
+  mlp_size: int = 2048
+  num_blocks: int = 50
+  tp_blocks: int = 20
+  fsmn_kernel_size: int = 11
+  layer_norm_eps: float = 1e-5
+  # rows of SenseVoice's query table and the four rows the release prepends to every utterance
+  num_query_embeddings: int = 16
+  language_query: int = 0  # "auto"
+  event_query: int = 1
+  emotion_query: int = 2
+  text_norm_query: int = 15  # "woitn": without inverse text normalisation
+  init_std: float = 0.02
+  param_dtype: str = "float32"
+  compute_dtype: str = "float32"
+  attention: str = "xla"
+
+  def __post_init__(self):
+    where = "model.speech_encoder"
+    for key in ("sample_rate", "num_mel_bins", "lfr_m", "lfr_n", "hidden_size", "num_heads",
+                "mlp_size", "tp_blocks", "fsmn_kernel_size", "num_query_embeddings"):
+      if getattr(self, key) < 1:
+        raise ConfigError(f"{where}.{key} must be >= 1, got {getattr(self, key)}")
+    if self.num_blocks < 2:
+      raise ConfigError(f"{where}.num_blocks={self.num_blocks} must be >= 2 (the input block "
+                        "and at least one more)")
+    if self.frame_length_ms <= 0 or self.frame_shift_ms <= 0 or self.layer_norm_eps <= 0:
+      raise ConfigError(f"{where}.frame_length_ms, frame_shift_ms and layer_norm_eps must be > 0")
+    if self.window not in FBANK_WINDOWS:
+      raise ConfigError(f"{where}.window={self.window!r}: expected one of {FBANK_WINDOWS}")
+    if self.feature_size % 2:
+      raise ConfigError(f"{where}: num_mel_bins x lfr_m = {self.feature_size} must be even (the "
+                        "sinusoidal encoding is sin and cos halves of the input width)")
+    if self.hidden_size % self.num_heads:
+      raise ConfigError(f"{where}.hidden_size={self.hidden_size} is not divisible by "
+                        f"{where}.num_heads={self.num_heads}")
+    for key in ("language_query", "event_query", "emotion_query", "text_norm_query"):
+      if not 0 <= getattr(self, key) < self.num_query_embeddings:
+        raise ConfigError(f"{where}.{key}={getattr(self, key)} is not a row of the "
+                          f"{self.num_query_embeddings}-row query table")
+    for key in ("param_dtype", "compute_dtype"):
+      if getattr(self, key) not in DTYPES:
+        raise ConfigError(f"{where}.{key}={getattr(self, key)!r}: expected one of {DTYPES}")
+    if self.attention not in ATTENTION_BACKENDS:
+      raise ConfigError(f"{where}.attention={self.attention!r}: expected one of "
+                        f"{ATTENTION_BACKENDS}")
+
+  @property
+  def feature_size(self) -> int:
+    """Width of one encoder input frame (560 in the release)."""
+    return self.num_mel_bins * self.lfr_m
+
+  @property
+  def query_ids(self) -> tuple[int, int, int, int]:
+    """The query rows in the order the encoder prepends them."""
+    return (self.language_query, self.event_query, self.emotion_query, self.text_norm_query)
+
+  def param_count(self) -> int:
+    """Exact parameter count of the encoder built from this config (no CTC head)."""
+    d, f = self.hidden_size, self.mlp_size
+
+    def block(in_size: int) -> int:
+      attention = 3 * (in_size * d + d) + d * d + d + self.fsmn_kernel_size * d
+      return 2 * in_size + attention + 2 * d + (d * f + f + f * d + d)
+
+    blocks = block(self.feature_size) + (self.num_blocks - 1 + self.tp_blocks) * block(d)
+    return self.num_query_embeddings * self.feature_size + blocks + 2 * 2 * d
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """Qwen2/Dream backbone dimensions and how it is computed."""
@@ -106,6 +200,9 @@ class ModelConfig:
   scan_layers: bool = True
   remat: str = "none"
   attention: str = "xla"
+  # The continuous speech input's encoder (the projector maps it to hidden_size); None: speech
+  # enters as discrete codes only.
+  speech_encoder: SpeechEncoderConfig | None = None
 
   def __post_init__(self):
     for key in ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "mlp_size",

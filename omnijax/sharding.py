@@ -29,6 +29,12 @@ RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("kv_heads", "tensor"),
     ("mlp", "tensor"),
     ("norm", None),
+    # the speech encoder's other dimensions (its width, heads and FFN use the names above):
+    # stacked fbank frames (560 wide, which few mesh sizes divide), the query table's rows and
+    # the FSMN filter taps; all small
+    ("speech_features", None),
+    ("speech_queries", None),
+    ("fsmn_taps", None),
     # activations
     ("batch", ("data", "fsdp")),
     ("length", None),

@@ -13,32 +13,51 @@ from omnijax.model.transformer import Transformer
 from omnijax.sharding import path_str, state_shardings
 
 
-def abstract_model(config: ModelConfig) -> tuple[nnx.GraphDef, nnx.State]:
+# A module constructor taking only its random number streams, e.g. `lambda rngs: Transformer(
+# config, rngs)`: the functions below build any omnijax module (backbone, speech encoder) alike.
+Create = Callable[[nnx.Rngs], nnx.Module]
+Read = Callable[[tuple[str, ...], tuple], np.ndarray]
+
+
+def abstract_module(create: Create) -> tuple[nnx.GraphDef, nnx.State]:
   """Graph definition and shape-only state (ShapeDtypeStructs); allocates nothing."""
-  return nnx.split(nnx.eval_shape(lambda: Transformer(config, nnx.Rngs(params=0))))
+  return nnx.split(nnx.eval_shape(lambda: create(nnx.Rngs(params=0))))
 
 
-def create_model(config: ModelConfig, mesh: jax.sharding.Mesh | None = None,
-                 seed: int = 0) -> Transformer:
-  """A randomly initialised model; with a mesh, every parameter is created already sharded."""
+def abstract_model(config: ModelConfig) -> tuple[nnx.GraphDef, nnx.State]:
+  return abstract_module(lambda rngs: Transformer(config, rngs))
+
+
+def create_module(create: Create, mesh: jax.sharding.Mesh | None = None,
+                  seed: int = 0) -> nnx.Module:
+  """A randomly initialised module; with a mesh, every parameter is created already sharded."""
   if mesh is None:
-    return Transformer(config, nnx.Rngs(params=seed))
-  graphdef, abstract_state = abstract_model(config)
+    return create(nnx.Rngs(params=seed))
+  graphdef, abstract_state = abstract_module(create)
   shardings = state_shardings(abstract_state, mesh)
-  init = jax.jit(lambda: nnx.state(Transformer(config, nnx.Rngs(params=seed))),
-                 out_shardings=shardings)
+  init = jax.jit(lambda: nnx.state(create(nnx.Rngs(params=seed))), out_shardings=shardings)
   with jax.set_mesh(mesh):
     return nnx.merge(graphdef, init())
 
 
-def model_from_arrays(config: ModelConfig, read: Callable[[tuple[str, ...], tuple], np.ndarray],
+def create_model(config: ModelConfig, mesh: jax.sharding.Mesh | None = None,
+                 seed: int = 0) -> Transformer:
+  return create_module(lambda rngs: Transformer(config, rngs), mesh, seed)
+
+
+def model_from_arrays(config: ModelConfig, read: Read,
                       mesh: jax.sharding.Mesh | None = None) -> Transformer:
-  """Builds a model parameter by parameter: `read(path, shape)` returns one host array.
+  return module_from_arrays(lambda rngs: Transformer(config, rngs), read, mesh)
+
+
+def module_from_arrays(create: Create, read: Read,
+                       mesh: jax.sharding.Mesh | None = None) -> nnx.Module:
+  """Builds a module parameter by parameter: `read(path, shape)` returns one host array.
 
   Each array goes straight to its (sharded) device buffers before the next is read, so a large
   checkpoint never needs two full copies in host memory.
   """
-  graphdef, abstract_state = abstract_model(config)
+  graphdef, abstract_state = abstract_module(create)
   is_variable = lambda x: isinstance(x, nnx.Variable)
   if mesh is None:
     # Host memory: a 7B model in fp32 does not fit one accelerator, and conversion needs none.
