@@ -47,7 +47,7 @@ class KernelPlan:
   block_k: int
   scale: float
   interpret: bool
-  causal: bool = False
+  causal: bool
 
 
 class Masking(NamedTuple):
@@ -69,8 +69,8 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.A
   for 16-bit inputs, no interpret mode); by default the one for `jax.default_backend()`, with
   the TPU kernel on CPU (only useful with interpret=True). Blocks not given come from the
   tuning table's entry (Triton and TPU kernels) for `device_kind` (default: the first
-  device's), this head dim and length, and `rows` ("packed" or "dense"), else the platform's
-  default.
+  device's), this head dim and key length, and `rows` ("packed" or "dense"), else the
+  platform's default.
   """
   platform = platform or ("gpu" if jax.default_backend() == "gpu" else "tpu")
   if platform not in PLATFORMS:
