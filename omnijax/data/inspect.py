@@ -16,7 +16,7 @@ import numpy as np
 from omnijax.data import record, shards
 from omnijax.data.shards import ShardError
 from omnijax.data.tasks import TASKS
-from omnijax.data.validate import check_sample
+from omnijax.data.validate import check_fields, check_sample
 from omnijax.vocab import Vocab
 
 
@@ -52,6 +52,7 @@ def inspect_split(shard_dir: str | os.PathLike) -> dict[str, dict]:
                    for key in ("text_size", "n_speech_codes", "n_image_codes")})
   shards.check_vocab(manifest, vocab, str(shard_dir / shards.MANIFEST))
   image_lengths = shards.image_lengths_of(manifest)
+  fields = shards.field_specs(manifest)
   lengths = collections.defaultdict(list)
   response = collections.defaultdict(int)
   for shard in manifest["shards"]:
@@ -62,6 +63,7 @@ def inspect_split(shard_dir: str | os.PathLike) -> dict[str, dict]:
         if sample.task != shard["task"]:
           raise record.RecordError(f"a {sample.task} record in a {shard['task']} shard")
         check_sample(sample, vocab, image_lengths)
+        check_fields(sample, fields)
       except record.RecordError as e:
         raise ShardError(f"{path}: record {index}: {e}") from None
       lengths[sample.task].append(len(sample.tokens))

@@ -7,23 +7,59 @@ and counted in the row's `dropped` field, so the count survives worker processes
 Row fields (int32 [seq_len]): tokens (pad id after the last sample), segment_ids (1, 2, ... per
 sample, 0 on padding), positions (restarting at 0 per sample, 0 on padding), response_mask, and
 task_ids (-1 on padding); plus `dropped` (scalar).
+
+Typed fields (e.g. speech features [T, F]) travel only where declared (`PackedField`): a row
+holds `capacity` items of the field (entries along its first axis), the samples' items one
+after another in segment order, and `<name>_segment_ids` [capacity] tags each item with its
+sample's segment id (0 on unused items), so every array stays with its segment. A sample goes
+to the next row when its tokens or its items do not fit, and is dropped (and counted) when they
+cannot fit a row at all. A sample carrying an undeclared field is refused.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Mapping
+
 import grain
 import numpy as np
 
+from omnijax.data.record import FieldSpec
+from omnijax.data.validate import check_field
+
+ROW_FIELDS = ("tokens", "segment_ids", "positions", "response_mask", "task_ids")
+
+
+@dataclasses.dataclass(frozen=True)
+class PackedField:
+  """A typed field in packed rows: its spec, and how many items (first-axis entries) a row holds."""
+
+  spec: FieldSpec
+  capacity: int
+
+  def __post_init__(self):
+    if None in self.spec.shape[1:]:
+      raise ValueError(f"a packed field's shape {self.spec.shape_text()} may vary in its first "
+                       "axis only")
+    if self.capacity < 1:
+      raise ValueError(f"a packed field's capacity must be >= 1, got {self.capacity}")
+
 
 class PackIterDataset(grain.IterDataset):
-  """Packs elements {tokens, response_start, task_id} into rows of `seq_len`."""
+  """Packs elements {tokens, response_start, task_id[, fields]} into rows of `seq_len`;
+  `fields` (name -> PackedField) are the typed fields the rows carry."""
 
-  def __init__(self, parent: grain.IterDataset, seq_len: int, pad_id: int):
+  def __init__(self, parent: grain.IterDataset, seq_len: int, pad_id: int,
+               fields: Mapping[str, PackedField] | None = None):
     super().__init__(parent)
     self.seq_len, self.pad_id = seq_len, pad_id
+    self.fields = dict(fields or {})
+    for name in self.fields:
+      if {name, f"{name}_segment_ids"} & {*ROW_FIELDS, "dropped"}:
+        raise ValueError(f"field {name!r} would clash with the row field of that name")
 
   def __iter__(self):
-    return _PackIterator(self._parent.__iter__(), self.seq_len, self.pad_id)
+    return _PackIterator(self._parent.__iter__(), self.seq_len, self.pad_id, self.fields)
 
   def __str__(self):
     return f"PackIterDataset(seq_len={self.seq_len})"
@@ -31,9 +67,9 @@ class PackIterDataset(grain.IterDataset):
 
 class _PackIterator(grain.DatasetIterator):
 
-  def __init__(self, parent, seq_len: int, pad_id: int):
+  def __init__(self, parent, seq_len: int, pad_id: int, fields: dict[str, PackedField]):
     super().__init__(parent)
-    self._seq_len, self._pad_id = seq_len, pad_id
+    self._seq_len, self._pad_id, self._fields = seq_len, pad_id, fields
     # The sample that did not fit the last row, and the parent's state from just before it was
     # read: restoring that state re-reads it, so the carried sample never enters a checkpoint.
     self._carry = None
@@ -41,6 +77,7 @@ class _PackIterator(grain.DatasetIterator):
 
   def __next__(self):
     row, used, dropped = [], 0, 0
+    items_used = dict.fromkeys(self._fields, 0)
     while True:
       if self._carry is not None:
         sample, state = self._carry, self._carry_state
@@ -53,15 +90,35 @@ class _PackIterator(grain.DatasetIterator):
           if row or dropped:
             break
           raise
-        if len(sample["tokens"]) > self._seq_len:
-          dropped += 1
-          continue
-      if used + len(sample["tokens"]) > self._seq_len:
+      items = self._items(sample)
+      if not self._fits(sample, items, 0, dict.fromkeys(self._fields, 0)):
+        dropped += 1
+        continue
+      if not self._fits(sample, items, used, items_used):
         self._carry, self._carry_state = sample, state
         break
       row.append(sample)
       used += len(sample["tokens"])
+      for name, count in items.items():
+        items_used[name] += count
     return self._assemble(row, dropped)
+
+  def _items(self, sample: dict) -> dict[str, int]:
+    """Field name -> the sample's items, after checking each field against its declaration."""
+    items = {}
+    for name, array in sample.get("fields", {}).items():
+      if name not in self._fields:
+        raise ValueError(f"a sample carries field {name!r}, which these packed rows do not hold "
+                         f"(declared: {', '.join(sorted(self._fields)) or 'none'})")
+      check_field(name, array, self._fields[name].spec)
+      items[name] = len(array)
+    return items
+
+  def _fits(self, sample: dict, items: dict[str, int], used: int,
+            items_used: dict[str, int]) -> bool:
+    """Whether the sample fits a row that already holds `used` tokens and `items_used` items."""
+    return used + len(sample["tokens"]) <= self._seq_len and all(
+        items_used[name] + count <= self._fields[name].capacity for name, count in items.items())
 
   def _assemble(self, row: list[dict], dropped: int) -> dict[str, np.ndarray]:
     length = self._seq_len
@@ -78,7 +135,23 @@ class _PackIterator(grain.DatasetIterator):
       out["response_mask"][start + sample["response_start"]:start + n] = 1
       out["task_ids"][span] = sample["task_id"]
       start += n
+    out.update(self._assemble_fields(row))
     out["dropped"] = np.int32(dropped)
+    return out
+
+  def _assemble_fields(self, row: list[dict]) -> dict[str, np.ndarray]:
+    out = {}
+    for name, packed in self._fields.items():
+      items = np.zeros((packed.capacity, *packed.spec.shape[1:]), packed.spec.dtype)
+      segment_ids = np.zeros(packed.capacity, np.int32)
+      start = 0
+      for segment, sample in enumerate(row, 1):
+        array = sample.get("fields", {}).get(name)
+        if array is not None:
+          items[start:start + len(array)] = array
+          segment_ids[start:start + len(array)] = segment
+          start += len(array)
+      out[name], out[f"{name}_segment_ids"] = items, segment_ids
     return out
 
   def get_state(self):

@@ -19,11 +19,11 @@ import numpy as np
 
 from omnijax.config import ConfigError, DataConfig
 from omnijax.data import record, shards
-from omnijax.data.packing import PackIterDataset
+from omnijax.data.packing import ROW_FIELDS, PackIterDataset
 from omnijax.data.tasks import TASKS
 from omnijax.vocab import Vocab
 
-BATCH_FIELDS = ("tokens", "segment_ids", "positions", "response_mask", "task_ids")
+BATCH_FIELDS = ROW_FIELDS
 STATE_VERSION = 1
 
 
@@ -80,6 +80,12 @@ def build_dataset(config: DataConfig, vocab: Vocab, process_index: int = 0,
   manifest = shards.load_manifest(shard_dir)
   shards.check_vocab(manifest, vocab, str(shard_dir / shards.MANIFEST))
   shards.check_shards(shard_dir, manifest)
+  fields = shards.field_specs(manifest)
+  if fields:
+    # Packed rows can carry them (PackIterDataset's `fields`), but no batch field or model
+    # input reads them yet: training without them would silently drop what they hold.
+    raise shards.ManifestError(f"{shard_dir / shards.MANIFEST}: the records carry typed fields "
+                               f"({', '.join(sorted(fields))}) that training does not read yet")
   if config.global_batch_size % process_count:
     raise ConfigError(f"data.global_batch_size={config.global_batch_size} is not divisible by "
                       f"the {process_count} processes")

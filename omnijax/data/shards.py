@@ -3,7 +3,9 @@
 A directory holds `<task>-<nnnnn>.array_record` files (one family per task, so a mixture reads
 each task's files as its own source) and `manifest.json`: format version, vocabulary layout, image
 lengths, per-task record and token counts, and every shard with its record count. A shard that
-reads back fewer records than the manifest lists is truncated.
+reads back fewer records than the manifest lists is truncated. A directory whose records may
+carry typed fields declares them under `fields` (name -> dtype and shape) with format version 2;
+one without stays format version 1, byte for byte as before fields existed.
 """
 
 from __future__ import annotations
@@ -13,15 +15,15 @@ import json
 import os
 import pathlib
 import shutil
-from typing import Any
+from typing import Any, Mapping
 
 from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
 
 from omnijax.data import record
-from omnijax.data.record import Sample
+from omnijax.data.record import FieldSpec, Sample
 from omnijax.data.tasks import TASKS
 from omnijax.data.templates import ImageLengths
-from omnijax.data.validate import check_sample
+from omnijax.data.validate import check_fields, check_sample
 from omnijax.files import replace_dir, staging_dir
 from omnijax.vocab import Vocab
 
@@ -42,13 +44,17 @@ class ShardError(ValueError):
 class ShardWriter:
   """Validates and appends samples, rotating each task's shard once it passes `max_shard_bytes`.
 
+  `fields` declares the typed fields the samples may carry (a sample with another, or with a
+  declared one of the wrong dtype or shape, is refused).
+
   Shards are written into a staging directory beside `out_dir`; `close()` swaps the complete set
   in, so an existing dataset in `out_dir` stays whole until then, and `abort()` (or an exception
   inside `with`) leaves it exactly as it was.
   """
 
   def __init__(self, out_dir: str | os.PathLike, vocab: Vocab, image_lengths: ImageLengths,
-               max_shard_bytes: int = 256 << 20, extra: dict[str, Any] | None = None):
+               max_shard_bytes: int = 256 << 20, extra: dict[str, Any] | None = None,
+               fields: Mapping[str, FieldSpec] | None = None):
     self.out_dir = pathlib.Path(out_dir)
     if self.out_dir.exists() and not self.out_dir.is_dir():
       raise NotADirectoryError(f"{self.out_dir} exists and is not a directory")
@@ -56,6 +62,7 @@ class ShardWriter:
     self.vocab, self.image_lengths = vocab, image_lengths
     self.max_shard_bytes = max_shard_bytes
     self.extra = extra or {}
+    self.fields = dict(fields or {})
     self._open: dict[str, tuple[ArrayRecordWriter, dict]] = {}
     self._shards: list[dict] = []
     self._stats = collections.defaultdict(lambda: dict(records=0, tokens=0, response_tokens=0))
@@ -63,6 +70,7 @@ class ShardWriter:
 
   def write(self, sample: Sample) -> None:
     check_sample(sample, self.vocab, self.image_lengths)
+    check_fields(sample, self.fields)
     payload = record.encode(sample)
     writer, shard = self._writer_for(sample.task)
     writer.write(payload)
@@ -102,8 +110,12 @@ class ShardWriter:
     if self._manifest is not None:
       return self._manifest
     tasks = {task: self._stats[task] for task in TASKS if task in self._stats}
+    declared = {}
+    if self.fields:
+      declared["fields"] = {name: spec.describe() for name, spec in self.fields.items()}
     manifest = dict(
-        format_version=record.FORMAT_VERSION, vocab=self.vocab.describe(),
+        format_version=record.FORMAT_VERSION if self.fields else record.TOKENS_ONLY_VERSION,
+        vocab=self.vocab.describe(), **declared,
         image_lengths=dict(understanding=self.image_lengths.understanding,
                            generated=self.image_lengths.generated),
         tasks=tasks,
@@ -138,13 +150,29 @@ def load_manifest(shard_dir: str | os.PathLike) -> dict:
     raise ManifestError(f"{path} does not exist: not a shard directory (run `omnijax prepare`)") from None
   except json.JSONDecodeError as e:
     raise ManifestError(f"{path}: not valid JSON: {e}") from None
-  if manifest.get("format_version") != record.FORMAT_VERSION:
-    raise ManifestError(f"{path}: format_version {manifest.get('format_version')!r}, this reader "
-                        f"knows {record.FORMAT_VERSION}")
+  version = manifest.get("format_version")
+  if version not in range(record.TOKENS_ONLY_VERSION, record.FORMAT_VERSION + 1):
+    raise ManifestError(f"{path}: format_version {version!r}, this reader knows "
+                        f"{record.TOKENS_ONLY_VERSION} to {record.FORMAT_VERSION}")
   unknown = sorted(set(manifest["tasks"]) - set(TASKS))
   if unknown:
     raise ManifestError(f"{path}: unknown task {unknown[0]!r}")
+  field_specs(manifest, where=str(path))
   return manifest
+
+
+def field_specs(manifest: dict, where: str = MANIFEST) -> dict[str, FieldSpec]:
+  """The typed fields a shard directory declares (none before format version 2)."""
+  specs = {}
+  for name, spec in manifest.get("fields", {}).items():
+    try:
+      specs[name] = FieldSpec(spec["dtype"], tuple(spec["shape"]))
+    except (KeyError, TypeError):
+      raise ManifestError(f'{where}: fields.{name}: expected {{"dtype": ..., "shape": [...]}}, '
+                          f"got {spec!r}") from None
+    except ValueError as e:
+      raise ManifestError(f"{where}: fields.{name}: {e}") from None
+  return specs
 
 
 def image_lengths_of(manifest: dict) -> ImageLengths:

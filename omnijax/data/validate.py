@@ -1,4 +1,5 @@
-"""Structural checks of a templated sample that need only the vocabulary, not the tokenizer.
+"""Structural checks of a templated sample that need only the vocabulary, not the tokenizer,
+and of its typed fields against what the shard directory declares.
 
 The writer runs them before a record reaches disk and `omnijax data inspect` runs them on every
 record read back, so both agree on what a well-formed sample is.
@@ -6,9 +7,11 @@ record read back, so both agree on what a well-formed sample is.
 
 from __future__ import annotations
 
+from typing import Mapping
+
 import numpy as np
 
-from omnijax.data.record import RecordError, Sample
+from omnijax.data.record import FieldSpec, RecordError, Sample
 from omnijax.data.templates import ImageLengths
 from omnijax.vocab import Modality, Vocab
 
@@ -67,3 +70,21 @@ def _check_turns(sample: Sample, vocab: Vocab) -> None:
     raise RecordError("the response must end with <|im_end|> and one newline token")
   if np.any(sample.response == vocab.im_start_id):
     raise RecordError("the response contains <|im_start|>")
+
+
+def check_fields(sample: Sample, specs: Mapping[str, FieldSpec]) -> None:
+  """Raises RecordError naming the field whose name, dtype or shape the specs do not allow.
+  A sample may leave out a declared field (an image task carries no speech features)."""
+  for name, array in sample.fields.items():
+    if name not in specs:
+      declared = ", ".join(sorted(specs)) or "none"
+      raise RecordError(f"field {name!r} is not declared for these shards (declared: {declared})")
+    check_field(name, array, specs[name])
+
+
+def check_field(name: str, array: np.ndarray, spec: FieldSpec) -> None:
+  if array.dtype.name != spec.dtype:
+    raise RecordError(f"field {name!r}: dtype {array.dtype.name}, expected {spec.dtype}")
+  if array.ndim != len(spec.shape) or any(
+      size is not None and size != actual for size, actual in zip(spec.shape, array.shape)):
+    raise RecordError(f"field {name!r}: shape {tuple(array.shape)}, expected {spec.shape_text()}")

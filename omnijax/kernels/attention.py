@@ -1,7 +1,9 @@
-"""The attention dispatch point: model config `attention` -> attn(q, k, v, segment_ids).
+"""The attention dispatch point: model config `attention` -> attn(q, k, v, segment_ids, *,
+kv_segment_ids=None, causal=False, q_offset=None).
 
 Every backend implements the semantics of `omnijax.kernels.reference` (and is tested against
-its `xla_attention`). The kernel backends pick their variant from the platform they are traced
+its `xla_attention`), or refuses a case it lacks (causal masking, a query block against
+separate cached keys) with one ValueError naming itself and the case. The kernel backends pick their variant from the platform they are traced
 for (the context mesh's devices, else `jax.default_backend()`) and, when called under
 `jax.set_mesh`, run per shard via shard_map (omnijax.kernels.sharded).
 
@@ -63,16 +65,18 @@ def get_attention(name: str) -> AttentionFn:
   if name not in ("auto", *GPU_ONLY):
     kernel_for(name, "tpu")  # unknown names fail at construction
 
-  def attend(q, k, v, segment_ids):
+  def attend(q, k, v, segment_ids, *, kv_segment_ids=None, causal=False, q_offset=None):
     platform, device_kind, rows = mesh_platform(), mesh_device_kind(), _ROWS.get()
+    masking = dict(kv_segment_ids=kv_segment_ids, causal=causal, q_offset=q_offset)
     backend = name
     if name == "auto":
       backend = resolve_auto(platform, rows, device_kind=device_kind, head_dim=q.shape[-1],
-                             length=q.shape[1], dtype=q.dtype)
+                             length=k.shape[1], dtype=q.dtype)
       _log_choice(platform, device_kind, rows, backend)
       if backend == "xla":
-        return xla_attention(q, k, v, segment_ids)
-    return kernel_for(backend, platform, rows=rows, device_kind=device_kind)(q, k, v, segment_ids)
+        return xla_attention(q, k, v, segment_ids, **masking)
+    kernel = kernel_for(backend, platform, rows=rows, device_kind=device_kind)
+    return kernel(q, k, v, segment_ids, **masking)
 
   return attend
 
@@ -134,7 +138,7 @@ def mesh_device_kind() -> str:
 
 def kernel_for(name: str, platform: str, *, rows: str = "packed",
                device_kind: str | None = None) -> AttentionFn:
-  """Kernel backend name + platform -> attn(q, k, v, segment_ids).
+  """Kernel backend name + platform -> attn(q, k, v, segment_ids, **masking).
 
   On CPU the Pallas kernels run in interpret mode, so CPU tests exercise the real kernels.
   The Pallas kernel takes its blocks from the tuning table for `device_kind` and `rows`.

@@ -29,6 +29,16 @@ def visible(row_ids: jax.Array, col_ids: jax.Array) -> jax.Array:
   return (row_ids == col_ids) & (col_ids != 0)
 
 
+def not_after(first_query, first_key, shape, *, key_major: bool = False) -> jax.Array:
+  """The causal mask of a block: [R, C] bool, key index <= query index, for a block whose
+  first query and first key sit at the given indices of the row. Rows are queries, or keys
+  when `key_major` (the backward's orientation)."""
+  query_axis, key_axis = (1, 0) if key_major else (0, 1)
+  queries = first_query + jax.lax.broadcasted_iota(jnp.int32, shape, query_axis)
+  keys = first_key + jax.lax.broadcasted_iota(jnp.int32, shape, key_axis)
+  return keys <= queries
+
+
 def softmax_step(m_prev, l_prev, acc_prev, scores, mask, v):
   """One online-softmax update of (running max, running sum, output accumulator)."""
   scores = jnp.where(mask, scores, MASK_VALUE)

@@ -10,6 +10,10 @@ Block skipping: the pipeline's grid is not "every block" but the number of block
 share a segment with this CTA's block, and its index map reads which ones from a compacted
 schedule (`_schedule`), so a skipped block costs neither a copy nor a matmul.
 
+It implements bidirectional self-attention only: one id array serves queries and keys, and no
+causal mask is applied, so flash.py refuses causal calls and separate (cached) keys for it
+(`SUPPORTED` is empty).
+
 Unlike the Triton kernel this one needs 16-bit inputs (WGMMA takes fp32 only as TF32, which
 would break the fp32 contract) and blocks that are multiples of 128 (two warpgroups x 64 rows);
 the head dim is zero-padded to a multiple of 64 (one 128-byte swizzle row of bf16), which
@@ -51,6 +55,7 @@ BACKWARD_STEP = 64
 MEMORY_REGISTERS = 40  # the TMA warpgroup needs few; the compute warpgroups get the rest
 LOG2E = math.log2(math.e)
 SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16)
+SUPPORTED = ()  # of omnijax.kernels.reference's CAUSAL and CACHED_KV
 # Hopper (sm_90) device kinds as JAX reports them ("NVIDIA H100 80GB HBM3", "NVIDIA H200", ...).
 HOPPER_KINDS = ("H100", "H200", "H800", "H20", "GH200")
 
@@ -152,8 +157,9 @@ def _pipeline(body, context, grid, in_specs):
       compute_context=context)
 
 
-def forward(q, k, v, segment_ids, overlap, *, plan):
+def forward(q, k, v, masking, overlap, *, plan):
   _check_inputs(q, plan)
+  segment_ids = masking.q_segment_ids  # also the keys': separate keys are refused
   batch, length, q_heads, head_dim = q.shape
   group = q_heads // k.shape[2]
   q, k, v = (_pad_head_dim(x) for x in (q, k, v))
@@ -225,8 +231,9 @@ def forward(q, k, v, segment_ids, overlap, *, plan):
   return out[..., :head_dim], lse
 
 
-def backward(q, k, v, segment_ids, overlap, lse, delta, d_out, *, plan):
+def backward(q, k, v, masking, overlap, lse, delta, d_out, *, plan):
   head_dim = q.shape[-1]
+  segment_ids = masking.q_segment_ids
   q, k, v, d_out = (_pad_head_dim(x) for x in (q, k, v, d_out))
   dq = _dq(q, k, v, d_out, lse, delta, segment_ids, *_schedule(overlap), plan=plan)
   dk, dv = _dkv(q, k, v, d_out, lse, delta, segment_ids,

@@ -1,7 +1,10 @@
-"""The Qwen2/Dream backbone in Flax NNX, used bidirectionally within each packed segment.
+"""The Qwen2/Dream backbone in Flax NNX, used bidirectionally within each packed segment (or,
+with `causal=True`, causally within each segment: the autoregressive baseline).
 
-`Transformer(config, rngs)(input_ids, segment_ids=None, positions=None) -> logits [B, L, V]`;
-`hidden_states(...)` stops before the lm_head so that the training loss can apply `output_head()`
+`Transformer(config, rngs)(input_ids, segment_ids=None, positions=None, *, input_embeddings=None,
+input_embedding_mask=None, causal=False) -> logits [B, L, V]`: where `input_embedding_mask`
+[B, L] is true, `input_embeddings` [B, L, d] replace the token embeddings (what a speech
+projector writes into the <|context_of_audio|> slots); `hidden_states(...)` stops before the lm_head so that the training loss can apply `output_head()`
 chunk by chunk (omnijax.diffusion.objective) instead of holding every position's logits.
 Logits are raw (`logits[:, i] = lm_head(h_i)`): the Dream shift (h(i-1) predicts x(i)) belongs to
 the objective and the sampler. Parameters are fp32 (`param_dtype`), matmuls run in
@@ -88,7 +91,7 @@ class Attention(nnx.Module):
     self.o_proj = Dense(self.num_heads * hd, d, ("heads", "embed"), bias=False, config=config,
                         rngs=rngs)
 
-  def __call__(self, x, segment_ids, positions):
+  def __call__(self, x, segment_ids, positions, causal):
     batch, length, _ = x.shape
     q = self.q_proj(x).reshape(batch, length, self.num_heads, self.head_dim)
     k = self.k_proj(x).reshape(batch, length, self.num_kv_heads, self.head_dim)
@@ -98,7 +101,7 @@ class Attention(nnx.Module):
     k = constrain(checkpoint_name(apply_rope(k, positions, self.rope_theta), "key_proj"),
                   ("batch", "length", "act_kv_heads", "head_dim"))
     v = constrain(checkpoint_name(v, "value_proj"), ("batch", "length", "act_kv_heads", "head_dim"))
-    out = checkpoint_name(self.attend(q, k, v, segment_ids), "attention_out")
+    out = checkpoint_name(self.attend(q, k, v, segment_ids, causal=causal), "attention_out")
     out = constrain(out, ("batch", "length", "act_heads", "head_dim"))
     return checkpoint_name(self.o_proj(out.reshape(batch, length, -1)), "out_proj")
 
@@ -119,7 +122,7 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
-  """Pre-norm decoder layer, run without a causal mask."""
+  """Pre-norm decoder layer; causal masking only when asked (the diffusion model runs without)."""
 
   def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
     self.input_layernorm = RMSNorm(config.hidden_size, config)
@@ -127,10 +130,27 @@ class Block(nnx.Module):
     self.post_attention_layernorm = RMSNorm(config.hidden_size, config)
     self.mlp = MLP(config, rngs)
 
-  def __call__(self, x, segment_ids, positions):
-    x = x + self.self_attn(self.input_layernorm(x), segment_ids, positions)
+  def __call__(self, x, segment_ids, positions, causal):
+    x = x + self.self_attn(self.input_layernorm(x), segment_ids, positions, causal)
     x = x + self.mlp(self.post_attention_layernorm(x))
     return constrain(x, ("batch", "length", "act_embed"))
+
+
+def _replace_embeddings(token_embeddings: jax.Array, input_embeddings: jax.Array | None,
+                        mask: jax.Array | None) -> jax.Array:
+  """Token embeddings [B, L, d] with the masked positions taken from `input_embeddings` (cast to
+  the compute dtype): a select, so shapes stay fixed and gradients reach the supplied ones."""
+  if (input_embeddings is None) != (mask is None):
+    raise ValueError("input_embeddings and input_embedding_mask are given together or not at all")
+  if input_embeddings is None:
+    return token_embeddings
+  if input_embeddings.shape != token_embeddings.shape:
+    raise ValueError(f"input_embeddings {input_embeddings.shape} should be "
+                     f"{token_embeddings.shape} (batch, length, hidden size)")
+  if mask.shape != token_embeddings.shape[:2]:
+    raise ValueError(f"input_embedding_mask {mask.shape} should be {token_embeddings.shape[:2]}")
+  return jnp.where(mask.astype(bool)[..., None], input_embeddings.astype(token_embeddings.dtype),
+                   token_embeddings)
 
 
 _SAVE_ONLY = jax.checkpoint_policies.save_only_these_names
@@ -177,15 +197,22 @@ class Transformer(nnx.Module):
     return create(rngs)
 
   def __call__(self, input_ids: jax.Array, segment_ids: jax.Array | None = None,
-               positions: jax.Array | None = None) -> jax.Array:
-    return output_logits(self.hidden_states(input_ids, segment_ids, positions), self.output_head())
+               positions: jax.Array | None = None, *, input_embeddings: jax.Array | None = None,
+               input_embedding_mask: jax.Array | None = None, causal: bool = False) -> jax.Array:
+    hidden = self.hidden_states(input_ids, segment_ids, positions,
+                                input_embeddings=input_embeddings,
+                                input_embedding_mask=input_embedding_mask, causal=causal)
+    return output_logits(hidden, self.output_head())
 
   def output_head(self) -> jax.Array:
     """The lm_head as [d, V] (the transposed embedding when tied), in param dtype."""
     return self.embed_tokens[...].T if self.lm_head is None else self.lm_head[...]
 
   def hidden_states(self, input_ids: jax.Array, segment_ids: jax.Array | None = None,
-                    positions: jax.Array | None = None) -> jax.Array:
+                    positions: jax.Array | None = None, *,
+                    input_embeddings: jax.Array | None = None,
+                    input_embedding_mask: jax.Array | None = None,
+                    causal: bool = False) -> jax.Array:
     """Normed final hidden states [B, L, d] in compute dtype: everything before the lm_head."""
     config = self.config
     compute_dtype = jnp.dtype(config.compute_dtype)
@@ -195,12 +222,13 @@ class Transformer(nnx.Module):
     if positions is None:
       positions = segment_positions(segment_ids)
     x = jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(compute_dtype)
+    x = _replace_embeddings(x, input_embeddings, input_embedding_mask)
     x = constrain(x, ("batch", "length", "act_embed"))
 
     use_remat, policy = REMAT[config.remat]
 
     def layer(graphdef, layer_state, h):
-      return nnx.merge(graphdef, layer_state)(h, segment_ids, positions)
+      return nnx.merge(graphdef, layer_state)(h, segment_ids, positions, causal)
 
     if use_remat:
       # prevent_cse only matters outside scan, where XLA could otherwise merge recomputation.

@@ -1,7 +1,11 @@
-"""The Grain pipeline: packed batch layout, tail pads, mixture, drops, sharding and exact resume."""
+"""The Grain pipeline: packed batch layout, tail pads, mixture, drops, sharding and exact resume,
+and typed fields in packed rows."""
 
 import dataclasses
 import json
+import shutil
+
+import grain
 
 import jax
 import numpy as np
@@ -10,7 +14,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from omnijax.config import ConfigError, DataConfig
 from omnijax.data import record
+from omnijax.data.packing import PackedField, PackIterDataset
 from omnijax.data.pipeline import BATCH_FIELDS, Batches, build_dataset
+from omnijax.data.record import FieldSpec, RecordError
 from omnijax.data.shards import ManifestError, load_manifest, shard_paths
 from omnijax.data.tasks import TASKS
 from omnijax.data.toyworld.prepare import prepare
@@ -173,3 +179,70 @@ def test_processes_read_disjoint_samples(data_dir):
 def test_vocabulary_mismatch_is_a_clear_error(data_dir):
   with pytest.raises(ManifestError, match="text_size: shards 512 vs model 1024"):
     Batches(config(data_dir), Vocab.compact(1024, n_image_codes=256, n_speech_codes=256))
+
+
+FRAMES = PackedField(FieldSpec("float32", (None, 3)), capacity=6)
+
+
+def _element(n_tokens, frames, first_token):
+  """A loaded sample of `n_tokens` ids (from `first_token` on) with `frames` feature rows
+  (None: no field) whose values identify the sample."""
+  element = dict(tokens=np.arange(first_token, first_token + n_tokens, dtype=np.int32),
+                 response_start=1, task_id=0)
+  if frames is not None:
+    element["fields"] = {"speech": np.full((frames, 3), first_token, np.float32)
+                                   + np.arange(frames, dtype=np.float32)[:, None]}
+  return element
+
+
+def _pack(elements, fields):
+  rows = PackIterDataset(grain.MapDataset.source(elements).to_iter_dataset(), 16, 0, fields)
+  return list(rows)
+
+
+def test_packed_rows_keep_each_feature_array_with_its_segment():
+  # (tokens, frames): the 4th fits the first row's tokens (15 <= 16) but not its 6 frames; the
+  # 5th has more frames than a row holds and is dropped.
+  elements = [_element(n, frames, 100 * i) for i, (n, frames) in enumerate(
+      [(5, 2), (4, None), (4, 3), (2, 2), (3, 7), (3, 1)])]
+  rows = _pack(elements, {"speech": FRAMES})
+  assert len(rows) == 2
+  np.testing.assert_array_equal(rows[0]["speech_segment_ids"], [1, 1, 3, 3, 3, 0])
+  np.testing.assert_array_equal(rows[1]["speech_segment_ids"], [1, 1, 2, 0, 0, 0])
+  assert [int(row["dropped"]) for row in rows] == [0, 1]
+  for row in rows:
+    assert row["speech"].shape == (6, 3) and row["speech"].dtype == np.float32
+    assert not row["speech"][row["speech_segment_ids"] == 0].any()
+    for segment in range(1, row["segment_ids"].max() + 1):
+      tokens = row["tokens"][row["segment_ids"] == segment]
+      source = next(e for e in elements if e["tokens"][0] == tokens[0])
+      frames = row["speech"][row["speech_segment_ids"] == segment]
+      expected = source.get("fields", {}).get("speech", np.zeros((0, 3), np.float32))
+      np.testing.assert_array_equal(frames, expected)  # the segment's own features, in order
+
+
+def test_packing_refuses_undeclared_or_malformed_fields():
+  with pytest.raises(ValueError, match=r"a sample carries field 'speech', which these packed rows "
+                     r"do not hold \(declared: none\)"):
+    _pack([_element(4, 2, 0)], {})
+  wide = _element(4, 2, 0)
+  wide["fields"]["speech"] = np.zeros((2, 5), np.float32)
+  with pytest.raises(RecordError, match=r"field 'speech': shape \(2, 5\), expected \(\*, 3\)"):
+    _pack([wide], {"speech": FRAMES})
+  with pytest.raises(ValueError, match="may vary in its first axis only"):
+    PackedField(FieldSpec("float32", (None, None)), capacity=4)
+  # Rows without declared fields are exactly as before: no extra arrays.
+  assert set(_pack([_element(4, None, 0)], {})[0]) == set(BATCH_FIELDS) | {"dropped"}
+
+
+def test_training_refuses_shards_with_typed_fields(data_dir, tmp_path):
+  copy = tmp_path / "toy"
+  shutil.copytree(data_dir / "train", copy / "train")
+  manifest_path = copy / "train" / "manifest.json"
+  manifest = json.loads(manifest_path.read_text())
+  manifest.update(format_version=2, fields={"speech_features": {"dtype": "float32",
+                                                                 "shape": [None, 560]}})
+  manifest_path.write_text(json.dumps(manifest))
+  with pytest.raises(ManifestError, match=r"train/manifest\.json: the records carry typed fields "
+                     r"\(speech_features\) that training does not read yet"):
+    build_dataset(config(copy), VOCAB)

@@ -80,6 +80,51 @@ def test_triton_kernels_lower_for_cuda(dtype, blocks, head_dim):
   assert lowered.as_text().count("custom_call @__gpu$xla.gpu.triton") == 3
 
 
+def _causal_query_block(kernel, q_length, kv_length, *, sharding=None, dtype=jnp.bfloat16,
+                        heads=(4, 2), head_dim=128):
+  """(step, abstract inputs): forward and backward of a causal query block of `q_length` rows
+  against `kv_length` keys at per-row offsets, the masking a KV-cached AR decoder uses.
+  `sharding`: NamedShardings of the "heads", "rows" and "batch" inputs, or None."""
+  batch = 8 if sharding else 2
+  place = lambda kind: sharding[kind] if sharding else None
+  rows = lambda length, h: jax.ShapeDtypeStruct((batch, length, h, head_dim), dtype,
+                                                sharding=place("heads"))
+  ids = lambda length: jax.ShapeDtypeStruct((batch, length), jnp.int32, sharding=place("rows"))
+  offsets = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=place("batch"))
+
+  def step(q, k, v, q_ids, kv_ids, q_offset):
+    masked = functools.partial(kernel, kv_segment_ids=kv_ids, causal=True, q_offset=q_offset)
+    return _forward_and_backward(masked)(q, k, v, q_ids)
+  inputs = (rows(q_length, heads[0]), rows(kv_length, heads[1]), rows(kv_length, heads[1]),
+            ids(q_length), ids(kv_length), offsets)
+  return step, inputs
+
+
+@pytest.mark.libtpu
+def test_causal_query_block_compiles_for_tpu():
+  """The causal mask (iota against the scalar-prefetched offsets) and separate query/key
+  lengths compile with Mosaic, sharded."""
+  mesh = _compile_only_mesh("v5e:2x4")
+  sharding = dict(heads=NamedSharding(mesh, P(("data", "fsdp"), None, "tensor", None)),
+                  rows=NamedSharding(mesh, P(("data", "fsdp"), None)),
+                  batch=NamedSharding(mesh, P(("data", "fsdp"))))
+  step, inputs = _causal_query_block(
+      shard_over_mesh(functools.partial(flash_attention, platform="tpu")), 256, LENGTH,
+      sharding=sharding, heads=(Q_HEADS, KV_HEADS))
+  with jax.set_mesh(mesh):
+    compiled = jax.jit(step).lower(*inputs).compile()
+  assert compiled.as_text().count("tpu_custom_call") >= 3
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_triton_causal_query_block_lowers_for_cuda(dtype):
+  step, inputs = _causal_query_block(
+      functools.partial(flash_attention, platform="gpu", block_q=64, block_k=32), 100, 300,
+      dtype=dtype, head_dim=96)
+  lowered = jax.jit(step).trace(*inputs).lower(lowering_platforms=("cuda",))
+  assert lowered.as_text().count("custom_call @__gpu$xla.gpu.triton") == 3
+
+
 # (batch, length, q heads, kv heads, head dim): lengths off the 128 blocks (padded rows), GQA
 # ratios 1 to 8, head dims 64, 128 and 96 (zero-padded to 128). Which rows are packed, dense or
 # padding is data the same lowered program reads at run time (its block schedule), so shapes

@@ -1,4 +1,5 @@
-"""The backbone: bidirectional segment masking, positions, padding, scan/remat equivalence."""
+"""The backbone: bidirectional (and causal) segment masking, positions, padding, scan/remat
+equivalence, and input embeddings in place of token embeddings."""
 
 import dataclasses
 
@@ -113,3 +114,73 @@ def test_tied_embeddings_share_the_matrix():
   n = sum(x.size for x in jax.tree.leaves(nnx.state(model)))
   assert n == model.config.param_count()
   assert model.config.param_count() < create_model(tiny()).config.param_count() - 500 * hidden
+
+
+def _embedding_inputs(seed):
+  """Tokens from ids below 500, and positions to replace with input embeddings: each replaced
+  position holds its own token id >= 500 (used nowhere else), so patching those rows of the
+  embedding table is an independent way to feed the same vectors."""
+  rng = np.random.default_rng(seed)
+  tokens = rng.integers(0, 500, size=(2, 12))
+  replace = np.zeros((2, 12), bool)
+  replace[0, [2, 3, 4]] = replace[1, [0, 7]] = True
+  tokens[replace] = 500 + np.arange(replace.sum())
+  embeddings = rng.normal(scale=0.05, size=(2, 12, 64)).astype(np.float32)
+  seg = jnp.array([[1] * 7 + [2] * 5, [1] * 10 + [0] * 2])
+  return jnp.asarray(tokens), seg, jnp.asarray(replace), jnp.asarray(embeddings)
+
+
+def test_input_embeddings_replace_exactly_the_masked_positions():
+  model = create_model(tiny(), seed=3)
+  tokens, seg, replace, embeddings = _embedding_inputs(0)
+  forward = jax.jit(lambda model, mask: model.hidden_states(
+      tokens, seg, input_embeddings=embeddings, input_embedding_mask=mask))
+  plain = jax.jit(lambda model: model.hidden_states(tokens, seg))(model)
+  # Mask all false: bit-identical to the plain call.
+  np.testing.assert_array_equal(forward(model, jnp.zeros_like(replace)), plain)
+  # Some positions replaced: the same as a table whose rows for those tokens hold the vectors.
+  replaced = forward(model, replace)
+  assert forward._cache_size() == 1  # one compiled program for any mask: no branching on data
+  patched = create_model(tiny(), seed=3)
+  patched.embed_tokens[...] = patched.embed_tokens[...].at[tokens[replace]].set(
+      embeddings[replace])
+  np.testing.assert_allclose(replaced, patched.hidden_states(tokens, seg), atol=1e-6, rtol=0)
+  assert float(jnp.max(jnp.abs(replaced - plain))) > 1e-3
+
+
+def test_gradients_reach_the_input_embeddings_at_masked_positions_only():
+  model = create_model(tiny(), seed=3)
+  tokens, seg, replace, embeddings = _embedding_inputs(1)
+  grads = jax.grad(lambda e: jnp.sum(model(tokens, seg, input_embeddings=e,
+                                           input_embedding_mask=replace) ** 2))(embeddings)
+  norms = np.linalg.norm(np.asarray(grads), axis=-1)
+  assert (norms[np.asarray(replace)] > 0).all()
+  np.testing.assert_array_equal(norms[~np.asarray(replace)], 0.0)
+
+
+def test_input_embedding_arguments_are_checked():
+  model = create_model(tiny(), seed=3)
+  tokens, seg, replace, embeddings = _embedding_inputs(2)
+  with pytest.raises(ValueError, match="given together or not at all"):
+    model(tokens, seg, input_embeddings=embeddings)
+  with pytest.raises(ValueError, match=r"input_embeddings \(2, 12, 32\) should be \(2, 12, 64\)"):
+    model(tokens, seg, input_embeddings=embeddings[..., :32], input_embedding_mask=replace)
+
+
+def test_causal_model_sees_only_earlier_tokens_of_its_segment():
+  model = create_model(tiny(), seed=5)
+  rng = np.random.default_rng(5)
+  tokens = rng.integers(0, 512, size=(1, 12))
+  seg = jnp.array([[1] * 6 + [2] * 4 + [0] * 2])
+  base = model(jnp.asarray(tokens), seg, causal=True)
+  changed = tokens.copy()
+  changed[0, 3] = (changed[0, 3] + 1) % 512
+  out = model(jnp.asarray(changed), seg, causal=True)
+  # Positions before the change and the other segment keep their logits; later ones change.
+  np.testing.assert_allclose(out[0, :3], base[0, :3], atol=1e-6)
+  np.testing.assert_allclose(out[0, 6:10], base[0, 6:10], atol=1e-6)
+  assert np.abs(out[0, 4:6] - base[0, 4:6]).max() > 1e-4
+  # A packed row is its segments run alone, causally too.
+  alone = model(jnp.asarray(tokens[:, 6:10]), causal=True)
+  np.testing.assert_allclose(base[0, 6:10], alone[0], atol=2e-5)
+  assert np.abs(base[0, :6] - model(jnp.asarray(tokens), seg)[0, :6]).max() > 1e-4
