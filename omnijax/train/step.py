@@ -39,11 +39,15 @@ def make_train_step(config: Config, graphdef: nnx.GraphDef, tx: optax.GradientTr
   accum = train.grad_accum_steps
   micro_batch = config.data.global_batch_size // accum
 
+  training_objective = objective.get_objective(train.objective.kind)
+
   def micro_sums(params, batch, step, row_offset):
     def loss_fn(params):
-      corruption = objective.corrupt(batch, train.objective, vocab, train.seed, step, row_offset)
+      corruption = training_objective.corrupt(batch, train.objective, vocab, train.seed, step,
+                                              row_offset)
       model = nnx.merge(graphdef, params)
-      hidden = model.hidden_states(corruption.inputs, batch["segment_ids"], batch["positions"])
+      hidden = model.hidden_states(corruption.inputs, batch["segment_ids"], batch["positions"],
+                                   causal=training_objective.causal)
       sums = objective.loss_sums(hidden, model.output_head(), batch, corruption, train.objective)
       denominator = sums["denominator"]
       if train.grad_accum_reduction == "sum_of_means":

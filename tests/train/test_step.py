@@ -11,9 +11,10 @@ from train_helpers import tiny_config
 from omnijax.config import MeshConfig
 from omnijax.data.pipeline import Batches
 from omnijax.model.build import create_model
-from omnijax.train.program import build_train_program
+from omnijax.diffusion import objective
 from omnijax.sharding import make_mesh
 from omnijax.train import flops
+from omnijax.train.program import build_train_program
 
 
 def one_batch(config):
@@ -87,6 +88,23 @@ def test_pallas_attention_train_step_equals_xla(toy_data):
   pallas_params, pallas_metrics = run_step(pallas, batch, mesh=mesh, steps=2)
   assert abs(xla[1]["loss"] - pallas_metrics[1]["loss"]) <= 1e-5
   assert _max_diff(xla_params, pallas_params) <= 1e-5
+
+
+def test_an_objective_that_asks_for_causal_attention_gets_it(toy_data, monkeypatch):
+  # The seam an autoregressive objective uses: its `causal` reaches the model's attention. The
+  # same masking with causal attention changes the loss; run alone, the objective's tokens see
+  # only their past, so the loss must differ from the bidirectional one.
+  config = tiny_config(toy_data, "model.num_layers=1")
+  batch = one_batch(config)
+  _, bidirectional = run_step(config, batch)
+
+  class CausalOmni(objective.OmniMasking):
+    causal = True
+
+  monkeypatch.setitem(objective.OBJECTIVES, "omni", CausalOmni())
+  _, causal = run_step(config, batch)
+  assert bidirectional[0]["targets"] == causal[0]["targets"]  # the same masked tokens
+  assert abs(float(bidirectional[0]["loss"]) - float(causal[0]["loss"])) > 1e-4
 
 
 def test_analytic_flops_count_full_bidirectional_attention():
