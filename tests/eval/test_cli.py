@@ -13,6 +13,7 @@ import sys
 import numpy as np
 import pytest
 
+from omnijax.config import CONFIG_ROOT, load_config
 from omnijax.data.tasks import IMAGE_TASKS, TASKS
 from omnijax.data.templates import ChatTemplate
 from omnijax.data.toyworld.prepare import prepare
@@ -28,6 +29,17 @@ PNG_MAGIC = b"\x89PNG"
 def omnijax(*args):
   return subprocess.run([sys.executable, "-m", "omnijax.cli", *map(str, args)],
                         capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize("experiment", ["toy.yaml", "toy_long.yaml"])
+def test_the_toy_jobs_evaluate_enough_samples_that_one_moves_a_task_by_2_points(experiment):
+  config = load_config(CONFIG_ROOT / "experiments" / experiment)
+  assert config.eval.after_training and config.eval.split == "heldout"
+  assert 100 / config.eval.samples <= 2
+  # ... and their toy world holds that many held-out scenes.
+  toy = config.toyworld
+  spec = ToyWorldSpec(n=toy.scenes, seed=toy.seed, grid=toy.grid, cells=toy.cells)
+  assert spec.split_sizes["heldout"] >= config.eval.samples
 
 
 @pytest.fixture(scope="module")
