@@ -246,8 +246,8 @@ def plot_quality(results: dict, path: str | pathlib.Path) -> None:
       lowest = min(lowest, 100 * chance)
     lowest = min(lowest, *(p[1] for p in points))
   axis.set_xscale("log", base=2)
-  axis.set_xlabel("forward passes per sample (= decoding steps; star: the task's default; "
-                  "dotted: chance)")
+  axis.set_xlabel("forward passes per sample (= decoding steps; star: the task's default)\n"
+                  "dotted: chance, a model that ignores its input")
   axis.set_ylabel("quality: accuracy or 1 - WER (%)")
   axis.set_ylim(lowest - 2, 101)
   axis.grid(alpha=0.3)
