@@ -13,6 +13,7 @@ import os
 import pathlib
 from typing import Iterable
 
+from omnijax.config import quoted
 from omnijax.data import tasks
 from omnijax.data.shards import ShardWriter
 from omnijax.data.templates import IMAGE, ChatTemplate
@@ -54,7 +55,7 @@ def parse_line(line: str, template: ChatTemplate):
     raise ValueError("missing \"messages\": a list of {role, content} objects")
   task = item.get("task") or infer_task(messages)
   if task not in tasks.TASKS:
-    raise ValueError(f"unknown task {task!r}; known tasks: {', '.join(tasks.TASKS)}")
+    raise ValueError(f"unknown task {quoted(task)}; known tasks: {', '.join(tasks.TASKS)}")
   media = {}
   for key in ("image_codes", "speech_codes"):
     lists = item.get(key, [])

@@ -74,7 +74,7 @@ class Generator:
     manifest = shards.load_manifest(split_dir)
     shards.check_vocab(manifest, vocab, str(split_dir / shards.MANIFEST))
     tokenizer = split_dir / manifest.get("tokenizer", "tokenizer.json")
-    if not tokenizer.is_file():
+    if not tokenizer.exists():
       raise shards.ManifestError(f"{split_dir / shards.MANIFEST}: its tokenizer {tokenizer} "
                                  "does not exist")
     template = ChatTemplate.from_file(str(tokenizer), vocab, shards.image_lengths_of(manifest))
@@ -188,21 +188,27 @@ class Generator:
 
 
 def read_samples(split_dir: str | pathlib.Path, task: str, limit: int | None = None) -> list[Sample]:
-  """The first `limit` samples of `task` in a shard directory, in file order."""
-  from array_record.python.array_record_module import ArrayRecordReader
-
+  """The first `limit` samples of `task` in a shard directory, in file order; a shard that is
+  missing, not a regular file, truncated or holds a record that does not decode is a ShardError
+  naming it (and the record)."""
   from omnijax.data import record
 
   manifest = shards.load_manifest(split_dir)
   samples: list[Sample] = []
-  for path in shards.shard_paths(split_dir, manifest, task):
-    reader = ArrayRecordReader(path)
+  for shard in manifest["shards"]:
+    if shard["task"] != task:
+      continue
+    path = pathlib.Path(split_dir) / shard["file"]
+    reader = shards.open_shard(path, shard["records"])
     try:
-      count = reader.num_records()
-      wanted = count if limit is None else min(count, limit - len(samples))
-      samples += [record.decode(payload) for payload in reader.read(list(range(wanted)))]
+      wanted = shard["records"] if limit is None else min(shard["records"], limit - len(samples))
+      for index, payload in enumerate(reader.read(list(range(wanted)))):
+        try:
+          samples.append(record.decode(payload))
+        except record.RecordError as e:
+          raise shards.ShardError(f"{path}: record {index}: {e}") from None
     finally:
-      reader.close()
+      shards.close_quietly(reader)
     if limit is not None and len(samples) >= limit:
       break
   return samples

@@ -17,7 +17,7 @@ import time
 import jax
 from flax import nnx
 
-from omnijax.config import Config, ConfigError, DataConfig, StageConfig, to_dict
+from omnijax.config import Config, ConfigError, DataConfig, StageConfig, quoted, to_dict
 from omnijax.data import shards
 from omnijax.data.pipeline import Batches, mixture_weights
 from omnijax.files import atomic_write_text, resolve
@@ -111,7 +111,7 @@ def initial_params(config: Config, layout: StateLayout, mesh) -> dict:
   expected = jax.tree.map(lambda x: (x.shape, str(x.dtype)), layout.abstract_params)
   got = jax.tree.map(lambda x: (x.shape, str(x.dtype)), params)
   if expected != got:
-    raise ConfigError(f"train.init_from={config.train.init_from!r}: its parameters do not match "
+    raise ConfigError(f"train.init_from={quoted(config.train.init_from)}: its parameters do not match "
                       "model.* (compare its model.yaml; scan_layers must match too)")
   return params
 
