@@ -26,7 +26,7 @@ from flax import nnx
 from omnijax.config import Config, ConfigError, from_dict, load_yaml
 from omnijax.files import resolve
 from omnijax.sharding import make_mesh
-from omnijax.train.checkpoints import Checkpoints, CheckpointRestoreError
+from omnijax.train.checkpoints import Checkpoints, CheckpointMismatchError, CheckpointRestoreError
 from omnijax.train.optimizer import global_schedule
 from omnijax.train.state import StateLayout
 from omnijax.train.step import (TrainState, batch_sharding, check_batch_fits_mesh, jit_train_step,
@@ -311,6 +311,9 @@ def restore_workdir(workdir: str | os.PathLike, *, mesh: jax.sharding.Mesh | Non
     restored = (checkpoints.restore_latest(lambda meta: params, params_only=True)
                 if step is None else checkpoints.restore(step, lambda meta: params,
                                                          params_only=True))
+  except CheckpointMismatchError as e:
+    raise WorkdirError(f"{resolve(workdir) / CONFIG_FILE} does not describe the run's "
+                       f"checkpoints ({e}); was it edited after training? Restore it") from None
   except CheckpointRestoreError as e:
     raise WorkdirError(str(e)) from None
   finally:
