@@ -24,7 +24,8 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from omnijax.config import ConfigError, ModelConfig, VocabConfig, quoted
-from omnijax.files import atomic_write, atomic_write_text, replace_dir, staging_dir
+from omnijax.files import (atomic_write, atomic_write_text, output_lock, replace_dir,
+                           staging_dir)
 from omnijax.model.build import model_from_arrays
 from omnijax.model.transformer import Transformer
 from omnijax.sharding import path_str
@@ -382,21 +383,23 @@ def run_convert(args) -> int:
   from omnijax.model.params_io import load_model, save_model
 
   try:
-    if args.direction == "from-hf":
-      check_model_destination(args.dest, args.force)
-      config, model = from_hf(args.source, vocab=parse_vocab(args.vocab),
-                              grow_vocab=parse_vocab(args.grow_vocab, "--grow-vocab"),
-                              seed=args.seed)
-      # Written beside the destination and swapped in whole: a failure leaves it as it was.
-      staged = staging_dir(args.dest)
-      try:
-        save_model(model, config, staged)
-        replace_dir(staged, args.dest)
-      finally:
-        shutil.rmtree(staged, ignore_errors=True)
-    else:
-      config, model = load_model(args.source)
-      to_hf(model, config, args.dest, dtype=args.dtype)
+    # Held throughout: a second convert into the same destination is refused, never mixed in.
+    with output_lock(args.dest, "convert"):
+      if args.direction == "from-hf":
+        check_model_destination(args.dest, args.force)
+        config, model = from_hf(args.source, vocab=parse_vocab(args.vocab),
+                                grow_vocab=parse_vocab(args.grow_vocab, "--grow-vocab"),
+                                seed=args.seed)
+        # Written beside the destination and swapped in whole: a failure leaves it as it was.
+        staged = staging_dir(args.dest)
+        try:
+          save_model(model, config, staged)
+          replace_dir(staged, args.dest)
+        finally:
+          shutil.rmtree(staged, ignore_errors=True)
+      else:
+        config, model = load_model(args.source)
+        to_hf(model, config, args.dest, dtype=args.dtype)
   except (CheckpointError, FileNotFoundError) as e:
     print(f"omnijax convert: {e}", file=sys.stderr)
     return 1

@@ -173,19 +173,33 @@ def output_lock(target: str | os.PathLike, command: str) -> Iterator[None]:
   """Holds the output `target` (a file or a directory) for this process while `with` runs, so a
   second command writing it at the same time is refused (OutputBusyError naming the holder)
   instead of silently replacing the first one's result. The lock is the hidden file
-  `.NAME.lock` beside the target, never deleted (removing it could let two holders in). Object
-  stores have no locks: a remote target is not guarded."""
+  `.NAME.lock` beside the target, removed on release while still held; a process killed
+  meanwhile leaves it unlocked, and the next writer takes it. Object stores have no locks: a
+  remote target is not guarded."""
   if is_remote(target):
     yield
     return
   target = pathlib.Path(os.path.abspath(target))
   target.parent.mkdir(parents=True, exist_ok=True)
-  try:
-    fd = hold_lock(target.parent / f".{target.name}.lock")
-  except LockHeldError as e:
-    raise OutputBusyError(f"{target} is being written by another `omnijax {command}` ({e}); "
-                          "wait for it to finish or choose another output") from None
+  path = target.parent / f".{target.name}.lock"
+  while True:
+    try:
+      fd = hold_lock(path)
+    except LockHeldError as e:
+      raise OutputBusyError(f"{target} is being written by another `omnijax {command}` ({e}); "
+                            "wait for it to finish or choose another output") from None
+    if _still_at(fd, path):
+      break
+    os.close(fd)  # its holder removed it as we took it: take the file now at `path`
   try:
     yield
   finally:
+    path.unlink(missing_ok=True)  # before the lock goes: a waiter then finds no file, or a new one
     os.close(fd)
+
+
+def _still_at(fd: int, path: pathlib.Path) -> bool:
+  try:
+    return os.path.samestat(os.fstat(fd), os.stat(path))
+  except FileNotFoundError:
+    return False

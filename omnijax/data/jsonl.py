@@ -77,11 +77,13 @@ def _lines(path: pathlib.Path):
 
 
 def prepare_jsonl(inputs: Iterable[str | os.PathLike], writer: ShardWriter,
-                  template: ChatTemplate) -> dict:
-  """Templates every line of every input into `writer`; returns the manifest. On any error the
-  writer is aborted: whatever its output directory held before stays as it was."""
+                  template: ChatTemplate, allow_empty: bool = False) -> dict:
+  """Templates every line of every input into `writer`; returns the manifest. An input without
+  records (most likely the wrong file) is refused unless `allow_empty`. On any error the writer
+  is aborted: whatever its output directory held before stays as it was."""
   try:
     for path in map(pathlib.Path, inputs):
+      records = 0
       for number, line in _lines(path):
         if not line.strip():
           continue
@@ -89,6 +91,10 @@ def prepare_jsonl(inputs: Iterable[str | os.PathLike], writer: ShardWriter,
           writer.write(parse_line(line, template))
         except ValueError as e:  # TemplateError and RecordError included
           raise JsonlError(f"{path}:{number}: {e}") from None
+        records += 1
+      if not records and not allow_empty:
+        raise JsonlError(f"{path}: no records (the file is empty or blank); pass --allow-empty "
+                         "to write it as an empty split")
   except BaseException:
     writer.abort()
     raise

@@ -10,6 +10,7 @@ for the toy world, images parsed back to scenes and speech decoded to words.
 from __future__ import annotations
 
 import dataclasses
+import math
 import pathlib
 from typing import Sequence
 
@@ -124,10 +125,36 @@ class Generator:
              if value is not None and name not in INPUTS[task] and not (name == "text" and task == "caption")]
     if extra:
       raise ValueError(f"task {task} takes no {extra[0]} input (it reads: {', '.join(INPUTS[task])})")
-    images = [np.asarray(image_codes)] if image_codes is not None else []
-    speeches = [np.asarray(speech_codes)] if speech_codes is not None else []
+    images = [self._codes("image", image_codes)] if image_codes is not None else []
+    speeches = [self._codes("speech", speech_codes)] if speech_codes is not None else []
     prompt = self._prompt(task, request_messages(task, text), images, speeches)
     return self._request(task, prompt, canvas)
+
+  def _codes(self, kind: str, codes) -> np.ndarray:
+    """Input codes as the model reads them, or ValueError saying what was found and expected:
+    integers (never rounded), 1-D for speech, for an image its grid or the grid's flattening,
+    each within its codebook."""
+    codes = np.asarray(codes)
+    count = self.vocab.n_image_codes if kind == "image" else self.vocab.n_speech_codes
+    length = self.template.image_lengths.understanding
+    side = math.isqrt(length)
+    shapes = ([(length,)] + ([(side, side)] if side * side == length else [])
+              if kind == "image" else [])
+    expected = (f"integer codes in [0, {count}), " +
+                (f"shape {' or '.join(map(str, shapes))}" if shapes else "1-D"))
+    integers = np.issubdtype(codes.dtype, np.integer) or codes.dtype == object
+    if not integers or not codes.size:
+      raise ValueError(f"{kind} codes of dtype {codes.dtype} and shape {codes.shape}: expected "
+                       f"{expected}")
+    well_shaped = codes.shape in shapes if kind == "image" else codes.ndim == 1
+    if not well_shaped:
+      raise ValueError(f"{kind} codes of shape {codes.shape}: expected {expected}")
+    codes = codes.ravel()
+    try:
+      (self.vocab.image_ids if kind == "image" else self.vocab.speech_ids)(codes)
+    except (TypeError, ValueError) as e:  # beyond the codebook, or a JSON value not an integer
+      raise ValueError(f"{e}: expected {expected}") from None
+    return codes.astype(np.int64)
 
   def request_from_sample(self, sample: Sample, canvas: int | None = None) -> Request:
     """The request of a templated sample (its prompt, as trained)."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from omnijax.config import ConfigError
+from omnijax.config import ConfigError, clip
 from omnijax.data.tasks import TASKS
 
 # Released tasks decode greedily with top_p 0.9 and (probably) top_k 50 (reference §4.3): with
@@ -93,6 +93,9 @@ def sampler_kwargs(task: str, canvas: int, vocab, *, steps: int | None = None,
   settings = TABLE[task]
   if steps is not None and steps < 1:
     raise ConfigError(f"--steps {steps}: expected >= 1 (leave it out for the task's default)")
+  seed = overrides.get("seed")
+  if seed is not None and not -2**63 <= seed < 2**63:  # jax.random.key takes an int64
+    raise ConfigError(f"--seed {clip(str(seed))}: expected an integer within [-2**63, 2**63)")
   kwargs = dict(canvas=canvas, steps=steps if steps is not None else default_steps(task, canvas),
                 alg=settings.alg,
                 top_p=TOP_P, top_k=TOP_K, repeat_penalty=settings.repeat_penalty,

@@ -157,4 +157,5 @@ class ImageCodebook:
   def save_png(self, codes, path: str | os.PathLike, pixels_per_code: int = 8) -> None:
     from PIL import Image  # a matplotlib dependency, so always present with omnijax
 
-    Image.fromarray(self.to_rgb(codes, pixels_per_code)).save(path)
+    # The format is named: atomic writes go through a temporary name without the .png suffix.
+    Image.fromarray(self.to_rgb(codes, pixels_per_code)).save(path, format="PNG")
