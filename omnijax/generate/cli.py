@@ -55,7 +55,7 @@ def read_codes(value: str, what: str):
   never rounded or flattened here."""
   import numpy as np
 
-  from omnijax.config import clip
+  from omnijax.config import clip, quoted
   from omnijax.files import check_regular_file
 
   path = pathlib.Path(value)
@@ -71,7 +71,7 @@ def read_codes(value: str, what: str):
       text = value
     return np.asarray([int(word) for word in text.replace(",", " ").split()])
   except (ValueError, TypeError, OSError) as e:
-    raise ValueError(f"{what} {clip(value)}: not a list of integer codes ({clip(str(e))})") \
+    raise ValueError(f"{what} {quoted(value)}: not a list of integer codes ({clip(str(e))})") \
         from None
 
 
