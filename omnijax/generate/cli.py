@@ -181,6 +181,7 @@ def _generate(args: argparse.Namespace) -> int:
                    top_k=args.top_k, repeat_penalty=args.repeat_penalty,
                    position_penalty=args.position_penalty, cfg=args.cfg,
                    block_size=args.block_size, threshold=args.threshold, seed=args.seed)
+  generator.check_settings(requests, steps=args.steps, **overrides)
   # Held from before decoding: a second generate into the same --out is refused before it
   # decodes, and never replaces the first one's results.
   with output_lock(out / "results.jsonl", "generate"):

@@ -185,6 +185,15 @@ class Generator:
           progress.update(1)
     return outputs, seconds
 
+  def check_settings(self, requests: Sequence[Request], *, steps: int | None = None,
+                     **overrides) -> None:
+    """Raises the error `decode` would raise for these settings, before anything runs (so no
+    progress bar precedes it): a decode of no prompts checks them and returns at once."""
+    for task, canvas in {(request.task, request.canvas) for request in requests}:
+      kwargs = settings_lib.sampler_kwargs(task, canvas, self.vocab, steps=steps, **overrides)
+      sample_with_stats(self.model, self.vocab, [], **kwargs,
+                        uncond_prompts=[] if kwargs["cfg"] > 0 else None)
+
   def batches(self, requests: Sequence[Request]) -> int:
     """How many batches `decode` runs (for a progress bar's total)."""
     counts: dict[tuple[str, int], int] = {}
