@@ -89,7 +89,7 @@ def run_prepare_jsonl(args: argparse.Namespace) -> int:
   from omnijax.data.jsonl import prepare_jsonl
   from omnijax.data.shards import ShardWriter
   from omnijax.data.templates import ChatTemplate, ImageLengths
-  from omnijax.files import output_lock
+  from omnijax.files import OutputBusyError, output_lock
 
   try:
     vocab = _vocab(args)
@@ -100,7 +100,7 @@ def run_prepare_jsonl(args: argparse.Namespace) -> int:
       writer = ShardWriter(out_dir, vocab, lengths, int(args.max_shard_mb * 2**20),
                            extra=dict(split=args.split, sources=[str(p) for p in args.inputs]))
       manifest = prepare_jsonl(args.inputs, writer, template, allow_empty=args.allow_empty)
-  except (ValueError, OSError) as e:
+  except (ValueError, OSError, OutputBusyError) as e:
     print(f"omnijax prepare jsonl: {e}", file=sys.stderr)
     return 1
   print(f"{writer.out_dir}: {manifest['total']['records']} records, "

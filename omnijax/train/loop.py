@@ -48,14 +48,14 @@ def ensure_data(config: Config) -> None:
   a misspelt path must not quietly become a new toy world that training then uses."""
   split_dir = pathlib.Path(config.data.dir) / config.data.split
   runtime.primary_first(lambda: _generate_toyworld_if_missing(config, split_dir))
-  if not (split_dir / shards.MANIFEST).is_file():
+  if not (split_dir / shards.MANIFEST).exists():
     raise ConfigError(f"data.dir={config.data.dir!r}: process {jax.process_index()} sees no "
                       f"{shards.MANIFEST} under {split_dir}, which process 0 has; on several "
                       "hosts data.dir must be storage every host sees")
 
 
 def _generate_toyworld_if_missing(config: Config, split_dir: pathlib.Path) -> None:
-  if (split_dir / shards.MANIFEST).is_file():
+  if (split_dir / shards.MANIFEST).exists():  # not a regular file: load_manifest names it
     return
   toyworld = config.toyworld
   if toyworld.scenes <= 0 or not toyworld.dir or \
