@@ -17,6 +17,12 @@ TINY_EXPERIMENT = REPO / "tests" / "train" / "tiny_experiment.yaml"
 DEVICES = "--xla_force_host_platform_device_count=2"
 
 
+# YAML whose last anchor expands to 10**9 values (a "billion laughs" bomb), to put before a key.
+ALIAS_BOMB = ("a: &a [x, x, x, x, x, x, x, x, x, x]\n"
+              + "".join(f"{b}: &{b} [{', '.join(['*' + a] * 10)}]\n"
+                        for a, b in zip("abcdefgh", "bcdefghi")))
+
+
 # Runs `python -m omnijax.cli ARGV` with writes past a file size failing (EFBIG), as writes to
 # a full disk fail (ENOSPC): the limit and an ignored SIGXFSZ survive exec.
 _WITH_FILE_SIZE_LIMIT = (

@@ -7,13 +7,10 @@ import json
 import numpy as np
 import pytest
 
-from fault_helpers import assert_refused, copy_tree, omnijax, snapshot
+from fault_helpers import ALIAS_BOMB, assert_refused, copy_tree, omnijax, snapshot
 from omnijax.files import output_lock
 
 T2I = ("--task", "t2i", "--text", "there is a red circle at the top left")
-ALIAS_BOMB = ("a: &a [x, x, x, x, x, x, x, x, x, x]\n"
-              + "".join(f"{b}: &{b} [{', '.join(['*' + a] * 10)}]\n"
-                        for a, b in zip("abcdefgh", "bcdefghi")))
 
 
 def generate(workdir, out, *args):
