@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from fault_helpers import ALIAS_BOMB, assert_refused, copy_tree, omnijax, snapshot
 from omnijax.files import output_lock
@@ -37,6 +38,8 @@ def _files(root):
            {"speech_codes": [[1, 2], [3, 4]]}]
   for number, line in enumerate(lines):
     (root / f"request{number}.jsonl").write_text(json.dumps(line) + "\n")
+  Image.new("1", (20000, 20000)).save(root / "bomb.png")  # 48 kB, 400 megapixels
+  Image.new("RGB", (4096, 4096)).save(root / "large.png")
 
 
 @pytest.mark.parametrize("fault,args,message", [
@@ -63,9 +66,15 @@ def _files(root):
      r"request1\.jsonl:1: image code 1180591620717411303424 at index 0 is outside \[0, 256\)"),
     ("nested speech codes in --input", ("--task", "asr", "--input", "request2.jsonl"),
      r"request2\.jsonl:1: speech codes of shape \(2, 2\): expected .*1-D"),
+    ("a decompression bomb", ("--task", "caption", "--image", "bomb.png"),
+     r"the command line: bomb\.png: not a readable image \(Image size \(400000000 pixels\) "
+     r"exceeds limit"),
+    ("an image too large to be the toy world's", ("--task", "caption", "--image", "large.png"),
+     r"the command line: large\.png: image is 4096x4096 pixels; the toy world's images have at "
+     r"most 512 pixels a side"),
 ])
-def test_codes_are_refused_unless_integers_of_the_tasks_shape(trained_workdir, earlier, tmp_path,
-                                                             fault, args, message):
+def test_inputs_are_refused_unless_of_the_tasks_kind_and_shape(trained_workdir, earlier,
+                                                               tmp_path, fault, args, message):
   _files(tmp_path)
   before, outputs = snapshot(trained_workdir), snapshot(earlier)
   result = omnijax("generate", "--checkpoint", trained_workdir, *args, "--steps", 2, "--out",
