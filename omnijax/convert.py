@@ -59,7 +59,8 @@ def _rope_theta(hf: dict, where: str) -> float:
   scaling = hf.get("rope_scaling") or {}
   rope_type = params.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
   if rope_type not in (None, "default"):
-    raise CheckpointError(f"{where}: RoPE type {quoted(rope_type)} is not supported (default RoPE only)")
+    raise CheckpointError(f"{where}: RoPE type {quoted(rope_type)} is not supported (default "
+                          "RoPE only)")
   theta = hf.get("rope_theta", params.get("rope_theta"))
   if theta is None:
     raise CheckpointError(f"{where}: neither rope_theta nor rope_parameters.rope_theta is set")
@@ -90,8 +91,8 @@ def config_from_hf(hf: dict, vocab: VocabConfig | None = None, where: str = "con
     raise CheckpointError(f"{where}: hidden_act {quoted(hf['hidden_act'])} is not supported (silu)")
   model_type = hf.get("model_type", "qwen2")
   if str(model_type).lower() not in SUPPORTED_MODEL_TYPES:
-    raise CheckpointError(f"{where}: model_type {quoted(model_type)} is not supported (this backbone "
-                          f"is {' / '.join(SUPPORTED_MODEL_TYPES)})")
+    raise CheckpointError(f"{where}: model_type {quoted(model_type)} is not supported (this "
+                          f"backbone is {' / '.join(SUPPORTED_MODEL_TYPES)})")
   windowed = [kind for kind in hf.get("layer_types") or () if kind != "full_attention"]
   if hf.get("use_sliding_window") or windowed:
     raise CheckpointError(f"{where}: sliding-window attention is not supported (full attention "

@@ -26,7 +26,8 @@ def split_dirs(path: str | os.PathLike) -> list[pathlib.Path]:
   # exists(), not is_file(): a manifest that is not a regular file is named by load_manifest.
   if (path / shards.MANIFEST).exists():
     return [path]
-  found = sorted(p for p in path.iterdir() if (p / shards.MANIFEST).exists()) if path.is_dir() else []
+  found = (sorted(p for p in path.iterdir() if (p / shards.MANIFEST).exists())
+           if path.is_dir() else [])
   if not found:
     raise shards.ManifestError(f"{path}: no {shards.MANIFEST} here or in a subdirectory")
   return found

@@ -111,8 +111,8 @@ def initial_params(config: Config, layout: StateLayout, mesh) -> dict:
   expected = jax.tree.map(lambda x: (x.shape, str(x.dtype)), layout.abstract_params)
   got = jax.tree.map(lambda x: (x.shape, str(x.dtype)), params)
   if expected != got:
-    raise ConfigError(f"train.init_from={quoted(config.train.init_from)}: its parameters do not match "
-                      "model.* (compare its model.yaml; scan_layers must match too)")
+    raise ConfigError(f"train.init_from={quoted(config.train.init_from)}: its parameters do not "
+                      "match model.* (compare its model.yaml; scan_layers must match too)")
   return params
 
 

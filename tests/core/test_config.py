@@ -86,7 +86,8 @@ def test_yaml_aliases_are_bounded_and_errors_fit_one_line():
       load_yaml(text, "f.yaml")
     assert "\n" not in str(raised.value)
   # Anchors used as configs use them still load.
-  assert load_yaml("base: &b {x: 1}\nother: *b\n", "f.yaml") == {"base": {"x": 1}, "other": {"x": 1}}
+  assert load_yaml("base: &b {x: 1}\nother: *b\n", "f.yaml") == {"base": {"x": 1},
+                                                                "other": {"x": 1}}
 
 
 def test_quoted_values_are_cut_short():

@@ -99,7 +99,8 @@ def test_to_hf_names_a_damaged_model_yaml(hf_dir, tmp_path, fault, edit, message
   assert omnijax("convert", "from-hf", hf_dir, model).returncode == 0
   (model / "model.yaml").write_text(edit((model / "model.yaml").read_text()))
   assert_refused(omnijax("convert", "to-hf", model, tmp_path / "hf", cwd=tmp_path), 2,
-                 rf"^omnijax convert: config error: {model}/model\.yaml: not valid YAML: " + message)
+                 rf"^omnijax convert: config error: {model}/model\.yaml: not valid YAML: "
+                 + message)
   assert not (tmp_path / "hf").exists() and not (tmp_path / "executed").exists()
 
 
