@@ -71,13 +71,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   return args
 
 
+ERROR_LIMIT = 1000  # characters of an error line, at most
+
+
 def describe_error(error: BaseException) -> str:
   """One line saying what went wrong and where: the file for OS errors (a full disk, a read-only
   directory), the message itself for omnijax's own errors, which name the file, record or key."""
+  from omnijax.messages import clip
+
   if isinstance(error, OSError) and error.strerror:
     where = f"{error.filename}: " if error.filename else ""
     return f"{where}{error.strerror}"
-  text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+  # omnijax's messages quote values cut short; others may quote anything, however long.
+  text = clip(str(error).strip().splitlines()[0], ERROR_LIMIT) if str(error).strip() else ""
   if type(error).__module__.startswith("omnijax"):
     return text
   return f"{type(error).__name__}: {text} (unexpected; --debug shows where)"

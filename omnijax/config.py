@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+from omnijax.messages import clip, quoted
+
 from omnijax.vocab import Vocab
 
 CONFIG_ROOT = pathlib.Path(__file__).resolve().parent.parent / "tpu_configs"
@@ -44,6 +46,74 @@ OBJECTIVE_KINDS = ("omni", "llada")
 
 class ConfigError(ValueError):
   """A config value is missing, unknown or inconsistent; the message names the key."""
+
+
+# --- reading YAML -------------------------------------------------------------------------------
+
+# YAML aliases stand for whole subtrees: a document whose aliases expand past this many nodes
+# (a "billion laughs" bomb) is refused before anything walks it. Real configs hold a few hundred.
+MAX_YAML_NODES = 100_000
+
+
+class _BoundedLoader(yaml.SafeLoader):
+  """yaml.safe_load's loader (no Python tags) that refuses exponential alias expansion."""
+
+  def compose_document(self):
+    node = super().compose_document()
+    _check_expansion(node)
+    return node
+
+
+def _check_expansion(root: yaml.Node) -> None:
+  """Counts the nodes `root` expands to, each alias counting its whole subtree, and raises a
+  ComposerError at the node where the count passes MAX_YAML_NODES (a node that contains itself
+  expands forever)."""
+  sizes: dict[int, int] = {}
+  open_nodes: set[int] = set()
+
+  def size(node: yaml.Node) -> int:
+    if id(node) in sizes:
+      return sizes[id(node)]
+    if id(node) in open_nodes:
+      raise yaml.composer.ComposerError(None, None, "an alias refers to a node that contains it "
+                                        "(it expands forever)", node.start_mark)
+    open_nodes.add(id(node))
+    children = (node.value if isinstance(node, yaml.SequenceNode) else
+                [child for pair in node.value for child in pair]
+                if isinstance(node, yaml.MappingNode) else [])
+    total = 1
+    for child in children:
+      total += size(child)
+      if total > MAX_YAML_NODES:
+        raise yaml.composer.ComposerError(
+            None, None, f"aliases expand to more than {MAX_YAML_NODES} values (an alias bomb?); "
+            "write the values out", child.start_mark)
+    open_nodes.discard(id(node))
+    sizes[id(node)] = total
+    return total
+
+  size(root)
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+  """A YAML error in one line: what is wrong (a Python tag names itself here) and where."""
+  if not isinstance(error, yaml.MarkedYAMLError):
+    return clip(" ".join(str(error).split()))
+  mark = error.problem_mark or error.context_mark
+  where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+  what = "; ".join(part for part in (error.context, error.problem) if part)
+  return clip(" ".join(what.split())) + where
+
+
+def load_yaml(text: str, where: str) -> Any:
+  """yaml.safe_load of `text` (Python tags refused) with aliases bounded; every problem is a
+  ConfigError of one line, `where: not valid YAML: why`."""
+  try:
+    return yaml.load(text, Loader=_BoundedLoader)  # a SafeLoader: Python tags are refused
+  except yaml.YAMLError as e:
+    raise ConfigError(f"{where}: not valid YAML: {_yaml_problem(e)}") from None
+  except RecursionError:
+    raise ConfigError(f"{where}: not valid YAML: nested too deeply") from None
 
 
 # --- sections ---------------------------------------------------------------------------------
@@ -540,12 +610,15 @@ def load_yaml_tree(path: str | os.PathLike, _seen: tuple = ()) -> dict:
   path = pathlib.Path(path).resolve()
   if path in _seen:
     raise ConfigError(f"{path}: circular defaults include")
-  if not path.is_file():
+  if not path.exists():
     raise ConfigError(f"config file {path} does not exist")
+  if not path.is_file():  # a directory, or a device such as /dev/zero that never ends
+    raise ConfigError(f"config file {path} is not a regular file")
   try:
-    tree = yaml.safe_load(path.read_text()) or {}
-  except yaml.YAMLError as e:
-    raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    text = path.read_text()
+  except (OSError, UnicodeDecodeError) as e:
+    raise ConfigError(f"config file {path}: cannot read it ({e})") from None
+  tree = load_yaml(text, str(path)) or {}
   if not isinstance(tree, dict):
     raise ConfigError(f"{path}: top level must be a mapping, got {type(tree).__name__}")
   includes = tree.pop("defaults", []) or []
@@ -562,12 +635,9 @@ def apply_overrides(tree: dict, overrides: typing.Iterable[str]) -> dict:
   tree = dict(tree)
   for item in overrides:
     if "=" not in item:
-      raise ConfigError(f"override {item!r} is not of the form key=value")
+      raise ConfigError(f"override {quoted(item)} is not of the form key=value")
     key, raw = item.split("=", 1)
-    try:
-      value = yaml.safe_load(raw)
-    except yaml.YAMLError as e:
-      raise ConfigError(f"override {item!r}: value is not valid YAML: {e}") from None
+    value = load_yaml(raw, f"override {quoted(item)}: its value")
     parts = key.strip().split(".")
     node = tree
     for depth, part in enumerate(parts[:-1]):
@@ -575,7 +645,8 @@ def apply_overrides(tree: dict, overrides: typing.Iterable[str]) -> dict:
       if child is None:
         child = {}
       elif not isinstance(child, dict):
-        raise ConfigError(f"override {item!r}: {'.'.join(parts[:depth + 1])} is not a section")
+        raise ConfigError(f"override {quoted(item)}: {'.'.join(parts[:depth + 1])} is not a "
+                          "section")
       node[part] = dict(child)
       node = node[part]
     node[parts[-1]] = value
@@ -596,7 +667,7 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         return _coerce(value, option, where)
       except ConfigError as e:
         errors.append(str(e))
-    raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
+    raise ConfigError(errors[0] if errors else f"{where}: invalid value {quoted(value)}")
   if dataclasses.is_dataclass(annotation):
     if isinstance(value, annotation):
       return value
@@ -604,25 +675,26 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
   if origin in (dict, typing.Dict):
     key_type, value_type = typing.get_args(annotation) or (str, Any)
     if not isinstance(value, dict):
-      raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-    return {_coerce(k, key_type, f"{where}.{k}"): _coerce(v, value_type, f"{where}.{k}")
+      raise ConfigError(f"{where}: expected a mapping, got {quoted(value)}")
+    return {_coerce(k, key_type, f"{where}.{clip(str(k))}"):
+            _coerce(v, value_type, f"{where}.{clip(str(k))}")
             for k, v in value.items()}
   if origin in (tuple, list, typing.Tuple, typing.List):
     args = typing.get_args(annotation)
     item_type = args[0] if args else Any
     if not isinstance(value, (list, tuple)):
-      raise ConfigError(f"{where}: expected a list, got {value!r}")
+      raise ConfigError(f"{where}: expected a list, got {quoted(value)}")
     items = [_coerce(v, item_type, f"{where}[{i}]") for i, v in enumerate(value)]
     return tuple(items) if origin in (tuple, typing.Tuple) else items
   if annotation is Any:
     return value
   if annotation is bool:
     if not isinstance(value, bool):
-      raise ConfigError(f"{where}: expected true/false, got {value!r}")
+      raise ConfigError(f"{where}: expected true/false, got {quoted(value)}")
     return value
   if annotation is int:
     if isinstance(value, bool) or not isinstance(value, int):
-      raise ConfigError(f"{where}: expected an integer, got {value!r}")
+      raise ConfigError(f"{where}: expected an integer, got {quoted(value)}")
     return value
   if annotation is float:
     # YAML 1.1 reads "1e-4" (no dot) as a string; accept it as the number everyone means.
@@ -632,11 +704,11 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
       except ValueError:
         pass
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-      raise ConfigError(f"{where}: expected a number, got {value!r}")
+      raise ConfigError(f"{where}: expected a number, got {quoted(value)}")
     return float(value)
   if annotation is str:
     if not isinstance(value, str):
-      raise ConfigError(f"{where}: expected a string, got {value!r}")
+      raise ConfigError(f"{where}: expected a string, got {quoted(value)}")
     return value
   raise ConfigError(f"{where}: unsupported config type {annotation!r}")
 
@@ -646,13 +718,14 @@ def from_dict(cls, tree: Any, where: str = ""):
   if tree is None:
     tree = {}
   if not isinstance(tree, dict):
-    raise ConfigError(f"{where or cls.__name__}: expected a mapping, got {tree!r}")
+    raise ConfigError(f"{where or cls.__name__}: expected a mapping, got {quoted(tree)}")
   hints = typing.get_type_hints(cls)
   names = {f.name for f in dataclasses.fields(cls) if f.init}
-  unknown = sorted(set(tree) - names)
+  unknown = sorted((key for key in tree if key not in names), key=str)  # YAML keys: any type
   if unknown:
     prefix = f"{where}." if where else ""
-    raise ConfigError(f"unknown config key {prefix}{unknown[0]} (known keys: {sorted(names)})")
+    raise ConfigError(f"unknown config key {prefix}{clip(str(unknown[0]))} (known keys: "
+                      f"{sorted(names)})")
   kwargs = {}
   for key, value in tree.items():
     kwargs[key] = _coerce(value, hints[key], f"{where}.{key}" if where else key)

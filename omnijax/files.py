@@ -3,14 +3,22 @@ the old version or the new one, never half of one."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import errno
+import fcntl
+import logging
 import os
 import pathlib
 import shutil
+import socket
+import stat
 import tempfile
-from typing import Callable
+from typing import Callable, Iterator
 
 from etils import epath
+
+log = logging.getLogger(__name__)
 
 
 def is_remote(path: str | os.PathLike) -> bool:
@@ -26,6 +34,31 @@ def resolve(path: str | os.PathLike) -> epath.Path:
   return epath.Path(os.path.abspath(os.fspath(path)))
 
 
+class NotRegularFileError(OSError):
+  """A path that should be a file is a directory, a device, a FIFO or a socket."""
+
+  def __str__(self) -> str:
+    return f"{self.filename}: {self.strerror}"
+
+
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a FIFO"),
+          (stat.S_ISSOCK, "a socket"))
+
+
+def check_regular_file(path: str | os.PathLike) -> None:
+  """Raises NotRegularFileError when `path` (links followed) exists but is not a regular file:
+  reading a device such as /dev/zero never ends and opening a FIFO waits for a writer. A missing
+  path passes: the caller's open says it is missing."""
+  try:
+    mode = os.stat(path).st_mode
+  except FileNotFoundError:
+    return
+  if not stat.S_ISREG(mode):
+    kind = next((name for test, name in _KINDS if test(mode)), "not a plain file")
+    raise NotRegularFileError(errno.EINVAL, f"not a regular file ({kind})", os.fspath(path))
+
+
 def atomic_write(target: str | os.PathLike, write: Callable[[str], None]) -> None:
   """`write(tmp_path)` into a temporary file, then put it in place of `target` at once: a rename
   beside a local target; one upload for a remote one (object stores replace whole objects)."""
@@ -36,6 +69,8 @@ def atomic_write(target: str | os.PathLike, write: Callable[[str], None]) -> Non
       epath.Path(os.fspath(target)).write_bytes(pathlib.Path(tmp).read_bytes())
     return
   target = pathlib.Path(target)
+  if target.is_dir():  # the rename would fail naming the temporary file, not the target
+    raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(target))
   fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
   os.close(fd)
   try:
@@ -101,3 +136,70 @@ def replace_dir(staged: str | os.PathLike, target: str | os.PathLike) -> None:
   os.rename(target, aside / target.name)
   os.rename(staged, target)
   shutil.rmtree(aside)
+
+
+class LockHeldError(RuntimeError):
+  """Another process holds an advisory lock; the message is what it wrote there (its pid and
+  host)."""
+
+
+def hold_lock(path: str | os.PathLike) -> int:
+  """Takes an advisory `flock` on `path` (created if needed) and writes this process's pid and
+  host into it; returns the descriptor holding it. Closing the descriptor releases the lock,
+  and so does the process ending, however it ends: a dead holder never leaves it stuck. Raises
+  LockHeldError naming the holder. A filesystem without locks (some network mounts) gets a
+  warning and no guard."""
+  fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except BlockingIOError:
+    holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+    os.close(fd)
+    raise LockHeldError(holder) from None
+  except OSError as e:
+    log.warning("cannot lock %s (%s); make sure no other process writes there", path,
+                e.strerror or e)
+  os.ftruncate(fd, 0)
+  os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+  return fd
+
+
+class OutputBusyError(RuntimeError):
+  """Another command is writing the same output."""
+
+
+@contextlib.contextmanager
+def output_lock(target: str | os.PathLike, command: str) -> Iterator[None]:
+  """Holds the output `target` (a file or a directory) for this process while `with` runs, so a
+  second command writing it at the same time is refused (OutputBusyError naming the holder)
+  instead of silently replacing the first one's result. The lock is the hidden file
+  `.NAME.lock` beside the target, removed on release while still held; a process killed
+  meanwhile leaves it unlocked, and the next writer takes it. Object stores have no locks: a
+  remote target is not guarded."""
+  if is_remote(target):
+    yield
+    return
+  target = pathlib.Path(os.path.abspath(target))
+  target.parent.mkdir(parents=True, exist_ok=True)
+  path = target.parent / f".{target.name}.lock"
+  while True:
+    try:
+      fd = hold_lock(path)
+    except LockHeldError as e:
+      raise OutputBusyError(f"{target} is being written by another `omnijax {command}` ({e}); "
+                            "wait for it to finish or choose another output") from None
+    if _still_at(fd, path):
+      break
+    os.close(fd)  # its holder removed it as we took it: take the file now at `path`
+  try:
+    yield
+  finally:
+    path.unlink(missing_ok=True)  # before the lock goes: a waiter then finds no file, or a new one
+    os.close(fd)
+
+
+def _still_at(fd: int, path: pathlib.Path) -> bool:
+  try:
+    return os.path.samestat(os.fstat(fd), os.stat(path))
+  except FileNotFoundError:
+    return False

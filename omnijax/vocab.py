@@ -21,6 +21,8 @@ import enum
 
 import numpy as np
 
+from omnijax.messages import quoted
+
 # Specials in release order, as offsets from the first special id (151643 in the release).
 # Unused release markers keep their slots so that compact layouts map 1:1 onto the release.
 SPECIAL_TOKENS: tuple[str, ...] = (
@@ -194,7 +196,8 @@ class Vocab:
 
   @staticmethod
   def _codes_to_ids(codes, offset: int, count: int, what: str) -> np.ndarray:
-    codes = np.asarray(codes)
+    if not isinstance(codes, np.ndarray) or codes.dtype == object:
+      codes = Vocab._exact_codes(codes, count, what)
     if codes.size and not np.issubdtype(codes.dtype, np.integer):
       raise TypeError(f"{what} codes must be integers, got dtype {codes.dtype}")
     bad = (codes < 0) | (codes >= count)
@@ -203,6 +206,20 @@ class Vocab:
       raise ValueError(
           f"{what} code {int(codes.ravel()[index])} at index {index} is outside [0, {count})")
     return (codes.astype(np.int64) + offset).astype(np.int32)
+
+  @staticmethod
+  def _exact_codes(codes, count: int, what: str) -> np.ndarray:
+    """Python numbers (a JSON list), checked one by one before numpy sees them: it would turn
+    an integer beyond int64 into an object array, and one beyond 2**63 beside small ones into
+    floats."""
+
+    items = codes.ravel().tolist() if isinstance(codes, np.ndarray) else list(codes)
+    for index, code in enumerate(items):
+      if isinstance(code, bool) or not isinstance(code, (int, np.integer)):
+        raise TypeError(f"{what} code {quoted(code)} at index {index} is not an integer")
+      if not 0 <= code < count:
+        raise ValueError(f"{what} code {quoted(code)} at index {index} is outside [0, {count})")
+    return np.asarray(items, np.int64)
 
   @staticmethod
   def _ids_to_codes(ids, offset: int, count: int, what: str) -> np.ndarray:

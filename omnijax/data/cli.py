@@ -47,6 +47,9 @@ def register(subparsers) -> None:
   jsonl.add_argument("--understanding-image-codes", type=int, default=1024)
   jsonl.add_argument("--generated-image-codes", type=int, default=256)
   jsonl.add_argument("--max-shard-mb", type=float, default=256)
+  jsonl.add_argument("--allow-empty", action="store_true",
+                     help="accept inputs without records (an empty split); without it they are "
+                          "refused")
   jsonl.set_defaults(func=run_prepare_jsonl)
 
   data = subparsers.add_parser("data", help="look at prepared shards")
@@ -59,6 +62,7 @@ def register(subparsers) -> None:
 def run_prepare_toyworld(args: argparse.Namespace) -> int:
   from omnijax.data.toyworld.prepare import prepare
   from omnijax.data.toyworld.world import ToyWorldSpec
+  from omnijax.files import output_lock
 
   try:
     spec = ToyWorldSpec(n=args.n, seed=args.seed, text_size=args.text_size,
@@ -68,7 +72,8 @@ def run_prepare_toyworld(args: argparse.Namespace) -> int:
   except ValueError as e:
     print(f"omnijax prepare toyworld: {e}", file=sys.stderr)
     return 2
-  manifests = prepare(args.out, spec)
+  with output_lock(args.out, "prepare toyworld"):
+    manifests = prepare(args.out, spec)
   for split, manifest in manifests.items():
     total = manifest["total"]
     print(f"{pathlib.Path(args.out) / split}: {total['records']} records, {total['tokens']} tokens")
@@ -89,16 +94,18 @@ def run_prepare_jsonl(args: argparse.Namespace) -> int:
   from omnijax.data.jsonl import prepare_jsonl
   from omnijax.data.shards import ShardWriter
   from omnijax.data.templates import ChatTemplate, ImageLengths
+  from omnijax.files import OutputBusyError, output_lock
 
   try:
     vocab = _vocab(args)
     lengths = ImageLengths(args.understanding_image_codes, args.generated_image_codes)
     template = ChatTemplate.from_file(args.tokenizer, vocab, lengths)
-    writer = ShardWriter(pathlib.Path(args.out) / args.split, vocab, lengths,
-                         int(args.max_shard_mb * 2**20),
-                         extra=dict(split=args.split, sources=[str(p) for p in args.inputs]))
-    manifest = prepare_jsonl(args.inputs, writer, template)
-  except (ValueError, OSError) as e:
+    out_dir = pathlib.Path(args.out) / args.split
+    with output_lock(out_dir, "prepare jsonl"):
+      writer = ShardWriter(out_dir, vocab, lengths, int(args.max_shard_mb * 2**20),
+                           extra=dict(split=args.split, sources=[str(p) for p in args.inputs]))
+      manifest = prepare_jsonl(args.inputs, writer, template, allow_empty=args.allow_empty)
+  except (ValueError, OSError, OutputBusyError) as e:
     print(f"omnijax prepare jsonl: {e}", file=sys.stderr)
     return 1
   print(f"{writer.out_dir}: {manifest['total']['records']} records, "

@@ -23,9 +23,11 @@ from omnijax.vocab import Vocab
 def split_dirs(path: str | os.PathLike) -> list[pathlib.Path]:
   """`path` itself if it holds a manifest, else its subdirectories that do (e.g. train, heldout)."""
   path = pathlib.Path(path)
-  if (path / shards.MANIFEST).is_file():
+  # exists(), not is_file(): a manifest that is not a regular file is named by load_manifest.
+  if (path / shards.MANIFEST).exists():
     return [path]
-  found = sorted(p for p in path.iterdir() if (p / shards.MANIFEST).is_file()) if path.is_dir() else []
+  found = (sorted(p for p in path.iterdir() if (p / shards.MANIFEST).exists())
+           if path.is_dir() else [])
   if not found:
     raise shards.ManifestError(f"{path}: no {shards.MANIFEST} here or in a subdirectory")
   return found

@@ -13,6 +13,7 @@ import os
 import pathlib
 from typing import Iterable
 
+from omnijax.messages import quoted
 from omnijax.data import tasks
 from omnijax.data.shards import ShardWriter
 from omnijax.data.templates import IMAGE, ChatTemplate
@@ -54,7 +55,7 @@ def parse_line(line: str, template: ChatTemplate):
     raise ValueError("missing \"messages\": a list of {role, content} objects")
   task = item.get("task") or infer_task(messages)
   if task not in tasks.TASKS:
-    raise ValueError(f"unknown task {task!r}; known tasks: {', '.join(tasks.TASKS)}")
+    raise ValueError(f"unknown task {quoted(task)}; known tasks: {', '.join(tasks.TASKS)}")
   media = {}
   for key in ("image_codes", "speech_codes"):
     lists = item.get(key, [])
@@ -76,11 +77,13 @@ def _lines(path: pathlib.Path):
 
 
 def prepare_jsonl(inputs: Iterable[str | os.PathLike], writer: ShardWriter,
-                  template: ChatTemplate) -> dict:
-  """Templates every line of every input into `writer`; returns the manifest. On any error the
-  writer is aborted: whatever its output directory held before stays as it was."""
+                  template: ChatTemplate, allow_empty: bool = False) -> dict:
+  """Templates every line of every input into `writer`; returns the manifest. An input without
+  records (most likely the wrong file) is refused unless `allow_empty`. On any error the writer
+  is aborted: whatever its output directory held before stays as it was."""
   try:
     for path in map(pathlib.Path, inputs):
+      records = 0
       for number, line in _lines(path):
         if not line.strip():
           continue
@@ -88,6 +91,10 @@ def prepare_jsonl(inputs: Iterable[str | os.PathLike], writer: ShardWriter,
           writer.write(parse_line(line, template))
         except ValueError as e:  # TemplateError and RecordError included
           raise JsonlError(f"{path}:{number}: {e}") from None
+        records += 1
+      if not records and not allow_empty:
+        raise JsonlError(f"{path}: no records (the file is empty or blank); pass --allow-empty "
+                         "to write it as an empty split")
   except BaseException:
     writer.abort()
     raise

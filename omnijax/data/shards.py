@@ -19,12 +19,13 @@ from typing import Any, Mapping
 
 from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
 
+from omnijax.messages import quoted
 from omnijax.data import record
 from omnijax.data.record import FieldSpec, Sample
 from omnijax.data.tasks import TASKS
 from omnijax.data.templates import ImageLengths
 from omnijax.data.validate import check_fields, check_sample
-from omnijax.files import replace_dir, staging_dir
+from omnijax.files import NotRegularFileError, check_regular_file, replace_dir, staging_dir
 from omnijax.vocab import Vocab
 
 MANIFEST = "manifest.json"
@@ -145,18 +146,23 @@ class ShardWriter:
 def load_manifest(shard_dir: str | os.PathLike) -> dict:
   path = pathlib.Path(shard_dir) / MANIFEST
   try:
+    check_regular_file(path)
     manifest = json.loads(path.read_text())
   except FileNotFoundError:
     raise ManifestError(f"{path} does not exist: not a shard directory (run `omnijax prepare`)") from None
+  except NotRegularFileError as e:
+    raise ManifestError(str(e)) from None
   except json.JSONDecodeError as e:
     raise ManifestError(f"{path}: not valid JSON: {e}") from None
+  if not isinstance(manifest, dict):
+    raise ManifestError(f"{path}: expected a JSON object, got {type(manifest).__name__}")
   version = manifest.get("format_version")
   if version not in range(record.TOKENS_ONLY_VERSION, record.FORMAT_VERSION + 1):
-    raise ManifestError(f"{path}: format_version {version!r}, this reader knows "
+    raise ManifestError(f"{path}: format_version {quoted(version)}, this reader knows "
                         f"{record.TOKENS_ONLY_VERSION} to {record.FORMAT_VERSION}")
   unknown = sorted(set(manifest["tasks"]) - set(TASKS))
   if unknown:
-    raise ManifestError(f"{path}: unknown task {unknown[0]!r}")
+    raise ManifestError(f"{path}: unknown task {quoted(unknown[0])}")
   field_specs(manifest, where=str(path))
   return manifest
 
@@ -198,8 +204,12 @@ def open_shard(path: str | os.PathLike, expected_records: int) -> ArrayRecordRea
   """A reader of one shard, after checking it holds the records its manifest lists (a truncated
   file reads back as fewer, often none)."""
   path = pathlib.Path(path)
-  if not path.is_file():
+  if not path.exists():
     raise ShardError(f"{path}: record 0: the shard listed in the manifest is missing")
+  try:
+    check_regular_file(path)
+  except NotRegularFileError as e:
+    raise ShardError(f"{path}: record 0: {e.strerror}, not the shard the manifest lists") from None
   try:
     reader = ArrayRecordReader(str(path))
   except RuntimeError as e:  # a damaged footer fails at open

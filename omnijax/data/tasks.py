@@ -5,6 +5,7 @@ list: its order defines task indices in shard headers and the `task_ids` batch f
 """
 
 from omnijax.config import TASKS
+from omnijax.messages import quoted
 
 T2I_PROMPT = "Generate an image based on the provided text description."
 ASR_PROMPT = "Convert the speech to text."
@@ -20,4 +21,4 @@ def task_index(task: str) -> int:
   try:
     return TASKS.index(task)
   except ValueError:
-    raise ValueError(f"unknown task {task!r}; known tasks: {', '.join(TASKS)}") from None
+    raise ValueError(f"unknown task {quoted(task)}; known tasks: {', '.join(TASKS)}") from None

@@ -16,8 +16,10 @@ from typing import Sequence
 import numpy as np
 import tokenizers
 
+from omnijax.messages import quoted
 from omnijax.data.record import Sample
 from omnijax.data.tasks import task_index
+from omnijax.files import check_regular_file
 from omnijax.vocab import SPECIAL_TOKENS, Modality, Vocab
 
 IMAGE = "<|image|>"
@@ -58,6 +60,7 @@ class ChatTemplate:
   @classmethod
   def from_file(cls, tokenizer_json: str, vocab: Vocab, image_lengths: ImageLengths) -> ChatTemplate:
     try:
+      check_regular_file(tokenizer_json)  # /dev/zero would be read forever
       tokenizer = tokenizers.Tokenizer.from_file(str(tokenizer_json))
     except Exception as e:  # tokenizers raises a bare Exception for missing and malformed files
       raise TemplateError(f"{tokenizer_json}: not a readable tokenizer.json ({e})") from None
@@ -83,7 +86,7 @@ class ChatTemplate:
     for number, message in enumerate(messages):
       role, content = message.get("role"), message.get("content")
       if role not in ROLES:
-        raise TemplateError(f"message {number}: role {role!r} is not one of {ROLES}")
+        raise TemplateError(f"message {number}: role {quoted(role)} is not one of {ROLES}")
       if role == "system" and number:
         raise TemplateError(f"message {number}: a system message may only come first")
       if not isinstance(content, str):

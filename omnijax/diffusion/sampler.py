@@ -10,7 +10,8 @@ One `lax.while_loop` runs all steps with fixed shapes; each iteration is one bat
   1. Dream shift: the logits at j - 1 score the token at canvas position j;
   2. CFG `u + (w + 1)(c - u)`, the unconditional row holding the same canvas (aligned);
   3. the mask id and the embedding's padding rows (>= vocab.size) are never produced;
-  4. temperature, top-p (Dream's rule), top-k, repetition penalty, position penalty;
+  4. temperature, top-p (Dream's rule), top-k, repetition penalty (from the second step, on
+     the ids in the canvas the previous step left, as the release), position penalty;
   5. softmax; token = argmax (or a sample), confidence by `alg`;
   6. the k most confident masked positions of the current block take their tokens, with
      k = max(1, floor(m (1 - s / t))) from `ts = linspace(1, 1e-3, steps + 1)` (all at a block's
@@ -127,9 +128,11 @@ def position_factors(masked: jax.Array, gamma: float) -> jax.Array:
   return jnp.where((n > free) & (rank >= free), ramp, 1.0)
 
 
-def choose_tokens(logits: jax.Array, canvas: jax.Array, plan: _Plan,
-                  keys: jax.Array | None) -> tuple[jax.Array, jax.Array]:
-  """Per-position token and confidence from [B, N, V] (shifted, guided) logits (§4.3-4.4)."""
+def choose_tokens(logits: jax.Array, canvas: jax.Array, plan: _Plan, keys: jax.Array | None,
+                  first_step: bool | jax.Array = False) -> tuple[jax.Array, jax.Array]:
+  """Per-position token and confidence from [B, N, V] (shifted, guided) logits (§4.3-4.4).
+  `canvas` is the canvas after the previous step; at the `first_step` there is none, and the
+  release penalises no repetition (not even a prefilled <|begin_of_audio|>)."""
   settings = plan.settings
   vocab_ids = jnp.arange(logits.shape[-1])
   allowed = (vocab_ids < plan.vocab_size) & (vocab_ids != plan.mask_id)
@@ -141,7 +144,7 @@ def choose_tokens(logits: jax.Array, canvas: jax.Array, plan: _Plan,
   if settings.repeat_penalty != 1:
     rows = jnp.arange(canvas.shape[0])[:, None]
     present = jnp.zeros((canvas.shape[0], logits.shape[-1]), bool).at[rows, canvas].set(True)
-    present = present.at[:, plan.mask_id].set(False)
+    present = present.at[:, plan.mask_id].set(False) & ~jnp.asarray(first_step)
     logits = ctrl_scale(logits, jnp.where(present[:, None, :], settings.repeat_penalty, 1.0))
   if settings.position_penalty != 1:
     factors = position_factors(canvas == plan.mask_id, settings.position_penalty)
@@ -213,7 +216,8 @@ def _decode_loop(graphdef, params, base, segment_ids, starts, canvas, active, st
       logits = uncond_logits + (plan.settings.cfg + 1.0) * (cond_logits - uncond_logits)
     step_keys = (jax.vmap(lambda k: jax.random.fold_in(k, loop_steps))(row_keys)
                  if plan.settings.temperature > 0 else None)
-    tokens, confidence = choose_tokens(logits, canvas, plan, step_keys)
+    tokens, confidence = choose_tokens(logits, canvas, plan, step_keys,
+                                       first_step=loop_steps == 0)
     candidates = masked_in_block(canvas, block)
     k = commit_counts(candidates, confidence, local_step, steps_per_block[block],
                       plan.settings.threshold)

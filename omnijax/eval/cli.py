@@ -57,6 +57,7 @@ def _eval(args: argparse.Namespace) -> int:
   tasks, steps = parse_tasks(args.tasks), parse_steps(args.steps)
   if args.limit is not None and args.limit < 1:
     raise ValueError(f"--limit={args.limit} must be >= 1")
+  check_out(resolve(args.out))  # before the model is loaded, and again before evaluating
   from omnijax.generate.run import open_run
 
   run, generator, split_dir = open_run(args.checkpoint, data_dir=args.data, split=args.split,
@@ -68,29 +69,46 @@ def _eval(args: argparse.Namespace) -> int:
   return 0
 
 
+def check_out(out: pathlib.Path) -> None:
+  """Refuses an output JSON (or a picture beside it) that names a directory, or a JSON whose
+  picture would be the JSON itself, before anything is evaluated."""
+  if out in outputs_beside(out):
+    raise ValueError(f"--out {out}: the pictures beside it are {out.stem}.png and "
+                     f"{out.stem}_samples.png; give the JSON a .json name")
+  if out.is_dir():
+    raise ValueError(f"--out {out} is a directory; name the JSON file to write, e.g. "
+                     f"{out / 'eval.json'}")
+  for picture in outputs_beside(out):
+    if picture.is_dir():
+      raise ValueError(f"--out {out}: its picture {picture} is a directory; choose another --out")
+
+
 def run_and_write(generator, split_dir, tasks, steps, out: pathlib.Path, *, limit, meta,
                   train_split: str) -> dict:
   """Evaluates, writes JSON, samples and pictures, prints the table; shared with the main job.
-  Chance baselines come from the `train_split` directory beside `split_dir`."""
+  Chance baselines come from the `train_split` directory beside `split_dir`. A second
+  evaluation writing the same JSON meanwhile is refused (omnijax.files.output_lock)."""
   from tqdm import tqdm
 
   from omnijax.eval.evaluate import (batches_needed, evaluate, format_table, plot_quality,
                                      plot_samples, samples_beside, write_json, write_samples)
+  from omnijax.files import output_lock
 
-  total = batches_needed(generator, split_dir, tasks, steps, limit)
-  with tqdm(total=total, desc="eval", unit="batch", file=sys.stderr) as progress:
-    results, kept = evaluate(generator, split_dir, tasks, steps, limit=limit, progress=progress,
-                             keep_outputs=True, train_split=train_split)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  write_json(out, results, {**meta, "tasks": list(tasks), "steps": list(steps), "limit": limit,
-                            "chance_split": train_split})
-  write_samples(samples_beside(out), generator, kept)
-  quality_png, samples_png = outputs_beside(out)
-  plot_quality(results, quality_png)
-  written = [out, samples_beside(out), quality_png]
-  if generator.toy_spec is not None and ("t2i" in kept or "caption" in kept):
-    plot_samples(generator, kept, samples_png)
-    written.append(samples_png)
+  check_out(out)
+  with output_lock(out, "eval"):
+    total = batches_needed(generator, split_dir, tasks, steps, limit)
+    with tqdm(total=total, desc="eval", unit="batch", file=sys.stderr) as progress:
+      results, kept = evaluate(generator, split_dir, tasks, steps, limit=limit,
+                               progress=progress, keep_outputs=True, train_split=train_split)
+    write_json(out, results, {**meta, "tasks": list(tasks), "steps": list(steps),
+                              "limit": limit, "chance_split": train_split})
+    write_samples(samples_beside(out), generator, kept)
+    quality_png, samples_png = outputs_beside(out)
+    plot_quality(results, quality_png)
+    written = [out, samples_beside(out), quality_png]
+    if generator.toy_spec is not None and ("t2i" in kept or "caption" in kept):
+      plot_samples(generator, kept, samples_png)
+      written.append(samples_png)
   print(format_table(results))
   print("wrote " + ", ".join(map(str, written)))
   return results

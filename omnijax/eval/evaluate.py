@@ -18,6 +18,7 @@ from typing import Sequence
 
 import numpy as np
 
+from omnijax.messages import quoted
 from omnijax.data import shards
 from omnijax.data.record import Sample
 from omnijax.data.tasks import TASKS
@@ -48,7 +49,7 @@ def parse_tasks(text: str) -> list[str]:
   tasks = [t.strip() for t in text.split(",") if t.strip()]
   unknown = [t for t in tasks if t not in TASKS]
   if unknown or not tasks:
-    raise ValueError(f"--tasks: unknown task {unknown[0] if unknown else text!r}; known: "
+    raise ValueError(f"--tasks: unknown task {quoted(unknown[0] if unknown else text)}; known: "
                      f"all, {', '.join(TASKS)}")
   return tasks
 
@@ -57,10 +58,10 @@ def parse_steps(text: str) -> list[int]:
   try:
     steps = [int(s) for s in text.split(",") if s.strip()]
   except ValueError:
-    raise ValueError(f"--steps={text!r}: expected comma-separated integers, e.g. 4,8,16,64") \
+    raise ValueError(f"--steps={quoted(text)}: expected comma-separated integers, e.g. 4,8,16,64") \
         from None
   if not steps or min(steps) < 1:
-    raise ValueError(f"--steps={text!r}: expected positive step counts")
+    raise ValueError(f"--steps={quoted(text)}: expected positive step counts")
   return steps
 
 

@@ -49,25 +49,35 @@ def register(subparsers) -> None:
   parser.set_defaults(func=run_generate)
 
 
-def read_codes(value: str, what: str) -> list[int]:
-  """Codes from an inline list or a .npy / .json / whitespace- or comma-separated text file."""
+def read_codes(value: str, what: str):
+  """Codes from an inline list or a .npy / .json / whitespace- or comma-separated text file,
+  exactly as written: their dtype and shape are checked against the task's (Generator.request),
+  never rounded or flattened here."""
   import numpy as np
+
+  from omnijax.messages import clip, quoted
+  from omnijax.files import check_regular_file
 
   path = pathlib.Path(value)
   try:
+    check_regular_file(path)  # /dev/zero would be read forever
     if path.suffix == ".npy" and path.is_file():
-      codes = np.load(path, allow_pickle=False)
-    elif path.is_file():
+      return np.load(path, allow_pickle=False)
+    if path.is_file():
       text = path.read_text()
-      codes = json.loads(text) if path.suffix == ".json" else text.replace(",", " ").split()
+      if path.suffix == ".json":
+        return np.asarray(json.loads(text))
     else:
-      codes = value.replace(",", " ").split()
-    return [int(c) for c in np.asarray(codes).ravel()]
+      text = value
+    return np.asarray([int(word) for word in text.replace(",", " ").split()])
   except (ValueError, TypeError, OSError) as e:
-    raise ValueError(f"{what} {value!r}: not a list of integer codes ({e})") from None
+    raise ValueError(f"{what} {quoted(value)}: not a list of integer codes ({clip(str(e))})") \
+        from None
 
 
 def read_requests(args) -> list[dict]:
+  from omnijax.messages import clip, quoted
+
   if args.input:
     if args.text or args.image or args.image_codes or args.speech_codes:
       raise ValueError("--input replaces --text/--image/--image-codes/--speech-codes; give one "
@@ -86,7 +96,7 @@ def read_requests(args) -> list[dict]:
           raise ValueError("expected a JSON object")
         unknown = set(entry) - {"text", "image", "image_codes", "speech_codes"}
         if unknown:
-          raise ValueError(f"unknown key {sorted(unknown)[0]!r}")
+          raise ValueError(f"unknown key {quoted(sorted(unknown)[0])}")
         if "image" in entry and "image_codes" in entry:
           raise ValueError("give 'image' or 'image_codes', not both")
       except ValueError as e:
@@ -97,7 +107,11 @@ def read_requests(args) -> list[dict]:
     if not requests:
       raise ValueError(f"--input {args.input}: no requests")
     return requests
-  request = {"text": args.text, "where": "the command line"}
+  # An error names the option and file that gave the codes.
+  options = [f"{option} {value}" for option, value in (("--image-codes", args.image_codes),
+                                                       ("--speech-codes", args.speech_codes))
+             if value]
+  request = {"text": args.text, "where": clip(", ".join(options)) or "the command line"}
   if args.image and args.image_codes:
     raise ValueError("give --image or --image-codes, not both")
   if args.image:
@@ -127,10 +141,22 @@ def _generate(args: argparse.Namespace) -> int:
   import numpy as np
   from tqdm import tqdm
 
-  from omnijax.files import atomic_write_text
+  from omnijax.files import output_lock
   from omnijax.generate.run import open_run
+  from omnijax.train.restore import read_run_config
 
   raw = read_requests(args)
+  out = pathlib.Path(args.out)
+  if out.exists() and not out.is_dir():
+    raise ValueError(f"--out {out} exists and is not a directory")
+  if (out / "results.jsonl").is_dir():
+    raise ValueError(f"--out {out}: {out / 'results.jsonl'} is a directory")
+  # The canvas is checked against the model's sequence length before anything is allocated.
+  seq_len = read_run_config(args.checkpoint).data.seq_len
+  if args.canvas is not None and not 1 <= args.canvas < seq_len:
+    raise ValueError(f"--canvas {args.canvas}: expected 1 to {seq_len - 1} (the model's sequence "
+                     f"length, data.seq_len={seq_len} in {args.checkpoint}/config.yaml, holds the "
+                     "prompt and the canvas)")
   _, generator, _ = open_run(args.checkpoint, data_dir=args.data, batch_size=args.batch_size)
   requests = []
   for entry in raw:
@@ -147,15 +173,33 @@ def _generate(args: argparse.Namespace) -> int:
                                         canvas=args.canvas))
     except ValueError as e:
       raise ValueError(f"{entry['where']}: {e}") from None
+    if args.canvas is not None and len(requests[-1].prompt) + args.canvas > seq_len:
+      raise ValueError(f"{entry['where']}: its prompt of {len(requests[-1].prompt)} tokens and "
+                       f"--canvas {args.canvas} exceed the model's sequence length {seq_len} "
+                       f"(data.seq_len in {args.checkpoint}/config.yaml)")
   overrides = dict(alg=args.alg, temperature=args.temperature, top_p=args.top_p,
                    top_k=args.top_k, repeat_penalty=args.repeat_penalty,
                    position_penalty=args.position_penalty, cfg=args.cfg,
                    block_size=args.block_size, threshold=args.threshold, seed=args.seed)
-  with tqdm(total=generator.batches(requests), desc=f"generate {args.task}", unit="batch",
-            file=sys.stderr) as progress:
-    outputs, seconds = generator.decode(requests, steps=args.steps, progress=progress, **overrides)
-  out = pathlib.Path(args.out)
-  out.mkdir(parents=True, exist_ok=True)
+  generator.check_settings(requests, steps=args.steps, **overrides)
+  # Held from before decoding: a second generate into the same --out is refused before it
+  # decodes, and never replaces the first one's results.
+  with output_lock(out / "results.jsonl", "generate"):
+    with tqdm(total=generator.batches(requests), desc=f"generate {args.task}", unit="batch",
+              file=sys.stderr) as progress:
+      outputs, seconds = generator.decode(requests, steps=args.steps, progress=progress,
+                                          **overrides)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_outputs(args, generator, outputs, out)
+  print(f"{len(outputs)} outputs in {out}/results.jsonl; {seconds:.2f} s decoding, "
+        f"{np.mean([o.forward_passes for o in outputs]):.1f} forward passes each")
+  return 0
+
+
+def _write_outputs(args, generator, outputs, out: pathlib.Path) -> None:
+  """OUT/results.jsonl, last, and OUT/images/NNNN.png (toy world), each replaced whole."""
+  from omnijax.files import atomic_write, atomic_write_text
+
   lines = []
   for index, output in enumerate(outputs):
     record = {"index": index, "task": args.task, "text": output.text,
@@ -165,7 +209,7 @@ def _generate(args: argparse.Namespace) -> int:
       if generator.toy_spec is not None:
         (out / "images").mkdir(exist_ok=True)
         png = out / "images" / f"{index:04d}.png"
-        generator.toy_spec.images.save_png(output.image_codes, png)
+        atomic_write(png, lambda tmp: generator.toy_spec.images.save_png(output.image_codes, tmp))
         record["png"] = str(png)
     if output.speech_codes is not None:
       record["speech_codes"] = output.speech_codes.tolist()
@@ -177,6 +221,3 @@ def _generate(args: argparse.Namespace) -> int:
     shown = record.get("transcript") or record.get("png") or output.text
     print(f"[{index}] {shown}")
   atomic_write_text(out / "results.jsonl", "\n".join(lines) + "\n")
-  print(f"{len(outputs)} outputs in {out}/results.jsonl; {seconds:.2f} s decoding, "
-        f"{np.mean([o.forward_passes for o in outputs]):.1f} forward passes each")
-  return 0

@@ -10,6 +10,7 @@ for the toy world, images parsed back to scenes and speech decoded to words.
 from __future__ import annotations
 
 import dataclasses
+import math
 import pathlib
 from typing import Sequence
 
@@ -74,7 +75,7 @@ class Generator:
     manifest = shards.load_manifest(split_dir)
     shards.check_vocab(manifest, vocab, str(split_dir / shards.MANIFEST))
     tokenizer = split_dir / manifest.get("tokenizer", "tokenizer.json")
-    if not tokenizer.is_file():
+    if not tokenizer.exists():
       raise shards.ManifestError(f"{split_dir / shards.MANIFEST}: its tokenizer {tokenizer} "
                                  "does not exist")
     template = ChatTemplate.from_file(str(tokenizer), vocab, shards.image_lengths_of(manifest))
@@ -124,10 +125,36 @@ class Generator:
              if value is not None and name not in INPUTS[task] and not (name == "text" and task == "caption")]
     if extra:
       raise ValueError(f"task {task} takes no {extra[0]} input (it reads: {', '.join(INPUTS[task])})")
-    images = [np.asarray(image_codes)] if image_codes is not None else []
-    speeches = [np.asarray(speech_codes)] if speech_codes is not None else []
+    images = [self._codes("image", image_codes)] if image_codes is not None else []
+    speeches = [self._codes("speech", speech_codes)] if speech_codes is not None else []
     prompt = self._prompt(task, request_messages(task, text), images, speeches)
     return self._request(task, prompt, canvas)
+
+  def _codes(self, kind: str, codes) -> np.ndarray:
+    """Input codes as the model reads them, or ValueError saying what was found and expected:
+    integers (never rounded), 1-D for speech, for an image its grid or the grid's flattening,
+    each within its codebook."""
+    codes = np.asarray(codes)
+    count = self.vocab.n_image_codes if kind == "image" else self.vocab.n_speech_codes
+    length = self.template.image_lengths.understanding
+    side = math.isqrt(length)
+    shapes = ([(length,)] + ([(side, side)] if side * side == length else [])
+              if kind == "image" else [])
+    expected = (f"integer codes in [0, {count}), " +
+                (f"shape {' or '.join(map(str, shapes))}" if shapes else "1-D"))
+    integers = np.issubdtype(codes.dtype, np.integer) or codes.dtype == object
+    if not integers or not codes.size:
+      raise ValueError(f"{kind} codes of dtype {codes.dtype} and shape {codes.shape}: expected "
+                       f"{expected}")
+    well_shaped = codes.shape in shapes if kind == "image" else codes.ndim == 1
+    if not well_shaped:
+      raise ValueError(f"{kind} codes of shape {codes.shape}: expected {expected}")
+    codes = codes.ravel()
+    try:
+      (self.vocab.image_ids if kind == "image" else self.vocab.speech_ids)(codes)
+    except (TypeError, ValueError) as e:  # beyond the codebook, or a JSON value not an integer
+      raise ValueError(f"{e}: expected {expected}") from None
+    return codes.astype(np.int64)
 
   def request_from_sample(self, sample: Sample, canvas: int | None = None) -> Request:
     """The request of a templated sample (its prompt, as trained)."""
@@ -157,6 +184,15 @@ class Generator:
         if progress is not None:
           progress.update(1)
     return outputs, seconds
+
+  def check_settings(self, requests: Sequence[Request], *, steps: int | None = None,
+                     **overrides) -> None:
+    """Raises the error `decode` would raise for these settings, before anything runs (so no
+    progress bar precedes it): a decode of no prompts checks them and returns at once."""
+    for task, canvas in {(request.task, request.canvas) for request in requests}:
+      kwargs = settings_lib.sampler_kwargs(task, canvas, self.vocab, steps=steps, **overrides)
+      sample_with_stats(self.model, self.vocab, [], **kwargs,
+                        uncond_prompts=[] if kwargs["cfg"] > 0 else None)
 
   def batches(self, requests: Sequence[Request]) -> int:
     """How many batches `decode` runs (for a progress bar's total)."""
@@ -188,21 +224,27 @@ class Generator:
 
 
 def read_samples(split_dir: str | pathlib.Path, task: str, limit: int | None = None) -> list[Sample]:
-  """The first `limit` samples of `task` in a shard directory, in file order."""
-  from array_record.python.array_record_module import ArrayRecordReader
-
+  """The first `limit` samples of `task` in a shard directory, in file order; a shard that is
+  missing, not a regular file, truncated or holds a record that does not decode is a ShardError
+  naming it (and the record)."""
   from omnijax.data import record
 
   manifest = shards.load_manifest(split_dir)
   samples: list[Sample] = []
-  for path in shards.shard_paths(split_dir, manifest, task):
-    reader = ArrayRecordReader(path)
+  for shard in manifest["shards"]:
+    if shard["task"] != task:
+      continue
+    path = pathlib.Path(split_dir) / shard["file"]
+    reader = shards.open_shard(path, shard["records"])
     try:
-      count = reader.num_records()
-      wanted = count if limit is None else min(count, limit - len(samples))
-      samples += [record.decode(payload) for payload in reader.read(list(range(wanted)))]
+      wanted = shard["records"] if limit is None else min(shard["records"], limit - len(samples))
+      for index, payload in enumerate(reader.read(list(range(wanted)))):
+        try:
+          samples.append(record.decode(payload))
+        except record.RecordError as e:
+          raise shards.ShardError(f"{path}: record {index}: {e}") from None
     finally:
-      reader.close()
+      shards.close_quietly(reader)
     if limit is not None and len(samples) >= limit:
       break
   return samples

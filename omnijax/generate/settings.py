@@ -11,6 +11,7 @@ import dataclasses
 import math
 
 from omnijax.config import ConfigError
+from omnijax.messages import clip
 from omnijax.data.tasks import TASKS
 from omnijax.diffusion.settings import DecodeSettings
 
@@ -94,6 +95,9 @@ def decode_settings(task: str, canvas: int, vocab, *, steps: int | None = None,
   settings = TABLE[task]
   if steps is not None and steps < 1:
     raise ConfigError(f"--steps {steps}: expected >= 1 (leave it out for the task's default)")
+  seed = overrides.get("seed")
+  if seed is not None and not -2**63 <= seed < 2**63:  # jax.random.key takes an int64
+    raise ConfigError(f"--seed {clip(str(seed))}: expected an integer within [-2**63, 2**63)")
   prefill = ({math.floor(settings.boa_at * canvas): vocab.begin_audio_id}
              if settings.boa_at is not None else ())
   table = DecodeSettings(canvas=canvas, steps=default_steps(task, canvas), alg=settings.alg,

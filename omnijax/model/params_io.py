@@ -14,7 +14,7 @@ import orbax.checkpoint as ocp
 import yaml
 from flax import nnx
 
-from omnijax.config import ModelConfig, from_dict, to_dict
+from omnijax.config import ConfigError, ModelConfig, from_dict, load_yaml, to_dict
 from omnijax.files import atomic_write_text
 from omnijax.model.build import abstract_model
 from omnijax.model.transformer import Transformer
@@ -41,7 +41,13 @@ def load_model(directory: str | os.PathLike,
   config_file = directory / CONFIG_FILE
   if not config_file.is_file():
     raise FileNotFoundError(f"{directory}: no {CONFIG_FILE}; not an omnijax model directory")
-  config = from_dict(ModelConfig, yaml.safe_load(config_file.read_text())["model"], "model")
+  tree = load_yaml(config_file.read_text(), str(config_file))
+  if not isinstance(tree, dict) or "model" not in tree:
+    raise ConfigError(f"{config_file}: expected a mapping with a 'model' section")
+  try:
+    config = from_dict(ModelConfig, tree["model"], "model")
+  except ConfigError as e:
+    raise ConfigError(f"{config_file}: {e}") from None
   graphdef, abstract_state = abstract_model(config)
   if mesh is None:
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])

@@ -18,13 +18,19 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from omnijax.config import ConfigError
 from omnijax.files import resolve
+from omnijax.sharding import path_str
 
 log = logging.getLogger(__name__)
 
 
 class CheckpointRestoreError(RuntimeError):
   """No checkpoint in the directory could be restored."""
+
+
+class CheckpointMismatchError(ConfigError):
+  """A checkpoint holds parameters of other shapes or dtypes than the config describes."""
 
 
 class CheckpointSaveError(OSError):
@@ -104,6 +110,26 @@ class Checkpoints:
     return self._manager.restore(step, args=ocp.args.Composite(
         meta=ocp.args.JsonRestore()))["meta"]
 
+  def check_params_fit(self, step: int, params) -> None:
+    """Raises CheckpointMismatchError naming the first parameter whose shape or dtype in
+    checkpoint `step` differs from the abstract `params` (the config's): a config that does not
+    describe the checkpoint is never reported as unreadable files. Only the checkpoint's metadata
+    is read; when that fails, restoring says the checkpoint is unreadable."""
+    try:
+      stored = ocp.PyTreeCheckpointHandler().metadata(
+          self.directory / str(step) / "state").tree["params"]
+    except Exception:  # noqa: BLE001 -- damaged metadata: the restore reports it
+      return
+    described = lambda tree: {path_str(path): (tuple(leaf.shape), str(leaf.dtype))
+                              for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+    found, wanted = described(stored), described(params)
+    for name in sorted(set(found) | set(wanted)):
+      if found.get(name) != wanted.get(name):
+        show = lambda entry: "absent" if entry is None else f"{entry[0]} {entry[1]}"
+        raise CheckpointMismatchError(
+            f"the checkpoint {self.directory}/{step} holds parameter {name} as "
+            f"{show(found.get(name))}, the config describes {show(wanted.get(name))}")
+
   def restore(self, step: int, target_for_meta,
               params_only: bool = False) -> tuple[int, Any, dict, dict]:
     """(step, state, data_state, meta) of checkpoint `step`; see `restore_latest`."""
@@ -116,6 +142,7 @@ class Checkpoints:
       raise CheckpointRestoreError(f"checkpoint {self.directory}/{step} is unreadable: "
                                    f"{type(e).__name__}: {str(e)[:200]}") from None
     target = target_for_meta(meta)  # its errors (config vs checkpoint) propagate as they are
+    self.check_params_fit(step, target if params_only else target.params)
     try:
       return self._restore(step, meta, target, params_only)
     except Exception as e:  # truncated files fail in tensorstore, zarr or json layers
@@ -153,6 +180,7 @@ class Checkpoints:
         errors.append(f"step {step}: {type(e).__name__}: {str(e)[:200]}")
         continue
       target = target_for_meta(meta)
+      self.check_params_fit(step, target if params_only else target.params)
       try:
         restored = self._restore(step, meta, target, params_only)
       except Exception as e:  # a truncated array fails in tensorstore, zarr or json layers

@@ -22,6 +22,7 @@ from flax import nnx
 
 from omnijax import processes
 from omnijax.config import Config, ConfigError, DataConfig, StageConfig, to_dict
+from omnijax.messages import quoted
 from omnijax.data import shards
 from omnijax.data.pipeline import Batches, mixture_weights
 from omnijax.files import atomic_write_text, resolve
@@ -52,14 +53,14 @@ def ensure_data(config: Config) -> None:
   a misspelt path must not quietly become a new toy world that training then uses."""
   split_dir = pathlib.Path(config.data.dir) / config.data.split
   processes.primary_first(lambda: _generate_toyworld_if_missing(config, split_dir))
-  if not (split_dir / shards.MANIFEST).is_file():
+  if not (split_dir / shards.MANIFEST).exists():
     raise ConfigError(f"data.dir={config.data.dir!r}: process {jax.process_index()} sees no "
                       f"{shards.MANIFEST} under {split_dir}, which process 0 has; on several "
                       "hosts data.dir must be storage every host sees")
 
 
 def _generate_toyworld_if_missing(config: Config, split_dir: pathlib.Path) -> None:
-  if (split_dir / shards.MANIFEST).is_file():
+  if (split_dir / shards.MANIFEST).exists():  # not a regular file: load_manifest names it
     return
   toyworld = config.toyworld
   if toyworld.scenes <= 0 or not toyworld.dir or \
@@ -115,8 +116,8 @@ def initial_params(config: Config, layout: StateLayout, mesh) -> dict:
   expected = jax.tree.map(lambda x: (x.shape, str(x.dtype)), layout.abstract_params)
   got = jax.tree.map(lambda x: (x.shape, str(x.dtype)), params)
   if expected != got:
-    raise ConfigError(f"train.init_from={config.train.init_from!r}: its parameters do not match "
-                      "model.* (compare its model.yaml; scan_layers must match too)")
+    raise ConfigError(f"train.init_from={quoted(config.train.init_from)}: its parameters do not "
+                      "match model.* (compare its model.yaml; scan_layers must match too)")
   return params
 
 

@@ -7,13 +7,12 @@ import dataclasses
 import os
 
 import jax
-import yaml
 from flax import nnx
 
-from omnijax.config import Config, ConfigError, from_dict
+from omnijax.config import Config, ConfigError, from_dict, load_yaml
 from omnijax.files import resolve
 from omnijax.sharding import make_mesh
-from omnijax.train.checkpoints import Checkpoints, CheckpointRestoreError
+from omnijax.train.checkpoints import Checkpoints, CheckpointMismatchError, CheckpointRestoreError
 from omnijax.train.state import StateLayout
 from omnijax.train.workdir import CHECKPOINTS_DIR, CONFIG_FILE
 
@@ -33,10 +32,13 @@ def read_run_config(workdir: str | os.PathLike) -> Config:
   """The config a training run wrote into its workdir."""
   path = resolve(workdir) / CONFIG_FILE
   try:
-    tree = yaml.safe_load(path.read_text())
-  except OSError as e:
-    raise WorkdirError(f"{path}: cannot read the run's config ({e.strerror or e}); is "
-                       f"{workdir} a training workdir?") from None
+    if path.exists() and not path.is_file():  # e.g. a link to /dev/zero, which never ends
+      raise WorkdirError(f"{path}: not a regular file; is {workdir} a training workdir?")
+    text = path.read_text()
+  except (OSError, UnicodeDecodeError) as e:
+    raise WorkdirError(f"{path}: cannot read the run's config ({getattr(e, 'strerror', '') or e});"
+                       f" is {workdir} a training workdir?") from None
+  tree = load_yaml(text, str(path))  # its errors name the file
   try:
     return from_dict(Config, tree)
   except ConfigError as e:
@@ -65,6 +67,9 @@ def restore_workdir(workdir: str | os.PathLike, *, mesh: jax.sharding.Mesh | Non
     restored = (checkpoints.restore_latest(lambda meta: params, params_only=True)
                 if step is None else checkpoints.restore(step, lambda meta: params,
                                                          params_only=True))
+  except CheckpointMismatchError as e:
+    raise WorkdirError(f"{resolve(workdir) / CONFIG_FILE} does not describe the run's "
+                       f"checkpoints ({e}); was it edited after training? Restore it") from None
   except CheckpointRestoreError as e:
     raise WorkdirError(str(e)) from None
   finally:

@@ -13,16 +13,14 @@ match; keys that only say how or where it runs may change (see RESUMABLE_CHANGES
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import pathlib
-import socket
 
 import yaml
 
-from omnijax.config import Config, ConfigError, to_dict
-from omnijax.files import is_remote, resolve
+from omnijax.config import Config, ConfigError, load_yaml, to_dict
+from omnijax.files import LockHeldError, hold_lock, is_remote, resolve
 
 log = logging.getLogger(__name__)
 
@@ -55,21 +53,11 @@ class WorkdirLock:
       log.warning("%s is in an object store, which has no locks: make sure no other run uses it",
                   self.workdir)
       return
-    fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-      holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
-      os.close(fd)
-      raise WorkdirBusyError(f"{self.workdir} is in use by another `omnijax train` "
-                             f"({holder}); wait for it to finish or use another --workdir") \
-          from None
-    except OSError as e:  # a filesystem without locks (some network mounts): run unguarded
-      log.warning("cannot lock %s (%s); make sure no other run uses this workdir", self.path,
-                  e.strerror or e)
-    os.ftruncate(fd, 0)
-    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
-    self._fd = fd
+      self._fd = hold_lock(self.path)
+    except LockHeldError as e:
+      raise WorkdirBusyError(f"{self.workdir} is in use by another `omnijax train` ({e}); wait "
+                             "for it to finish or use another --workdir") from None
 
   def release(self) -> None:
     if self._fd is not None:
@@ -124,11 +112,10 @@ def check_same_run(workdir: str | os.PathLike, config: Config) -> None:
   if not path.is_file() or not _has_checkpoints(workdir):
     return  # nothing to resume: the config may change freely
   try:
-    run = yaml.safe_load(path.read_text())
-  except (OSError, yaml.YAMLError, UnicodeDecodeError) as e:
-    raise ConfigError(f"{path}: cannot read the config of the run in {workdir} ({e}); it "
-                      "describes the checkpoints there: restore it or use another --workdir") \
-        from None
+    run = load_yaml(path.read_text(), str(path))
+  except (OSError, ConfigError, UnicodeDecodeError) as e:
+    raise ConfigError(f"cannot read the config of the run in {workdir} ({e}); it describes the "
+                      "checkpoints there: restore it or use another --workdir") from None
   differences = config_differences(run, yaml.safe_load(config_text(config)))
   if differences:
     shown = "; ".join(differences[:5]) + (f"; and {len(differences) - 5} more"

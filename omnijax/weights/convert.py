@@ -24,7 +24,9 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from omnijax.config import ConfigError, ModelConfig, VocabConfig
-from omnijax.files import atomic_write, atomic_write_text, replace_dir, staging_dir
+from omnijax.messages import quoted
+from omnijax.files import (atomic_write, atomic_write_text, output_lock, replace_dir,
+                           staging_dir)
 from omnijax.model.build import model_from_arrays
 from omnijax.model.transformer import Transformer
 from omnijax.sharding import path_str
@@ -58,7 +60,8 @@ def _rope_theta(hf: dict, where: str) -> float:
   scaling = hf.get("rope_scaling") or {}
   rope_type = params.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
   if rope_type not in (None, "default"):
-    raise CheckpointError(f"{where}: RoPE type {rope_type!r} is not supported (default RoPE only)")
+    raise CheckpointError(f"{where}: RoPE type {quoted(rope_type)} is not supported (default "
+                          "RoPE only)")
   theta = hf.get("rope_theta", params.get("rope_theta"))
   if theta is None:
     raise CheckpointError(f"{where}: neither rope_theta nor rope_parameters.rope_theta is set")
@@ -86,11 +89,11 @@ def config_from_hf(hf: dict, vocab: VocabConfig | None = None, where: str = "con
   if missing:
     raise CheckpointError(f"{where}: missing key {missing[0]}")
   if hf.get("hidden_act", "silu") != "silu":
-    raise CheckpointError(f"{where}: hidden_act {hf['hidden_act']!r} is not supported (silu)")
+    raise CheckpointError(f"{where}: hidden_act {quoted(hf['hidden_act'])} is not supported (silu)")
   model_type = hf.get("model_type", "qwen2")
   if str(model_type).lower() not in SUPPORTED_MODEL_TYPES:
-    raise CheckpointError(f"{where}: model_type {model_type!r} is not supported (this backbone "
-                          f"is {' / '.join(SUPPORTED_MODEL_TYPES)})")
+    raise CheckpointError(f"{where}: model_type {quoted(model_type)} is not supported (this "
+                          f"backbone is {' / '.join(SUPPORTED_MODEL_TYPES)})")
   windowed = [kind for kind in hf.get("layer_types") or () if kind != "full_attention"]
   if hf.get("use_sliding_window") or windowed:
     raise CheckpointError(f"{where}: sliding-window attention is not supported (full attention "
@@ -351,10 +354,10 @@ def parse_vocab(spec: str | None, flag: str = "--vocab") -> VocabConfig | None:
   try:
     text, image, speech = (int(x) for x in sizes.split(","))
   except ValueError:
-    raise ConfigError(f"{flag} {spec!r}: expected omni_diffusion or "
+    raise ConfigError(f"{flag} {quoted(spec)}: expected omni_diffusion or "
                       "compact:TEXT,IMAGE_CODES,SPEECH_CODES") from None
   if layout != "compact":
-    raise ConfigError(f"{flag} {spec!r}: unknown layout {layout!r}")
+    raise ConfigError(f"{flag} {quoted(spec)}: unknown layout {quoted(layout)}")
   return VocabConfig(layout="compact", text_size=text, n_image_codes=image, n_speech_codes=speech)
 
 
@@ -382,21 +385,23 @@ def run_convert(args) -> int:
   from omnijax.model.params_io import load_model, save_model
 
   try:
-    if args.direction == "from-hf":
-      check_model_destination(args.dest, args.force)
-      config, model = from_hf(args.source, vocab=parse_vocab(args.vocab),
-                              grow_vocab=parse_vocab(args.grow_vocab, "--grow-vocab"),
-                              seed=args.seed)
-      # Written beside the destination and swapped in whole: a failure leaves it as it was.
-      staged = staging_dir(args.dest)
-      try:
-        save_model(model, config, staged)
-        replace_dir(staged, args.dest)
-      finally:
-        shutil.rmtree(staged, ignore_errors=True)
-    else:
-      config, model = load_model(args.source)
-      to_hf(model, config, args.dest, dtype=args.dtype)
+    # Held throughout: a second convert into the same destination is refused, never mixed in.
+    with output_lock(args.dest, "convert"):
+      if args.direction == "from-hf":
+        check_model_destination(args.dest, args.force)
+        config, model = from_hf(args.source, vocab=parse_vocab(args.vocab),
+                                grow_vocab=parse_vocab(args.grow_vocab, "--grow-vocab"),
+                                seed=args.seed)
+        # Written beside the destination and swapped in whole: a failure leaves it as it was.
+        staged = staging_dir(args.dest)
+        try:
+          save_model(model, config, staged)
+          replace_dir(staged, args.dest)
+        finally:
+          shutil.rmtree(staged, ignore_errors=True)
+      else:
+        config, model = load_model(args.source)
+        to_hf(model, config, args.dest, dtype=args.dtype)
   except (CheckpointError, FileNotFoundError) as e:
     print(f"omnijax convert: {e}", file=sys.stderr)
     return 1

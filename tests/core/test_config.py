@@ -67,3 +67,36 @@ def test_missing_file_and_bad_yaml(tmp_path):
   (tmp_path / "bad.yaml").write_text("model: [unclosed\n")
   with pytest.raises(ConfigError, match="not valid YAML"):
     load_config(tmp_path / "bad.yaml")
+
+
+def test_yaml_aliases_are_bounded_and_errors_fit_one_line():
+  from omnijax.config import load_yaml
+
+  bomb = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+      f"{b}: &{b} [{', '.join(['*' + a] * 10)}]\n" for a, b in zip("abcdefgh", "bcdefghi"))
+  refused = [(bomb, r"f\.yaml: not valid YAML: aliases expand to more than 100000 values"),
+             ("a: &a [*a]\n", r"an alias refers to a node that contains it"),
+             ("x: !!python/name:os.system\n", r"could not determine a constructor for the tag "
+                                              r"'tag:yaml\.org,2002:python/name:os\.system' "
+                                              r"\(line 1, column 4\)$"),
+             ("[" * 5000, "nested too deeply"),
+             ("a: b: c\n", r"mapping values are not allowed here \(line 1, column 5\)$")]
+  for text, message in refused:
+    with pytest.raises(ConfigError, match=message) as raised:
+      load_yaml(text, "f.yaml")
+    assert "\n" not in str(raised.value)
+  # Anchors used as configs use them still load.
+  assert load_yaml("base: &b {x: 1}\nother: *b\n", "f.yaml") == {"base": {"x": 1},
+                                                                "other": {"x": 1}}
+
+
+def test_quoted_values_are_cut_short():
+  from omnijax.messages import QUOTE_LIMIT, quoted
+
+  shown = quoted("x" * 10**6)
+  assert len(shown) <= QUOTE_LIMIT and "…" in shown and shown.startswith("'x")
+  exponential = ["x"]
+  for _ in range(60):  # 2**60 elements if walked: quoting must not walk them
+    exponential = [exponential, exponential]
+  assert len(quoted(exponential)) <= QUOTE_LIMIT
+  assert quoted("short") == "'short'" and len(quoted(10**1000)) < 60

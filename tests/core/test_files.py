@@ -111,3 +111,49 @@ def test_atomic_writes_get_the_mode_of_a_plain_write_or_of_the_file_they_replace
     assert kept.read_text() == "new" and kept.stat().st_mode & 0o777 == 0o640
   finally:
     os.umask(mask)
+
+
+def test_an_output_lock_refuses_a_second_writer_and_leaves_no_file(tmp_path):
+  import subprocess
+  import sys
+
+  target = tmp_path / "eval.json"
+  with files.output_lock(target, "eval"):
+    with pytest.raises(files.OutputBusyError, match=rf"{target} is being written by another "
+                                                    rf"`omnijax eval` \(pid {os.getpid()} on "):
+      with files.output_lock(target, "eval"):
+        pass
+  assert not list(tmp_path.iterdir())
+  # A holder killed with -9 leaves an unlocked file behind: the next writer takes it.
+  holder = subprocess.Popen(
+      [sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR "
+       "| os.O_CREAT); fcntl.flock(fd, fcntl.LOCK_EX); print(flush=True); time.sleep(60)",
+       str(tmp_path / ".eval.json.lock")], stdout=subprocess.PIPE, text=True)
+  try:
+    holder.stdout.readline()
+    with pytest.raises(files.OutputBusyError):
+      with files.output_lock(target, "eval"):
+        pass
+  finally:
+    holder.kill()
+    holder.communicate()
+  with files.output_lock(target, "eval"):
+    assert (tmp_path / ".eval.json.lock").read_text().startswith(f"pid {os.getpid()} on ")
+  assert not list(tmp_path.iterdir())
+
+
+def test_files_that_are_not_regular_are_named(tmp_path):
+  files.check_regular_file(tmp_path / "missing")  # the caller's open says it is missing
+  (tmp_path / "plain").write_text("x")
+  files.check_regular_file(tmp_path / "plain")
+  os.mkfifo(tmp_path / "fifo")
+  (tmp_path / "zero").symlink_to("/dev/zero")
+  for path, kind in ((tmp_path / "fifo", "a FIFO"), (tmp_path / "zero", "a character device"),
+                     (tmp_path, "a directory")):
+    with pytest.raises(files.NotRegularFileError) as raised:
+      files.check_regular_file(path)
+    assert str(raised.value) == f"{path}: not a regular file ({kind})"
+  # Writing over a directory names the directory, not the temporary file beside it.
+  with pytest.raises(IsADirectoryError) as raised:
+    files.atomic_write_text(tmp_path, "x")
+  assert raised.value.filename == str(tmp_path)

@@ -1,5 +1,7 @@
 """The vocabulary reproduces the release's ids and derives compact layouts by the same rules."""
 
+import re
+
 import numpy as np
 import pytest
 
@@ -47,6 +49,15 @@ def test_out_of_range_inputs_fail_with_the_offending_value():
     v.speech_ids([1, 8])
   with pytest.raises(ValueError, match=r"id 5 at index 0 is not a image id"):
     v.image_codes([5])
+  # JSON numbers are checked one by one: numpy would make 2**70 an object and 2**63 a float.
+  with pytest.raises(ValueError, match=r"image code 1180591620717411303424 at index 1 is outside"):
+    v.image_ids([1, 2**70])
+  with pytest.raises(ValueError, match=r"image code 9223372036854775808 at index 1 is outside"):
+    v.image_ids([1, 2**63])
+  for code in (1.5, True, [1]):
+    with pytest.raises(TypeError, match=rf"speech code {re.escape(repr(code))} at index 0 is not "
+                                        "an integer"):
+      v.speech_ids([code])
   with pytest.raises(ValueError, match=f"token id {v.size} at index 2"):
     v.check_ids([0, 1, v.size])
   with pytest.raises(ValueError, match="text_size must be an integer >= 1"):

@@ -17,6 +17,12 @@ TINY_EXPERIMENT = REPO / "tests" / "train" / "tiny_experiment.yaml"
 DEVICES = "--xla_force_host_platform_device_count=2"
 
 
+# YAML whose last anchor expands to 10**9 values (a "billion laughs" bomb), to put before a key.
+ALIAS_BOMB = ("a: &a [x, x, x, x, x, x, x, x, x, x]\n"
+              + "".join(f"{b}: &{b} [{', '.join(['*' + a] * 10)}]\n"
+                        for a, b in zip("abcdefgh", "bcdefghi")))
+
+
 # Runs `python -m omnijax.cli ARGV` with writes past a file size failing (EFBIG), as writes to
 # a full disk fail (ENOSPC): the limit and an ignored SIGXFSZ survive exec.
 _WITH_FILE_SIZE_LIMIT = (
@@ -57,16 +63,25 @@ def assert_refused(result, status: int, pattern: str) -> str:
   return lines[0]
 
 
+def _fingerprint(path: pathlib.Path) -> str:
+  """A file's content hash; what a link points to (a link to /dev/zero is never read); 'dir' or
+  'special' (a FIFO, whose reader would wait for a writer) for the rest."""
+  if path.is_symlink():
+    return f"link to {os.readlink(path)}"
+  if path.is_dir():
+    return "dir"
+  return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "special"
+
+
 def snapshot(root, ignore=("lock",)) -> dict[str, str]:
-  """Relative path -> content hash ('dir' for directories) of everything under `root`, except
+  """Relative path -> fingerprint (content hash, 'dir', ...) of everything under `root`, except
   the `ignore`d names (a workdir's lock file records who last held it)."""
   root = pathlib.Path(root)
   if not root.exists():
     return {}
   if root.is_file():
-    return {".": hashlib.sha256(root.read_bytes()).hexdigest()}
-  return {str(path.relative_to(root)): "dir" if path.is_dir()
-          else hashlib.sha256(path.read_bytes()).hexdigest()
+    return {".": _fingerprint(root)}
+  return {str(path.relative_to(root)): _fingerprint(path)
           for path in sorted(root.rglob("*")) if path.name not in ignore}
 
 

@@ -3,7 +3,7 @@ nothing written. Also: overrides and global options in any order, tracebacks onl
 
 import pytest
 
-from fault_helpers import TINY_EXPERIMENT, assert_refused, omnijax, train_args
+from fault_helpers import ALIAS_BOMB, TINY_EXPERIMENT, assert_refused, omnijax, train_args
 
 
 @pytest.mark.parametrize("fault,overrides,message", [
@@ -24,12 +24,34 @@ def test_config_mistakes_are_one_line_and_write_nothing(toy_data, tmp_path, faul
 def test_broken_config_files(tmp_path):
   tagged = tmp_path / "tagged.yaml"
   tagged.write_text("model: !!python/object/apply:os.system ['echo pwned']\n")
-  assert_refused(omnijax("info", "--config", tagged), 2, r"tagged\.yaml: not valid YAML")
+  assert_refused(omnijax("info", "--config", tagged), 2,
+                 r"tagged\.yaml: not valid YAML: could not determine a constructor for the tag "
+                 r"'tag:yaml\.org,2002:python/object/apply:os\.system' \(line 1, column 8\)$")
   assert_refused(omnijax("info", "--config", tmp_path / "missing.yaml"), 2,
                  r"config file .*missing\.yaml does not exist")
   listed = tmp_path / "list.yaml"
   listed.write_text("- just\n- a list\n")
   assert_refused(omnijax("info", "--config", listed), 2, r"top level must be a mapping")
+
+
+def test_alias_bombs_and_huge_values_are_refused_in_a_short_line(tmp_path):
+  # An alias bomb under a valid key used to print an error line of 254 MB.
+  bomb = tmp_path / "bomb.yaml"
+  bomb.write_text(ALIAS_BOMB + "model: {hidden_size: *i}\n")
+  assert_refused(omnijax("info", "--config", bomb), 2,
+                 rf"^omnijax info: config error: {bomb}: not valid YAML: aliases expand to more "
+                 r"than 100000 values \(an alias bomb\?\); write the values out \(line \d+")
+  nested = "[&a [x, x, x, x, x, x, x, x, x, x]" + "".join(
+      f", &{b} [{', '.join(['*' + a] * 10)}]" for a, b in zip("abcde", "bcdef")) + "]"
+  assert_refused(omnijax("info", "--config", TINY_EXPERIMENT, f"model.hidden_size={nested}"), 2,
+                 r"override 'model\.hidden_size=\[&a \[x, .*….*': its value: not valid YAML: "
+                 r"aliases expand to more than 100000 values")
+  line = assert_refused(omnijax("info", "--config", TINY_EXPERIMENT,
+                                "model.hidden_size=" + "y" * 100_000), 2,
+                        r"model\.hidden_size: expected an integer, got 'y+…y+'$")
+  assert len(line) < 400
+  assert_refused(omnijax("info", "--config", "/dev/zero"), 2,
+                 r"config file /dev/zero is not a regular file")
 
 
 def test_bad_host_devices(tmp_path):

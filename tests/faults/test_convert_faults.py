@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from fault_helpers import assert_refused, copy_tree, omnijax, snapshot
+from fault_helpers import ALIAS_BOMB, assert_refused, copy_tree, omnijax, snapshot
+from omnijax.files import output_lock
 
 
 @pytest.fixture(scope="module")
@@ -34,12 +35,14 @@ def edited_config(hf_dir, tmp_path, **changes):
     ("gelu activation", {"hidden_act": "gelu"}, r"hidden_act 'gelu' is not supported"),
     ("scaled RoPE", {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4}},
      r"RoPE type 'yarn' is not supported"),
+    ("a huge value", {"model_type": "m" * 10**6}, r"model_type 'm+…m+' is not supported"),
 ])
 def test_from_hf_refuses_what_the_backbone_does_not_implement(hf_dir, tmp_path, fault, changes,
                                                                message):
   source = edited_config(hf_dir, tmp_path, **changes)
-  assert_refused(omnijax("convert", "from-hf", source, tmp_path / "model"), 1,
-                 r"^omnijax convert: .*config\.json: " + message)
+  line = assert_refused(omnijax("convert", "from-hf", source, tmp_path / "model"), 1,
+                        r"^omnijax convert: .*config\.json: " + message)
+  assert len(line) < 500
   assert not (tmp_path / "model").exists()
 
 
@@ -83,3 +86,31 @@ def test_from_hf_refuses_an_existing_model_unless_forced(hf_dir, tmp_path):
   before = snapshot(hf_dir)
   assert_refused(omnijax("convert", "to-hf", model, hf_dir), 1, r"already holds a checkpoint")
   assert snapshot(hf_dir) == before
+
+
+@pytest.mark.parametrize("fault,edit,message", [
+    ("an alias bomb", lambda text: ALIAS_BOMB + text, r"aliases expand to more than 100000"),
+    ("a Python tag", lambda text: "x: !!python/object/apply:os.system ['touch executed']\n" + text,
+     r"could not determine a constructor for the tag 'tag:yaml\.org,2002:python/object/apply:"
+     r"os\.system'"),
+])
+def test_to_hf_names_a_damaged_model_yaml(hf_dir, tmp_path, fault, edit, message):
+  model = tmp_path / "model"
+  assert omnijax("convert", "from-hf", hf_dir, model).returncode == 0
+  (model / "model.yaml").write_text(edit((model / "model.yaml").read_text()))
+  assert_refused(omnijax("convert", "to-hf", model, tmp_path / "hf", cwd=tmp_path), 2,
+                 rf"^omnijax convert: config error: {model}/model\.yaml: not valid YAML: "
+                 + message)
+  assert not (tmp_path / "hf").exists() and not (tmp_path / "executed").exists()
+
+
+def test_a_second_convert_into_the_same_destination_is_refused(hf_dir, tmp_path):
+  model = tmp_path / "model"
+  assert omnijax("convert", "from-hf", hf_dir, model).returncode == 0
+  before = snapshot(model)
+  with output_lock(model, "convert"):
+    result = omnijax("convert", "from-hf", hf_dir, model, "--force")
+  assert_refused(result, 1, rf"^omnijax convert: {model} is being written by another `omnijax "
+                            r"convert` \(pid \d+ on .*\); wait for it to finish")
+  assert snapshot(model) == before
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no lock or staging left

@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from fault_helpers import (REPO, assert_refused, copy_tree, make_read_only, omnijax, snapshot,
-                           train_args, undo_read_only)
+from fault_helpers import (ALIAS_BOMB, REPO, assert_refused, copy_tree, make_read_only, omnijax,
+                           snapshot, train_args, undo_read_only)
 
 
 def _first_shard(data, task="t2i"):
@@ -119,6 +119,42 @@ def test_truncated_latest_checkpoint_falls_back_to_the_previous(trained_workdir,
   assert result.returncode == 0, result.stderr
   assert "resumed from" in result.stdout and "checkpoints/2 " in result.stdout
   assert list((workdir / "checkpoints").glob("4.unreadable.*"))  # set aside, never deleted
+
+
+@pytest.mark.parametrize("fault,edit,overrides,message", [
+    # Used to be "no readable checkpoint": the checkpoints are fine, the config is not theirs.
+    ("config.yaml edited like the config", lambda t: t.replace("num_layers: 2", "num_layers: 3"),
+     ["model.num_layers=3"], r"config error: the checkpoint .*/checkpoints/4 holds parameter "
+                             r"layers/\S+ as \(2, .*\) float32, the config describes \(3, .*\)"),
+    ("a Python tag in config.yaml",
+     lambda t: "x: !!python/object/apply:os.system ['touch executed']\n" + t, [],
+     r"config error: cannot read the config of the run in .* \(.*config\.yaml: not valid YAML: "
+     r"could not determine a constructor for the tag 'tag:yaml\.org,2002:python/object/apply:"
+     r"os\.system' \(line 1, column 4\)\)"),
+    ("an alias bomb in config.yaml", lambda t: ALIAS_BOMB + t, [],
+     r"config error: cannot read the config of the run .*aliases expand to more than 100000"),
+])
+def test_a_damaged_run_config_is_named_and_nothing_is_set_aside(
+    trained_workdir, toy_data, tmp_path, fault, edit, overrides, message):
+  workdir = copy_tree(trained_workdir, tmp_path / "run")
+  config = workdir / "config.yaml"
+  config.write_text(edit(config.read_text()))
+  before = snapshot(workdir)
+  line = assert_refused(omnijax(*train_args(workdir, toy_data, *overrides), cwd=tmp_path), 2,
+                        r"^omnijax train: " + message)
+  assert len(line) < 600
+  assert snapshot(workdir) == before, fault  # no checkpoint set aside as unreadable
+  assert not (tmp_path / "executed").exists()
+
+
+def test_a_shard_that_is_not_a_regular_file_is_named_before_training(toy_data, tmp_path):
+  data = copy_tree(toy_data, tmp_path / "data")
+  shard = _first_shard(data)
+  shard.unlink()
+  shard.symlink_to("/dev/zero")  # used to be called missing
+  assert_refused(omnijax(*train_args(tmp_path / "run", data)), 1,
+                 rf"^omnijax train: {shard}: record 0: not a regular file \(a character device\)")
+  assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
 def test_divergence_exits_3_without_saving_the_diverged_state(toy_data, tmp_path):

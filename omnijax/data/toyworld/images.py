@@ -10,12 +10,16 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import warnings
 
 import numpy as np
 
 from omnijax.data.toyworld.scenes import COLOURS, SHAPES, Scene, Thing
 
 QUADRANTS = 4
+# Pixels per code side an image read back may have (saved ones have 8): beyond it a PNG is refused
+# before its pixels are decoded.
+MAX_PIXELS_PER_CODE = 64
 _RGB = {"red": (0.85, 0.15, 0.15), "green": (0.2, 0.7, 0.25), "blue": (0.2, 0.35, 0.9),
         "yellow": (0.95, 0.8, 0.1)}
 
@@ -146,15 +150,24 @@ class ImageCodebook:
   def load_png(self, path: str | os.PathLike) -> np.ndarray:
     from PIL import Image
 
+    # A few kilobytes of PNG can describe gigapixels: the size is checked before the pixels are
+    # read, and PIL's own bomb warning is an error rather than a second line on stderr.
+    most = self.grid * MAX_PIXELS_PER_CODE
     try:
-      with Image.open(path) as image:
-        return self.from_rgb(np.asarray(image.convert("RGB")))
-    except OSError as e:  # PIL's UnidentifiedImageError included
-      raise ValueError(f"{path}: not a readable image ({e})") from None
+      with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(path) as image:
+          if max(image.size) > most:
+            raise ValueError(f"image is {image.size[0]}x{image.size[1]} pixels; the toy world's "
+                             f"images have at most {most} pixels a side")
+          return self.from_rgb(np.asarray(image.convert("RGB")))
+    except (OSError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+      raise ValueError(f"{path}: not a readable image ({e})") from None  # OSError: unidentified
     except ValueError as e:
       raise ValueError(f"{path}: {e}") from None
 
   def save_png(self, codes, path: str | os.PathLike, pixels_per_code: int = 8) -> None:
     from PIL import Image  # a matplotlib dependency, so always present with omnijax
 
-    Image.fromarray(self.to_rgb(codes, pixels_per_code)).save(path)
+    # The format is named: atomic writes go through a temporary name without the .png suffix.
+    Image.fromarray(self.to_rgb(codes, pixels_per_code)).save(path, format="PNG")
