@@ -142,7 +142,8 @@ def speech_config(toy_data, *overrides):
                      "data.global_batch_size=2", *overrides)
 
 
-@pytest.mark.parametrize("freeze", [True, pytest.param(False, marks=pytest.mark.slow)])
+@pytest.mark.slow  # ~30 s each: the train step with the encoder compiles
+@pytest.mark.parametrize("freeze", [True, False])
 def test_the_speech_encoder_is_frozen_by_default_and_the_projector_trains(toy_data, freeze):
   config = speech_config(toy_data, f"train.stages.stage1.freeze_speech_encoder={freeze}")
   initial, trained, opt_state = speech_steps(config)
