@@ -313,14 +313,23 @@ class ModelConfig:
     return -(-size // self.vocab_pad_multiple) * self.vocab_pad_multiple
 
   def param_count(self) -> int:
-    """Exact parameter count of the backbone built from this config."""
+    """Exact parameter count of the model built from this config: the backbone, and the speech
+    encoder and projector when configured."""
     d, hd, v = self.hidden_size, self.resolved_head_dim, self.vocab_size
     q, kv = self.num_heads * hd, self.num_kv_heads * hd
     attention = d * q + 2 * d * kv + q * d + (q + 2 * kv if self.qkv_bias else 0)
     mlp = 3 * d * self.mlp_size
     layer = attention + mlp + 2 * d
     heads = v * d * (1 if self.tie_embeddings else 2)
-    return self.num_layers * layer + heads + d
+    return self.num_layers * layer + heads + d + self.speech_param_count()
+
+  def speech_param_count(self) -> int:
+    """Parameters of the speech encoder plus its projector (LayerNorm and two bias-free
+    linears onto hidden_size); 0 without an encoder."""
+    if self.speech_encoder is None:
+      return 0
+    width, d = self.speech_encoder.hidden_size, self.hidden_size
+    return self.speech_encoder.param_count() + 2 * width + width * d + d * d
 
 
 @dataclasses.dataclass(frozen=True)
@@ -497,6 +506,9 @@ class StageConfig:
   mixture: dict[str, float] = dataclasses.field(default_factory=dict)
   # Regexes over parameter paths (e.g. "layers/mlp/.*"); parameters matching none are frozen.
   trainable: tuple[str, ...] = (".*",)
+  # The speech encoder (model.speech_encoder) stays frozen whatever `trainable` says, as in the
+  # release; false lets `trainable` decide for it too. Its projector always follows `trainable`.
+  freeze_speech_encoder: bool = True
   # Keep the previous stage's optimizer moments (needs the same trainable set), or start fresh.
   carry_optimizer: bool = True
 

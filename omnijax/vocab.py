@@ -166,6 +166,11 @@ class Vocab:
     return self.special_id("<|audio|>")
 
   @property
+  def audio_context_id(self) -> int:
+    """The placeholder that a continuous speech frame's embedding overwrites."""
+    return self.special_id("<|context_of_audio|>")
+
+  @property
   def speech_offset(self) -> int:
     return self.text_size + len(SPECIAL_TOKENS)
 

@@ -27,6 +27,9 @@ from omnijax.config import SpeechEncoderConfig
 
 # Kaldi computes on samples in 16-bit range; FunASR scales float waveforms by this.
 SAMPLE_SCALE = 32768.0
+# The CMVN statistics' file name, FunASR's: beside a checkpoint's tensors and in an omnijax model
+# directory.
+CMVN_FILE = "am.mvn"
 
 
 class FrontendError(ValueError):

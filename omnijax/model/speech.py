@@ -20,12 +20,12 @@ from flax import nnx
 
 from omnijax.config import SPEECH_QUERIES, ModelConfig, SpeechEncoderConfig
 from omnijax.kernels.attention import get_attention
-from omnijax.model.transformer import Dense
+from omnijax.model.layers import Dense
 from omnijax.sharding import constrain
 
-# Dense reads `compute_dtype`, `param_dtype` and `init_std` from its config; SpeechEncoderConfig
-# has all three, so the encoder's linears are the backbone's.
-
+# The model's keyword arguments (and a batch's fields) that carry continuous speech:
+# features [B, K, T, feature_size] of up to K clips per row, and their valid frames [B, K].
+SPEECH_INPUTS = ("speech_features", "speech_lengths")
 
 class LayerNorm(nnx.Module):
   """Mean and variance, scale and bias in fp32; the result is cast back (FunASR's LayerNorm)."""

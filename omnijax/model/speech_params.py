@@ -11,7 +11,9 @@ ResamplerProjector under `model.audio_projection.` (`pre_proj_layernorm`, `mlp.0
 Here linears are [in, out] (torch: [out, in]), q/k/v are three linears, the FSMN filter is
 [taps, d], and each run of hidden-width blocks is one stacked parameter per tensor (leading
 `layers` axis). Conversion is a transpose, a split or a stack: import -> export is bit-exact.
-`get(name)` callers pass FunASR names without the release prefix.
+`get(name)` callers of the standalone modules' functions pass FunASR names without the release
+prefix; `release_parameter` and `release_tensors` serve a Transformer that holds the encoder
+and projector (`speech_encoder/...`, `speech_projector/...`), with the release's full names.
 """
 
 from __future__ import annotations
@@ -26,15 +28,29 @@ from flax import nnx
 from omnijax.config import ModelConfig, SpeechEncoderConfig
 from omnijax.model.build import Create, abstract_module, module_from_arrays
 from omnijax.model.speech import SpeechEncoder, SpeechProjector
+from omnijax.model.transformer import Transformer
 from omnijax.sharding import path_str
 
 RELEASE_ENCODER_PREFIX = "model.audio_model.model."
 RELEASE_PROJECTOR_PREFIX = "model.audio_projection."
+# The Transformer's attributes holding the encoder and projector, and the release's name prefix
+# of each.
+RELEASE_PREFIXES = {"speech_encoder": RELEASE_ENCODER_PREFIX,
+                    "speech_projector": RELEASE_PROJECTOR_PREFIX}
 # SenseVoice's CTC head decodes its own transcripts; the release never calls it, so it is not
 # part of omnijax's encoder and an import skips these tensors.
 UNUSED_ENCODER_PREFIXES = ("ctc.",)
 
 GetTensor = Callable[[str], np.ndarray]
+
+
+class TensorShapeError(ValueError):
+  """A tensor's shape is not the one its parameter needs (`tensor` as `get` was asked for it)."""
+
+  def __init__(self, tensor: str, shape: tuple, expected: tuple, parameter: str):
+    super().__init__(f"tensor {tensor}: shape {shape}, expected {expected} for parameter "
+                     f"{parameter}")
+    self.tensor, self.shape, self.expected, self.parameter = tensor, shape, expected, parameter
 
 _BLOCK_GROUPS = {"input_block": "encoder.encoders0.0", "blocks": "encoder.encoders",
                  "tp_blocks": "encoder.tp_encoders"}
@@ -53,6 +69,16 @@ class _Source:
   name: str
   layout: str  # "same"; "kernel": transposed; "fsmn": [d, 1, taps] there, [taps, d] here
   third: int | None = None  # which of q, k, v in a fused linear_q_k_v tensor
+
+  def torch_shape(self, shape: tuple) -> tuple:
+    """The tensor's shape for an omnijax array (one layer's) of `shape`."""
+    if self.layout == "kernel":
+      shape = shape[::-1]
+    elif self.layout == "fsmn":
+      shape = (shape[1], 1, shape[0])
+    if self.third is not None:
+      shape = (3 * shape[0], *shape[1:])
+    return tuple(shape)
 
   def to_omnijax(self, tensor: np.ndarray) -> np.ndarray:
     if self.third is not None:
@@ -87,13 +113,18 @@ def _sources(path: tuple[str, ...], shape: tuple) -> list[_Source]:
 
 
 def _read(get: GetTensor, path: tuple[str, ...], shape: tuple) -> np.ndarray:
-  sources = _sources(path, shape)
-  arrays = [source.to_omnijax(np.asarray(get(source.name))) for source in sources]
-  array = np.stack(arrays) if path[0] in _STACKED else arrays[0]
-  if array.shape != tuple(shape):
-    raise ValueError(f"tensor {sources[0].name}: gives shape {array.shape} for parameter "
-                     f"{'/'.join(path)}, expected {tuple(shape)}")
-  return array
+  """The omnijax array at `path` (of the encoder, or `projector/...`); every tensor's shape is
+  checked before it is split or transposed."""
+  stacked = path[0] in _STACKED
+  layer_shape = tuple(shape[1:] if stacked else shape)
+  arrays = []
+  for source in _sources(path, shape):
+    tensor = np.asarray(get(source.name))
+    if tensor.shape != source.torch_shape(layer_shape):
+      raise TensorShapeError(source.name, tensor.shape, source.torch_shape(layer_shape),
+                             "/".join(path))
+    arrays.append(source.to_omnijax(tensor))
+  return np.stack(arrays) if stacked else arrays[0]
 
 
 def encoder_from_tensors(config: SpeechEncoderConfig, get: GetTensor,
@@ -151,6 +182,30 @@ def encoder_tensors(encoder: SpeechEncoder) -> dict[str, np.ndarray]:
 def projector_tensors(projector: SpeechProjector) -> dict[str, np.ndarray]:
   """ResamplerProjector name -> array (without the release prefix)."""
   return _tensors(projector, ("projector",))
+
+
+def release_parameter(keys: tuple[str, ...], shape: tuple, get: GetTensor) -> np.ndarray:
+  """A Transformer's parameter under `speech_encoder/` or `speech_projector/` (`keys`, e.g.
+  ("speech_encoder", "blocks", "norm1", "scale")) from tensors `get` returns by their release
+  names; a TensorShapeError names the release tensor."""
+  module, *path = keys
+  prefix = RELEASE_PREFIXES[module]
+  path = tuple(path) if module == "speech_encoder" else ("projector", *path)
+  try:
+    return _read(lambda name: get(prefix + name), path, shape)
+  except TensorShapeError as e:
+    raise TensorShapeError(prefix + e.tensor, e.shape, e.expected, "/".join(keys)) from None
+
+
+def release_tensors(model: Transformer) -> dict[str, np.ndarray]:
+  """Release name -> array of the model's speech encoder and projector (none without them)."""
+  if model.speech_encoder is None:
+    return {}
+  tensors = {RELEASE_ENCODER_PREFIX + name: array
+             for name, array in encoder_tensors(model.speech_encoder).items()}
+  tensors.update({RELEASE_PROJECTOR_PREFIX + name: array
+                  for name, array in projector_tensors(model.speech_projector).items()})
+  return tensors
 
 
 def encoder_tensor_names(config: SpeechEncoderConfig) -> set[str]:

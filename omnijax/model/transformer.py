@@ -2,10 +2,15 @@
 with `causal=True`, causally within each segment: the autoregressive baseline).
 
 `Transformer(config, rngs)(input_ids, segment_ids=None, positions=None, *, input_embeddings=None,
-input_embedding_mask=None, causal=False) -> logits [B, L, V]`: where `input_embedding_mask`
-[B, L] is true, `input_embeddings` [B, L, d] replace the token embeddings (what a speech
-projector writes into the <|context_of_audio|> slots); `hidden_states(...)` stops before the lm_head so that the training loss can apply `output_head()`
-chunk by chunk (omnijax.diffusion.objective) instead of holding every position's logits.
+input_embedding_mask=None, speech_features=None, speech_lengths=None, causal=False) -> logits
+[B, L, V]`: where `input_embedding_mask` [B, L] is true, `input_embeddings` [B, L, d] replace the
+token embeddings. With `model.speech_encoder` configured the model holds the SenseVoice encoder
+and its projector (`speech_encoder`, `speech_projector`, omnijax.model.speech) and takes speech
+as the release does: `speech_features` [B, K, T, F] (up to K clips per row, CMVN applied) and
+`speech_lengths` [B, K] (valid frames, 0: no clip) are encoded, projected and written over the
+row's `<|context_of_audio|>` placeholders in order. `hidden_states(...)` stops before the lm_head
+so that the training loss can apply `output_head()` chunk by chunk (omnijax.diffusion.objective)
+instead of holding every position's logits.
 Logits are raw (`logits[:, i] = lm_head(h_i)`): the Dream shift (h(i-1) predicts x(i)) belongs to
 the objective and the sampler. Parameters are fp32 (`param_dtype`), matmuls run in
 `compute_dtype`, and every parameter carries `logical_axes` metadata for omnijax.sharding.
@@ -20,43 +25,16 @@ from jax.ad_checkpoint import checkpoint_name
 
 from omnijax.config import REMAT_POLICIES, ModelConfig
 from omnijax.kernels.attention import get_attention
+from omnijax.model.layers import Dense, matmul, normal_param
 from omnijax.model.rope import apply_rope, segment_positions
+from omnijax.model.speech import (SpeechEncoder, SpeechProjector, speech_embeddings,
+                                  splice_speech)
 from omnijax.sharding import constrain
-
-
-def _matmul(x: jax.Array, w: jax.Array) -> jax.Array:
-  """x [..., in] @ w [in, out] as one 2-D matmul: XLA:CPU computes the weight gradient of a 3-D
-  dot (contracting batch and length together) about 2x slower than the 2-D equivalent; on TPU
-  merging the leading dims is free."""
-  return jnp.dot(x.reshape(-1, x.shape[-1]), w).reshape(*x.shape[:-1], w.shape[-1])
 
 
 def output_logits(hidden: jax.Array, head: jax.Array) -> jax.Array:
   """Final hidden states [B, L, d] x lm_head [d, V] -> logits [B, L, V] in hidden's dtype."""
-  return constrain(_matmul(hidden, head.astype(hidden.dtype)), ("batch", "length", "act_vocab"))
-
-
-def _normal_param(rngs: nnx.Rngs, shape, axes, std: float, dtype) -> nnx.Param:
-  return nnx.Param(std * jax.random.normal(rngs.params(), shape, dtype), logical_axes=axes)
-
-
-class Dense(nnx.Module):
-  """x @ kernel (+ bias), kernel stored [in, out] in param dtype, computed in compute dtype."""
-
-  def __init__(self, in_features: int, out_features: int, axes: tuple[str, str], *, bias: bool,
-               config: ModelConfig, rngs: nnx.Rngs):
-    self.compute_dtype = jnp.dtype(config.compute_dtype)
-    param_dtype = jnp.dtype(config.param_dtype)
-    self.kernel = _normal_param(rngs, (in_features, out_features), axes, config.init_std,
-                                param_dtype)
-    self.bias = (nnx.Param(jnp.zeros((out_features,), param_dtype), logical_axes=(axes[1],))
-                 if bias else None)
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    y = _matmul(x.astype(self.compute_dtype), self.kernel[...].astype(self.compute_dtype))
-    if self.bias is not None:
-      y = y + self.bias[...].astype(self.compute_dtype)
-    return y
+  return constrain(matmul(hidden, head.astype(hidden.dtype)), ("batch", "length", "act_vocab"))
 
 
 class RMSNorm(nnx.Module):
@@ -173,16 +151,22 @@ class Transformer(nnx.Module):
   def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
     self.config = config
     param_dtype = jnp.dtype(config.param_dtype)
-    self.embed_tokens = _normal_param(rngs, (config.vocab_size, config.hidden_size),
-                                      ("vocab", "embed"), config.init_std, param_dtype)
+    self.embed_tokens = normal_param(rngs, (config.vocab_size, config.hidden_size),
+                                     ("vocab", "embed"), config.init_std, param_dtype)
     if config.scan_layers:
       self.layers = self._stacked_blocks(config, rngs)
     else:
       self.layers = nnx.List([Block(config, rngs) for _ in range(config.num_layers)])
     self.norm = RMSNorm(config.hidden_size, config)
     self.lm_head = (None if config.tie_embeddings else
-                    _normal_param(rngs, (config.hidden_size, config.vocab_size),
-                                  ("embed", "vocab"), config.init_std, param_dtype))
+                    normal_param(rngs, (config.hidden_size, config.vocab_size),
+                                 ("embed", "vocab"), config.init_std, param_dtype))
+    # Created last, so that the backbone's weights at a seed do not depend on the encoder.
+    if config.speech_encoder is None:
+      self.speech_encoder = self.speech_projector = None
+    else:
+      self.speech_encoder = SpeechEncoder(config.speech_encoder, rngs)
+      self.speech_projector = SpeechProjector(config, rngs)
 
   @staticmethod
   def _stacked_blocks(config: ModelConfig, rngs: nnx.Rngs) -> Block:
@@ -198,10 +182,14 @@ class Transformer(nnx.Module):
 
   def __call__(self, input_ids: jax.Array, segment_ids: jax.Array | None = None,
                positions: jax.Array | None = None, *, input_embeddings: jax.Array | None = None,
-               input_embedding_mask: jax.Array | None = None, causal: bool = False) -> jax.Array:
+               input_embedding_mask: jax.Array | None = None,
+               speech_features: jax.Array | None = None, speech_lengths: jax.Array | None = None,
+               causal: bool = False) -> jax.Array:
     hidden = self.hidden_states(input_ids, segment_ids, positions,
                                 input_embeddings=input_embeddings,
-                                input_embedding_mask=input_embedding_mask, causal=causal)
+                                input_embedding_mask=input_embedding_mask,
+                                speech_features=speech_features, speech_lengths=speech_lengths,
+                                causal=causal)
     return output_logits(hidden, self.output_head())
 
   def output_head(self) -> jax.Array:
@@ -212,6 +200,8 @@ class Transformer(nnx.Module):
                     positions: jax.Array | None = None, *,
                     input_embeddings: jax.Array | None = None,
                     input_embedding_mask: jax.Array | None = None,
+                    speech_features: jax.Array | None = None,
+                    speech_lengths: jax.Array | None = None,
                     causal: bool = False) -> jax.Array:
     """Normed final hidden states [B, L, d] in compute dtype: everything before the lm_head."""
     config = self.config
@@ -222,6 +212,7 @@ class Transformer(nnx.Module):
     if positions is None:
       positions = segment_positions(segment_ids)
     x = jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(compute_dtype)
+    x = self._splice_speech(x, input_ids, speech_features, speech_lengths)
     x = _replace_embeddings(x, input_embeddings, input_embedding_mask)
     x = constrain(x, ("batch", "length", "act_embed"))
 
@@ -244,3 +235,22 @@ class Transformer(nnx.Module):
 
     return self.norm(x)
 
+  def _splice_speech(self, token_embeddings: jax.Array, input_ids: jax.Array,
+                     features: jax.Array | None, lengths: jax.Array | None) -> jax.Array:
+    """The token embeddings with the projected speech over the `<|context_of_audio|>` slots.
+    Whether speech is given is the call's structure (one compilation each); whether a batch
+    holds any clip is decided at run time (speech_embeddings' lax.cond)."""
+    if (features is None) != (lengths is None):
+      raise ValueError("speech_features and speech_lengths are given together or not at all")
+    if features is None:
+      return token_embeddings
+    if self.speech_encoder is None:
+      raise ValueError("speech_features given, but this model has no speech encoder "
+                       "(model.speech_encoder is not set)")
+    if features.ndim != 4 or lengths.shape != features.shape[:2]:
+      raise ValueError(f"speech_features {features.shape} should be [batch, clips, frames, "
+                       f"features] and speech_lengths {lengths.shape} [batch, clips]")
+    speech, frames = speech_embeddings(self.speech_encoder, self.speech_projector, features,
+                                       lengths)
+    return splice_speech(token_embeddings, input_ids, speech, frames,
+                         self.config.vocab.build().audio_context_id)

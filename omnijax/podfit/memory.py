@@ -23,7 +23,6 @@ import jax
 import numpy as np
 
 from omnijax.config import Config, ModelConfig
-from omnijax.train.optimizer import trainable_labels
 from omnijax.train.state import StateLayout
 from omnijax.sharding import shard_count
 
@@ -69,7 +68,7 @@ class AnalyticMemory:
 def analytic_minimum(config: Config, mesh, stage: str) -> AnalyticMemory:
   """The analytic minimum (module docstring) of `stage`'s train step on `mesh`."""
   layout = StateLayout.create(config, mesh)
-  labels = trainable_labels(layout.abstract_params, config.train.stages[stage].trainable)
+  labels = layout.trainable(config.train.stages[stage])
   params_per_chip = state_bytes = 0
   for value, sharding, label in zip(jax.tree.leaves(layout.abstract_params),
                                     jax.tree.leaves(layout.param_shardings),

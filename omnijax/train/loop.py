@@ -296,7 +296,7 @@ def enter_stage(config: Config, stage_name: str, stage_end: int, layout: StateLa
     progress.state = program.init_state(initial_params(config, layout, mesh), progress.step)
   elif progress.stage != stage_name:
     previous = config.train.stages[progress.stage]
-    if not stage.carry_optimizer or previous.trainable != stage.trainable:
+    if not stage.carry_optimizer or layout.trainable(previous) != layout.trainable(stage):
       if stage.carry_optimizer:
         log.warning("%s: trainable parameters differ from %s; optimizer state reset",
                     stage_name, progress.stage)

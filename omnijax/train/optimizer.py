@@ -50,12 +50,20 @@ def global_schedule(train: TrainConfig) -> optax.Schedule:
   return optax.join_schedules(schedules, boundaries)
 
 
-def trainable_labels(params: nnx.State, patterns: tuple[str, ...]) -> nnx.State:
-  """'train' or 'frozen' per parameter, by regex full-match on its path (e.g. layers/mlp/.*)."""
-  compiled = [re.compile(p) for p in patterns]
+# The speech encoder's parameters (omnijax.model.transformer's `speech_encoder`).
+SPEECH_ENCODER_PARAMS = re.compile("speech_encoder/.*")
+
+
+def trainable_labels(params: nnx.State, stage: StageConfig) -> nnx.State:
+  """'train' or 'frozen' per parameter: trainable when its path full-matches one of the stage's
+  `trainable` regexes (e.g. layers/mlp/.*), unless it is the speech encoder's and the stage
+  freezes it."""
+  compiled = [re.compile(p) for p in stage.trainable]
 
   def label(path, _):
     name = path_str(path)
+    if stage.freeze_speech_encoder and SPEECH_ENCODER_PARAMS.fullmatch(name):
+      return "frozen"
     return "train" if any(p.fullmatch(name) for p in compiled) else "frozen"
 
   return jax.tree_util.tree_map_with_path(label, params)

@@ -35,7 +35,7 @@ class StateLayout:
 
   def trainable(self, stage: StageConfig) -> dict:
     """'train' or 'frozen' per parameter in `stage`."""
-    return trainable_labels(self.abstract_params, stage.trainable)
+    return trainable_labels(self.abstract_params, stage)
 
   def optimizer(self, config: Config, stage: StageConfig) -> optax.GradientTransformation:
     return make_optimizer(config.train.optimizer, self.trainable(stage))

@@ -12,6 +12,7 @@ from flax import nnx
 
 from omnijax.config import Config, ConfigError
 from omnijax.diffusion import objective
+from omnijax.model.speech import SPEECH_INPUTS
 from omnijax.sharding import logical_to_spec, shard_count
 
 
@@ -33,7 +34,9 @@ def make_train_step(config: Config, graphdef: nnx.GraphDef, tx: optax.GradientTr
   """(state, batch) -> (state, metrics); jit it with shardings (see `jit_train_step`).
 
   `trainable` ('train' / 'frozen' per parameter, the labels `tx` was built with) decides which
-  gradients `grad_norm` reports: those the optimizer uses.
+  gradients `grad_norm` reports: those the optimizer uses; frozen parameters enter the model
+  behind stop_gradient, so no backward pass runs for them (nor through a frozen speech encoder).
+  A batch carrying `SPEECH_INPUTS` (speech_features, speech_lengths) feeds them to the model.
   """
   train, vocab = config.train, config.model.vocab.build()
   accum = train.grad_accum_steps
@@ -45,9 +48,12 @@ def make_train_step(config: Config, graphdef: nnx.GraphDef, tx: optax.GradientTr
     def loss_fn(params):
       corruption = training_objective.corrupt(batch, train.objective, vocab, train.seed, step,
                                               row_offset)
-      model = nnx.merge(graphdef, params)
+      model = nnx.merge(graphdef, jax.tree.map(
+          lambda p, label: p if label == "train" else jax.lax.stop_gradient(p), params,
+          trainable))
+      speech = {name: batch[name] for name in SPEECH_INPUTS if name in batch}
       hidden = model.hidden_states(corruption.inputs, batch["segment_ids"], batch["positions"],
-                                   causal=training_objective.causal)
+                                   causal=training_objective.causal, **speech)
       sums = objective.loss_sums(hidden, model.output_head(), batch, corruption, train.objective)
       denominator = sums["denominator"]
       if train.grad_accum_reduction == "sum_of_means":

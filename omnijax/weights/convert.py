@@ -5,13 +5,19 @@ Parameter names map by rule, not by table: the omnijax path joined with '.' unde
 RMSNorm `scale` -> `weight`, `bias` -> `bias`; `lm_head` is top level.
 Checkpoints are read tensor by tensor and written shard by shard, so a 7B model never needs two
 full copies in host memory. Pickle-based checkpoints (.bin/.pt) are refused.
+
+The release's continuous speech input (reference §1.4) travels with the backbone: a checkpoint
+holding the SenseVoice encoder and projector (`model.audio_model.model.*`,
+`model.audio_projection.*`, as omnijax.model.speech_params maps them) imports into a model with
+`speech_encoder` set, and the CMVN statistics (`am.mvn`) beside the tensors go along into the
+model directory and back; a checkpoint without them imports without the encoder.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
-import logging
 import os
 import pathlib
 import shutil
@@ -23,11 +29,15 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from omnijax.config import ConfigError, ModelConfig, VocabConfig
-from omnijax.messages import quoted
+from omnijax.config import ConfigError, ModelConfig, SpeechEncoderConfig, VocabConfig, from_dict
+from omnijax.data.speech_frontend import CMVN_FILE, FrontendError, read_cmvn
 from omnijax.files import (atomic_write, atomic_write_text, output_lock, replace_dir,
                            staging_dir)
+from omnijax.messages import quoted
 from omnijax.model.build import model_from_arrays
+from omnijax.model.speech_params import (RELEASE_ENCODER_PREFIX, RELEASE_PREFIXES,
+                                         UNUSED_ENCODER_PREFIXES, TensorShapeError,
+                                         release_parameter, release_tensors)
 from omnijax.model.transformer import Transformer
 from omnijax.sharding import path_str
 from omnijax.vocab import Vocab
@@ -39,12 +49,12 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 SUPPORTED_MODEL_TYPES = ("qwen2", "dream")
 # Buffers some exporters write that carry no learned weights.
 IGNORED_TENSOR_SUFFIXES = ("rotary_emb.inv_freq",)
-# The release's continuous speech-input path (SenseVoice encoder + projector, reference §1.4):
-# omnijax feeds speech as discrete codes (§9), so these tensors are skipped, with a log line.
-SKIPPED_TENSOR_PREFIXES = ("model.audio_model.", "model.audio_projection.",
-                           "audio_model.", "audio_projection.")
-
-log = logging.getLogger(__name__)
+# SenseVoice's CTC head, which the release never calls (omnijax.model.speech_params).
+IGNORED_TENSOR_PREFIXES = tuple(RELEASE_ENCODER_PREFIX + prefix
+                                for prefix in UNUSED_ENCODER_PREFIXES)
+# config.json key (written by to_hf) with the speech encoder's sizes; a checkpoint without it
+# holds the release's SenseVoiceSmall.
+SPEECH_CONFIG_KEY = "omnijax_speech_encoder"
 
 
 class CheckpointError(ValueError):
@@ -147,6 +157,8 @@ def config_to_hf(config: ModelConfig, dtype: str) -> dict:
       "omnijax_vocab": {"layout": config.vocab.layout, "text_size": config.vocab.text_size,
                         "n_image_codes": config.vocab.n_image_codes,
                         "n_speech_codes": config.vocab.n_speech_codes},
+      **({SPEECH_CONFIG_KEY: dataclasses.asdict(config.speech_encoder)}
+         if config.speech_encoder is not None else {}),
   }
 
 
@@ -202,12 +214,16 @@ class _TensorIndex:
         raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
     return self._handles[file]
 
-  def read(self, name: str, shape: tuple[int, ...], transpose: bool) -> np.ndarray:
+  def tensor(self, name: str) -> np.ndarray:
+    """Tensor `name` as stored, in fp32 on the host."""
     if name not in self.location:
       raise CheckpointError(f"tensor {name} is missing from the checkpoint")
     self.used.add(name)
     # framework="flax" because numpy cannot hold bf16; convert to fp32 on the host right away.
-    tensor = np.asarray(self._open(self.location[name]).get_tensor(name), dtype=np.float32)
+    return np.asarray(self._open(self.location[name]).get_tensor(name), dtype=np.float32)
+
+  def read(self, name: str, shape: tuple[int, ...], transpose: bool) -> np.ndarray:
+    tensor = self.tensor(name)
     if transpose:
       tensor = tensor.T
     if tuple(tensor.shape) != tuple(shape):
@@ -223,6 +239,9 @@ def from_hf(path: str | os.PathLike, vocab: VocabConfig | None = None,
 
   `vocab` names the checkpoint's token layout when config.json does not; with `grow_vocab` the
   model comes out in that bigger layout (omnijax.weights.vocab_growth, new rows drawn with `seed`).
+  Audio tensors, when present, fill the speech encoder and projector; `speech_encoder=` (a
+  SpeechEncoderConfig, among `model_overrides`) gives their sizes when config.json does not
+  and they are not the release's.
   """
   directory = pathlib.Path(path)
   config_file = directory / "config.json"
@@ -235,6 +254,8 @@ def from_hf(path: str | os.PathLike, vocab: VocabConfig | None = None,
   if not isinstance(hf_config, dict):
     raise CheckpointError(f"{config_file}: expected a JSON object")
   config = config_from_hf(hf_config, vocab, str(config_file), **model_overrides)
+  config = dataclasses.replace(config, speech_encoder=_speech_encoder(
+      directory, hf_config, config.speech_encoder, config_file))
   growth = None
   if grow_vocab is not None:
     try:
@@ -246,6 +267,8 @@ def from_hf(path: str | os.PathLike, vocab: VocabConfig | None = None,
     index = _TensorIndex(directory, stack)
 
     def read(keys: tuple[str, ...], shape: tuple[int, ...]) -> np.ndarray:
+      if keys[0] in RELEASE_PREFIXES:
+        return _speech_parameter(index, keys, shape)
       if keys[0] == "layers" and config.scan_layers:
         # Stacked [num_layers, ...] parameter: fill one preallocated array layer by layer.
         stacked = np.empty(shape, np.float32)
@@ -258,16 +281,65 @@ def from_hf(path: str | os.PathLike, vocab: VocabConfig | None = None,
 
     model = model_from_arrays(config, growth.reader(read) if growth else read, mesh)
     unused = set(index.location) - index.used
-    skipped = sorted(name for name in unused if name.startswith(SKIPPED_TENSOR_PREFIXES))
-    if skipped:
-      log.warning("skipped %d speech-encoder tensors (%s, ...): omnijax takes speech as discrete "
-                  "codes", len(skipped), skipped[0])
-    unexpected = sorted(name for name in unused - set(skipped)
-                        if not name.endswith(IGNORED_TENSOR_SUFFIXES))
+    unexpected = sorted(name for name in unused if not name.endswith(IGNORED_TENSOR_SUFFIXES)
+                        and not name.startswith(IGNORED_TENSOR_PREFIXES))
     if unexpected:
       raise CheckpointError(f"tensor {unexpected[0]} in {index.location[unexpected[0]].name} is "
                             f"not a parameter of this architecture ({len(unexpected)} unexpected)")
   return config, model
+
+
+def _speech_encoder(directory: pathlib.Path, hf_config: dict,
+                    requested: SpeechEncoderConfig | None,
+                    config_file: pathlib.Path) -> SpeechEncoderConfig | None:
+  """The speech encoder to import: none when the checkpoint holds no audio tensors and none is
+  requested; else the requested one, config.json's, or the release's. Its am.mvn is checked
+  here, before any weight is read."""
+  with contextlib.ExitStack() as stack:
+    names = _TensorIndex(directory, stack).location
+  if requested is None:
+    if not any(name.startswith(tuple(RELEASE_PREFIXES.values())) for name in names):
+      return None
+    requested = SpeechEncoderConfig()
+    if SPEECH_CONFIG_KEY in hf_config:
+      try:
+        requested = from_dict(SpeechEncoderConfig, hf_config[SPEECH_CONFIG_KEY], SPEECH_CONFIG_KEY)
+      except ConfigError as e:
+        raise CheckpointError(f"{config_file}: {e}") from None
+  speech_statistics(directory, requested)
+  return requested
+
+
+def _speech_parameter(index: _TensorIndex, keys: tuple[str, ...], shape: tuple) -> np.ndarray:
+  try:
+    return release_parameter(keys, shape, index.tensor)
+  except TensorShapeError as e:
+    raise CheckpointError(
+        f"tensor {e.tensor} in {index.location[e.tensor].name} has shape {e.shape}, expected "
+        f"{e.expected} for {e.parameter} (the speech encoder's sizes: config.json's "
+        f"{SPEECH_CONFIG_KEY}, else the release's SenseVoiceSmall)") from None
+
+
+def speech_statistics(directory: str | os.PathLike,
+                      speech_encoder: SpeechEncoderConfig | None) -> pathlib.Path | None:
+  """The CMVN statistics file (am.mvn) in `directory`, checked to fit the encoder's features;
+  None for a model without a speech encoder."""
+  if speech_encoder is None:
+    return None
+  path = pathlib.Path(directory) / CMVN_FILE
+  if not path.is_file():
+    raise CheckpointError(f"{path}: missing; the speech encoder's CMVN statistics (FunASR's "
+                          f"{CMVN_FILE}) belong beside its weights")
+  try:
+    read_cmvn(path, speech_encoder.feature_size)
+  except FrontendError as e:
+    raise CheckpointError(str(e)) from None
+  return path
+
+
+def _copy_into(path: pathlib.Path | None, directory: str | os.PathLike) -> None:
+  if path is not None:
+    atomic_write(pathlib.Path(directory) / path.name, lambda tmp: shutil.copyfile(path, tmp))
 
 
 # --- writing ----------------------------------------------------------------------------------
@@ -279,6 +351,8 @@ def _hf_tensors(model: Transformer, config: ModelConfig, dtype):
   for path, variable in jax.tree_util.tree_leaves_with_path(
       state, is_leaf=lambda x: isinstance(x, nnx.Variable)):
     keys = tuple(path_str(path).split("/"))
+    if keys[0] in RELEASE_PREFIXES:
+      continue  # the speech encoder and projector: by their release names, below
     value = variable.get_value()
     layers = ([(("layers", str(i)) + keys[1:], value[i]) for i in range(value.shape[0])]
               if keys[0] == "layers" and config.scan_layers else [(keys, value)])
@@ -286,6 +360,8 @@ def _hf_tensors(model: Transformer, config: ModelConfig, dtype):
       name, transpose = hf_name(layer_keys)
       host = np.asarray(jax.device_get(array)).astype(dtype)
       yield name, np.ascontiguousarray(host.T if transpose else host)
+  for name, array in release_tensors(model).items():
+    yield name, np.ascontiguousarray(array.astype(dtype))
 
 
 def to_hf(model: Transformer, config: ModelConfig, path: str | os.PathLike,
@@ -396,14 +472,20 @@ def run_convert(args) -> int:
         staged = staging_dir(args.dest)
         try:
           save_model(model, config, staged)
+          _copy_into(speech_statistics(args.source, config.speech_encoder), staged)
           replace_dir(staged, args.dest)
         finally:
           shutil.rmtree(staged, ignore_errors=True)
       else:
         config, model = load_model(args.source)
+        statistics = speech_statistics(args.source, config.speech_encoder)  # before any writing
         to_hf(model, config, args.dest, dtype=args.dtype)
+        _copy_into(statistics, args.dest)
   except (CheckpointError, FileNotFoundError) as e:
     print(f"omnijax convert: {e}", file=sys.stderr)
     return 1
   print(f"converted {args.source} -> {args.dest}: {config.param_count():,} parameters")
+  if config.speech_encoder is None and args.direction == "from-hf":
+    print(f"{args.source} holds no speech encoder ({RELEASE_ENCODER_PREFIX}*): imported for "
+          "text, images and discrete speech codes only")
   return 0

@@ -18,6 +18,7 @@ def test_release_layout_matches_the_published_ids():
       151688, 16384, 168072, 8192)
   assert v.special_id("<|beginoftext|>") == 151665
   assert v.image_placeholder_id == 151682 and v.audio_placeholder_id == 151687
+  assert v.audio_context_id == 151686  # reference §2.2: <|context_of_audio|>
   assert len(set(v.special_tokens.values())) == len(SPECIAL_TOKENS)
 
 

@@ -11,10 +11,10 @@ from safetensors.numpy import save_file
 from omnijax.config import SpeechEncoderConfig
 from omnijax.model.speech import encoded_frames
 from omnijax.model.speech_params import (RELEASE_ENCODER_PREFIX, RELEASE_PROJECTOR_PREFIX,
-                                         UNUSED_ENCODER_PREFIXES, encoder_from_tensors,
-                                         encoder_tensor_names, encoder_tensors,
-                                         projector_from_tensors, projector_tensor_names,
-                                         projector_tensors)
+                                         UNUSED_ENCODER_PREFIXES, TensorShapeError,
+                                         encoder_from_tensors, encoder_tensor_names,
+                                         encoder_tensors, projector_from_tensors,
+                                         projector_tensor_names, projector_tensors)
 
 
 @pytest.fixture(scope="module")
@@ -101,10 +101,16 @@ def test_missing_or_misshapen_tensors_are_named(release_checkpoint, tiny_speech_
                          lambda name: {k: v for k, v in tensors.items() if k != absent}[name])
   narrow = dict(tensors)
   narrow["encoder.encoders0.0.self_attn.linear_q_k_v.weight"] = np.zeros((3 * 64, 80), np.float32)
-  with pytest.raises(ValueError, match=r"tensor encoder.encoders0.0.self_attn.linear_q_k_v.weight"
-                     r": gives shape \(80, 64\) for parameter input_block/self_attn/linear_\w"
-                     r"/kernel, expected \(560, 64\)"):
+  with pytest.raises(TensorShapeError, match=r"tensor encoder.encoders0.0.self_attn.linear_q_k_v"
+                     r".weight: shape \(192, 80\), expected \(192, 560\) for parameter "
+                     r"input_block/self_attn/linear_\w/kernel"):
     encoder_from_tensors(config.speech_encoder, narrow.__getitem__)
+  # A filter of the wrong rank is refused before it is indexed.
+  flat = dict(tensors)
+  flat["encoder.encoders.1.self_attn.fsmn_block.weight"] = np.zeros((64, 5), np.float32)
+  with pytest.raises(TensorShapeError, match=r"encoders.1.self_attn.fsmn_block.weight: shape "
+                     r"\(64, 5\), expected \(64, 1, 5\) for parameter blocks/self_attn/fsmn"):
+    encoder_from_tensors(config.speech_encoder, flat.__getitem__)
 
 
 def test_release_encoder_reads_every_funasr_tensor_but_the_ctc_head(sensevoice):

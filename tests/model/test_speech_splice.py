@@ -1,12 +1,15 @@
 """Splicing projected speech over the `<|context_of_audio|>` placeholders, as the release does:
-<|begin_of_audio|> + (T + 4) placeholders + <|end_of_audio|>, in order, several clips per row."""
+<|begin_of_audio|> + (T + 4) placeholders + <|end_of_audio|>, in order, several clips per row;
+and the model that holds the encoder and projector and takes speech in its forward pass."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
-from omnijax.model.build import module_from_arrays
+from omnijax.config import CONFIG_ROOT, load_config
+from omnijax.model.build import abstract_model, create_model, module_from_arrays
 from omnijax.model.speech import (SpeechEncoder, SpeechProjector, encoded_frames,
                                   speech_embeddings, splice_speech)
 
@@ -90,3 +93,105 @@ def test_the_encoder_runs_only_inside_the_branch_taken_when_there_is_speech(tiny
                                 np.zeros((1, 1), np.int32)).jaxpr
   primitives = {str(eqn.primitive) for eqn in jaxpr.eqns}
   assert "cond" in primitives and "dot_general" not in primitives and "scan" not in primitives
+
+
+# --- the model owns its speech input ---------------------------------------------------------
+
+
+def _speech_rows(vocab, clips_per_row, length):
+  """Token ids (text, then each clip as <|begin_of_audio|> + n placeholders + <|end_of_audio|>,
+  text between) and, per row, the placeholder positions in order."""
+  rows, slots = [], []
+  for clips in clips_per_row:
+    ids = [11]
+    for count in clips:
+      ids += [vocab.begin_audio_id, *[vocab.audio_context_id] * count, vocab.end_audio_id, 12]
+    ids += [13] * (length - len(ids))
+    rows.append(ids)
+    slots.append(np.flatnonzero(np.array(ids) == vocab.audio_context_id))
+  return jnp.array(rows), slots
+
+
+def test_the_model_splices_each_clips_projected_frames_into_its_rows_placeholders(
+    tiny_speech_model):
+  config = tiny_speech_model()
+  vocab = config.vocab.build()
+  model = create_model(config, seed=0)
+  rng = np.random.default_rng(2)
+  features = rng.standard_normal((2, 2, 5, 560)).astype(np.float32)
+  lengths = np.array([[5, 2], [3, 0]])
+  input_ids, slots = _speech_rows(vocab, [[9, 6], [7]], length=24)
+  forward = jax.jit(lambda model, ids, features, lengths: model(
+      ids, speech_features=features, speech_lengths=lengths))
+  ours = np.asarray(forward(model, input_ids, features, lengths))
+  # By hand: each clip encoded alone, projected, its valid frames written one by one over the
+  # row's placeholders in order, through the backbone's input-embedding seam.
+  embeddings = np.zeros((2, 24, config.hidden_size), np.float32)
+  mask = np.zeros((2, 24), bool)
+  for row, clips in enumerate([[0, 1], [0]]):
+    frames = np.concatenate([
+        np.asarray(model.speech_projector(model.speech_encoder(
+            features[row, clip:clip + 1], lengths[row, clip:clip + 1])))[0, :lengths[row, clip] + 4]
+        for clip in clips])
+    assert len(frames) == len(slots[row])
+    embeddings[row, slots[row]] = frames
+    mask[row, slots[row]] = True
+  expected = np.asarray(model(input_ids, input_embeddings=embeddings, input_embedding_mask=mask))
+  np.testing.assert_allclose(ours, expected, atol=1e-5)
+  # The speech reaches the logits: other features, other outputs (a constant shift would not:
+  # the encoder's first LayerNorm removes it).
+  other = rng.standard_normal(features.shape).astype(np.float32)
+  assert np.abs(np.asarray(forward(model, input_ids, other, lengths)) - ours).max() > 1e-3
+
+
+def test_a_batch_without_audio_is_the_text_model_and_shares_its_compilation(tiny_speech_model):
+  config = tiny_speech_model()
+  model = create_model(config, seed=0)
+  input_ids, _ = _speech_rows(config.vocab.build(), [[6], [5]], length=16)
+  forward = jax.jit(lambda model, ids, features, lengths: model(
+      ids, speech_features=features, speech_lengths=lengths))
+  features = np.ones((2, 1, 4, 560), np.float32)
+  silent = forward(model, input_ids, features, np.zeros((2, 1), np.int32))
+  np.testing.assert_array_equal(silent, model(input_ids))  # placeholders keep their embedding
+  forward(model, input_ids, features, np.full((2, 1), 2, np.int32))
+  assert forward._cache_size() == 1
+
+
+def test_the_backbone_is_the_same_with_or_without_an_encoder(tiny_speech_model):
+  """At one seed the backbone's weights do not depend on the encoder (created after it)."""
+  with_encoder = nnx.to_pure_dict(nnx.state(create_model(tiny_speech_model(), seed=4)))
+  without = nnx.to_pure_dict(nnx.state(create_model(
+      tiny_speech_model("model.speech_encoder=null"), seed=4)))
+  assert set(with_encoder) - set(without) == {"speech_encoder", "speech_projector"}
+  for a, b in zip(jax.tree.leaves(without), jax.tree.leaves({k: with_encoder[k]
+                                                              for k in without})):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_speech_for_a_model_without_an_encoder_or_of_the_wrong_shape_is_refused(
+    tiny_speech_model):
+  ids = jnp.zeros((1, 8), jnp.int32)
+  features, lengths = jnp.zeros((1, 1, 4, 560)), jnp.zeros((1, 1), jnp.int32)
+  text_only = create_model(tiny_speech_model("model.speech_encoder=null"))
+  with pytest.raises(ValueError, match="no speech encoder"):
+    text_only(ids, speech_features=features, speech_lengths=lengths)
+  model = create_model(tiny_speech_model())
+  with pytest.raises(ValueError, match="given together"):
+    model(ids, speech_features=features)
+  with pytest.raises(ValueError, match=r"speech_lengths \(1, 2\) \[batch, clips\]"):
+    model(ids, speech_features=features, speech_lengths=jnp.zeros((1, 2), jnp.int32))
+
+
+@pytest.mark.parametrize("model_file,overrides", [
+    ("tiny_speech.yaml", []),
+    ("tiny_speech.yaml", ["model.scan_layers=false", "model.tie_embeddings=true"]),
+    ("omni7b.yaml", ["model.speech_encoder={}"]),  # the release backbone and encoder
+])
+def test_param_count_counts_the_encoder_and_projector(model_file, overrides):
+  config = load_config(CONFIG_ROOT / "model" / model_file, overrides).model
+  _, state = abstract_model(config)
+  built = {key: sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(state[key]))
+           for key in ("speech_encoder", "speech_projector")}
+  assert built["speech_encoder"] == config.speech_encoder.param_count()
+  assert sum(built.values()) == config.speech_param_count()
+  assert sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(state)) == config.param_count()

@@ -43,7 +43,7 @@ def test_global_schedule_restarts_each_stage_at_its_first_step():
 def test_frozen_parameters_get_no_update_and_clipping_sees_only_trainable():
   model = create_model(load_config(CONFIG_ROOT / "model" / "tiny.yaml").model)
   params = nnx.to_pure_dict(nnx.state(model))
-  labels = optimizer.trainable_labels(params, ("layers/mlp/.*", "lm_head"))
+  labels = optimizer.trainable_labels(params, StageConfig(trainable=("layers/mlp/.*", "lm_head")))
   flat = {path_str(p): l for p, l in jax.tree_util.tree_leaves_with_path(labels)}
   assert flat["lm_head"] == "train" and flat["layers/mlp/up_proj/kernel"] == "train"
   assert flat["embed_tokens"] == "frozen" and flat["layers/self_attn/q_proj/kernel"] == "frozen"
