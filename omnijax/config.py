@@ -39,7 +39,7 @@ TASKS: tuple[str, ...] = ("t2i", "caption", "vqa", "asr", "tts", "s2i", "svqa")
 # The sampler's confidence rules (reference §4.4), here so the CLI can list them without jax.
 SAMPLER_ALGS: tuple[str, ...] = ("maskgit_plus", "topk_margin", "entropy")
 # Training objectives (omnijax.diffusion.objective.OBJECTIVES holds one object per name).
-OBJECTIVE_KINDS = ("omni", "llada")
+OBJECTIVE_KINDS = ("omni", "llada", "ar")
 
 
 class ConfigError(ValueError):
@@ -375,7 +375,9 @@ class EvalConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ObjectiveConfig:
-  """`omni`: the release's per-token masking; `llada`: one t per sample, CE weighted by 1/t."""
+  """`omni`: the release's per-token masking; `llada`: one t per sample, CE weighted by 1/t;
+  `ar`: the autoregressive baseline, next-token loss with causal attention (eps and
+  pad_mask_ratio do not apply)."""
 
   kind: str = "omni"
   eps: float = 1e-3
