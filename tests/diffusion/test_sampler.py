@@ -143,7 +143,7 @@ def test_prefill_is_kept_and_not_counted_as_masked():
 # --- token choice -----------------------------------------------------------------------------
 
 def plan(**changes):
-  return sampler_lib._Plan.of(DecodeSettings(canvas=4, steps=4, **changes), VOCAB)
+  return sampler_lib.Plan.of(DecodeSettings(canvas=4, steps=4, **changes), VOCAB)
 
 
 def logits_for(probs, rows=MODEL_ROWS):
