@@ -40,6 +40,9 @@ TASKS: tuple[str, ...] = ("t2i", "caption", "vqa", "asr", "tts", "s2i", "svqa")
 SAMPLER_ALGS: tuple[str, ...] = ("maskgit_plus", "topk_margin", "entropy")
 # Training objectives (omnijax.diffusion.objective.OBJECTIVES holds one object per name).
 OBJECTIVE_KINDS = ("omni", "llada", "ar")
+# How a model decodes (omnijax.generate.run.DECODERS holds one function per name): by masked
+# diffusion, or one token per forward pass (a model trained with the `ar` objective).
+DECODERS: tuple[str, ...] = ("diffusion", "ar")
 
 
 class ConfigError(ValueError):

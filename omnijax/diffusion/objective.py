@@ -67,6 +67,7 @@ class Objective(abc.ABC):
 
   name: str
   causal = False  # whether attention inside a sample is causal (an autoregressive objective)
+  decoder = "diffusion"  # how a model trained with it decodes (config.DECODERS)
 
   @abc.abstractmethod
   def corrupt(self, batch: dict, config: ObjectiveConfig, vocab: Vocab, seed: int,
@@ -158,6 +159,7 @@ class NextToken(Objective):
 
   name = "ar"
   causal = True
+  decoder = "ar"
 
   def corrupt(self, batch, config, vocab, seed, step, row_offset=0):
     segment_ids = batch["segment_ids"]

@@ -2,7 +2,8 @@
 
 The JSON is keyed by task, then by step count ("4", "8", ..., and "default": the task's own
 setting from the decode table): each entry holds the task's metrics, `quality`, the mean
-forward passes and the decode seconds per sample (compilation excluded).
+forward passes and the decode seconds per sample (compilation excluded). A generator with the
+`ar` decoder has no steps to sweep (one token per forward pass): only "default".
 """
 
 from __future__ import annotations
@@ -44,6 +45,11 @@ def parse_steps(text: str) -> list[int]:
   return steps
 
 
+def step_counts(generator: Generator, steps: Sequence[int]) -> list[int | None]:
+  """The step counts each task is decoded at (None: the task's default)."""
+  return [None] if generator.decoder == "ar" else [*steps, None]
+
+
 def evaluate(generator: Generator, split_dir: str | pathlib.Path, tasks: Sequence[str],
              steps: Sequence[int], *, limit: int | None = None, progress=None,
              keep_outputs: bool = False) -> tuple[dict, dict]:
@@ -59,7 +65,7 @@ def evaluate(generator: Generator, split_dir: str | pathlib.Path, tasks: Sequenc
     references = [generator.postprocess(task, s.response, 0) for s in samples]
     by_steps: dict[str, dict] = {}
     task_outputs: dict[str, list[Output]] = {}
-    for count in [*steps, None]:
+    for count in step_counts(generator, steps):
       outputs, seconds = generator.decode(requests, steps=count, progress=progress)
       metrics = task_metrics(task, outputs, references)
       metrics.update(forward_passes=float(np.mean([o.forward_passes for o in outputs])),
@@ -78,7 +84,7 @@ def batches_needed(generator: Generator, split_dir, tasks, steps, limit) -> int:
   total = 0
   for task in tasks:
     requests = [generator.request_from_sample(s) for s in read_samples(split_dir, task, limit)]
-    total += generator.batches(requests) * (len(steps) + 1)
+    total += generator.batches(requests) * len(step_counts(generator, steps))
   return total
 
 

@@ -15,7 +15,7 @@ import json
 import pathlib
 import sys
 
-from omnijax.config import SAMPLER_ALGS
+from omnijax.config import DECODERS, SAMPLER_ALGS
 from omnijax.data.tasks import TASKS
 
 
@@ -31,6 +31,8 @@ def register(subparsers) -> None:
   parser.add_argument("--input", help="JSONL, one request a line: {text, image (a PNG path) or "
                       "image_codes, speech_codes}")
   parser.add_argument("--out", default="generated", help="output directory")
+  parser.add_argument("--decoder", choices=DECODERS, help="diffusion, or ar: one token per "
+                      "forward pass (default: the run's objective's)")
   parser.add_argument("--steps", type=int, help="decoding steps (default: the task's table)")
   parser.add_argument("--canvas", type=int, help="canvas length (default: the task's rule)")
   parser.add_argument("--alg", choices=SAMPLER_ALGS)
@@ -131,7 +133,8 @@ def _generate(args: argparse.Namespace) -> int:
   from omnijax.generate.run import open_run
 
   raw = read_requests(args)
-  _, generator, _ = open_run(args.checkpoint, data_dir=args.data, batch_size=args.batch_size)
+  _, generator, _ = open_run(args.checkpoint, data_dir=args.data, batch_size=args.batch_size,
+                            decoder=args.decoder)
   requests = []
   for entry in raw:
     try:
