@@ -38,6 +38,8 @@ ATTENTION_BACKENDS: tuple[str, ...] = ("xla", "pallas", "splash", "cudnn", "mosa
 TASKS: tuple[str, ...] = ("t2i", "caption", "vqa", "asr", "tts", "s2i", "svqa")
 # The sampler's confidence rules (reference §4.4), here so the CLI can list them without jax.
 SAMPLER_ALGS: tuple[str, ...] = ("maskgit_plus", "topk_margin", "entropy")
+# The sampler's KV cache modes (omnijax.diffusion.sampler): none, or the prompt's (prefix).
+SAMPLER_CACHES: tuple[str, ...] = ("none", "prefix")
 # Training objectives (omnijax.diffusion.objective.OBJECTIVES holds one object per name).
 OBJECTIVE_KINDS = ("omni", "llada", "ar")
 # How a model decodes (omnijax.generate.run.DECODERS holds one function per name): by masked

@@ -17,6 +17,12 @@ One `lax.while_loop` runs all steps with fixed shapes; each iteration is one bat
      last step), or with `threshold`, every one above it (at least one).
 
 The loop ends as soon as no row has a mask left, so threshold decoding saves forward passes.
+
+`cache="prefix"` (Fast-dLLM's prefix cache) keeps the prompt's keys and values from a forward
+of the whole rows, made at each block's first step and every `cache_refresh` steps (0: only
+there); the steps between run only the canvas (and the prompt's last token, whose logits score
+canvas position 0) against them. Attention is bidirectional, so the cached prompt is stale by
+the tokens committed since: approximate, exact with `cache_refresh=1` (every step refreshes).
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from omnijax.diffusion.settings import DecodeSettings
 from omnijax.kernels.attention import attention_rows
+from omnijax.model.transformer import output_logits
 from omnijax.sharding import logical_to_spec, shard_count
 from omnijax.vocab import Vocab
 
@@ -184,6 +191,42 @@ def _rows_with_canvas(base: jax.Array, canvas: jax.Array, starts: jax.Array) -> 
                                                                                 starts)
 
 
+def _canvas_logits(model, rows, segment_ids, positions, starts, columns, cache, local_step,
+                   plan: Plan):
+  """[R, N, V] logits scoring each row's canvas positions, and the prefix cache (None without).
+
+  Dream shift: canvas position j is scored by the logits at column start + j - 1. Uncached,
+  one forward of the whole rows. With the prefix cache, the whole rows run (and fill the cache)
+  at every block's first step and every `cache_refresh` steps; otherwise only columns start - 1
+  .. start + N - 1 (the prompt's last token and the canvas) run, against the prompt's cached
+  keys and values.
+  """
+  settings = plan.settings
+
+  def whole_rows(cache):
+    with attention_rows("dense"):  # one prompt + canvas a row: `auto` picks for dense rows
+      if cache is None:
+        logits = model(rows, segment_ids, positions)
+      else:
+        hidden, cache = model.prefill(rows, segment_ids, rows.shape[1])
+        logits = output_logits(hidden, model.output_head())
+    return jnp.take_along_axis(logits, (starts[:, None] - 1 + columns)[..., None], axis=1), cache
+
+  if cache is None:
+    return whole_rows(None)
+
+  def canvas_block(cache):
+    block = jnp.take_along_axis(rows, starts[:, None] - 1 + jnp.arange(columns.shape[0] + 1),
+                                axis=1)
+    with attention_rows("dense"):
+      hidden, cache = model.extend(block, cache, starts - 1)
+    return output_logits(hidden[:, :-1], model.output_head()), cache
+
+  period = settings.cache_refresh
+  refresh = local_step % period == 0 if period > 0 else local_step == 0
+  return jax.lax.cond(refresh, whole_rows, canvas_block, cache)
+
+
 def _decode_loop(graphdef, params, base, segment_ids, starts, canvas, active, steps_per_block,
                  key, *, plan: Plan):
   """The compiled loop. base/segment_ids/starts: [R] forward rows (R = B, or 2B with CFG: the
@@ -205,12 +248,11 @@ def _decode_loop(graphdef, params, base, segment_ids, starts, canvas, active, st
     return (block < len(plan.blocks)) & jnp.any((canvas == plan.mask_id) & active[:, None])
 
   def body(state):
-    canvas, block, local_step, passes, loop_steps = state
+    canvas, block, local_step, passes, loop_steps, cache = state
     cfg_canvas = jnp.concatenate([canvas, canvas]) if plan.settings.cfg > 0 else canvas
-    with attention_rows("dense"):  # one prompt + canvas a row: `auto` picks for dense rows
-      logits = model(_rows_with_canvas(base, cfg_canvas, starts), segment_ids, positions)
-    # Dream shift: canvas position j is scored by the logits at (start + j) - 1.
-    logits = jnp.take_along_axis(logits, (starts[:, None] - 1 + columns)[..., None], axis=1)
+    logits, cache = _canvas_logits(model, _rows_with_canvas(base, cfg_canvas, starts),
+                                   segment_ids, positions, starts, columns, cache, local_step,
+                                   plan)
     logits = logits.astype(jnp.float32)
     if plan.settings.cfg > 0:
       cond_logits, uncond_logits = logits[:batch], logits[batch:]
@@ -231,11 +273,12 @@ def _decode_loop(graphdef, params, base, segment_ids, starts, canvas, active, st
     block_done = (local_step >= steps_per_block[block]) | ~jnp.any(masked_in_block(canvas, block))
     block = jnp.where(block_done, block + 1, block)
     local_step = jnp.where(block_done, 0, local_step)
-    return canvas, block, local_step, passes, loop_steps + 1
+    return canvas, block, local_step, passes, loop_steps + 1, cache
 
   zero = jnp.zeros((), jnp.int32)
-  state = (canvas, zero, zero, jnp.zeros((batch,), jnp.int32), zero)
-  canvas, _, _, passes, loop_steps = jax.lax.while_loop(cond, body, state)
+  cache = None if plan.settings.cache == "none" else model.init_cache(*base.shape)
+  state = (canvas, zero, zero, jnp.zeros((batch,), jnp.int32), zero, cache)
+  canvas, _, _, passes, loop_steps, _ = jax.lax.while_loop(cond, body, state)
   return canvas, passes, loop_steps
 
 
@@ -387,12 +430,14 @@ def sample(model, vocab: Vocab, prompts: Sequence, *, uncond_prompts: Sequence |
   model: the NNX Transformer (sharded or not; a sharded model runs on its mesh);
   prompts: 1-D int arrays of any lengths; settings: the keyword arguments of `DecodeSettings`
   (canvas and steps required; alg, temperature, top_p, top_k, repeat_penalty,
-  position_penalty, cfg, block_size, threshold, prefill, seed). cfg > 0 needs `uncond_prompts`
-  (one per prompt), whose rows hold the same canvas as the conditional ones. block_size > 0
-  decodes blocks left to right; threshold commits every masked position whose confidence is
-  above it (at least one per step; the confidence of `alg`: a probability, a margin, or a
-  negative entropy), with `steps` as the ceiling; prefill: {canvas offset: token id} written
-  before decoding. A row's tokens never depend on the other rows at temperature 0.
+  position_penalty, cfg, block_size, threshold, prefill, seed, cache, cache_refresh). cfg > 0
+  needs `uncond_prompts` (one per prompt), whose rows hold the same canvas as the conditional
+  ones. block_size > 0 decodes blocks left to right; threshold commits every masked position
+  whose confidence is above it (at least one per step; the confidence of `alg`: a probability,
+  a margin, or a negative entropy), with `steps` as the ceiling; prefill: {canvas offset: token
+  id} written before decoding; cache="prefix" reuses the prompt's keys and values between
+  refreshes (the module's docstring). A row's tokens never depend on the other rows at
+  temperature 0.
   """
   return sample_with_stats(model, vocab, prompts, uncond_prompts=uncond_prompts,
                            **settings).canvases

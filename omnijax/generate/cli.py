@@ -15,7 +15,7 @@ import json
 import pathlib
 import sys
 
-from omnijax.config import DECODERS, SAMPLER_ALGS
+from omnijax.config import DECODERS, SAMPLER_ALGS, SAMPLER_CACHES
 from omnijax.data.tasks import TASKS
 
 
@@ -44,6 +44,10 @@ def register(subparsers) -> None:
   parser.add_argument("--cfg", type=float)
   parser.add_argument("--block-size", type=int)
   parser.add_argument("--threshold", type=float)
+  parser.add_argument("--cache", choices=SAMPLER_CACHES, help="prefix: reuse the prompt's keys "
+                      "and values between refreshes (approximate; default none)")
+  parser.add_argument("--cache-refresh", type=int, help="with --cache: refresh every N steps "
+                      "of a block (default 0: at each block's first step only)")
   parser.add_argument("--seed", type=int)
   parser.add_argument("--batch-size", type=int, default=16)
   parser.add_argument("--data", help="data directory with the tokenizer (default: the run's "
@@ -153,7 +157,8 @@ def _generate(args: argparse.Namespace) -> int:
   overrides = dict(alg=args.alg, temperature=args.temperature, top_p=args.top_p,
                    top_k=args.top_k, repeat_penalty=args.repeat_penalty,
                    position_penalty=args.position_penalty, cfg=args.cfg,
-                   block_size=args.block_size, threshold=args.threshold, seed=args.seed)
+                   block_size=args.block_size, threshold=args.threshold, seed=args.seed,
+                   cache=args.cache, cache_refresh=args.cache_refresh)
   with tqdm(total=generator.batches(requests), desc=f"generate {args.task}", unit="batch",
             file=sys.stderr) as progress:
     outputs, seconds = generator.decode(requests, steps=args.steps, progress=progress, **overrides)

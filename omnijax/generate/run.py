@@ -37,7 +37,8 @@ CANVAS_BUCKET = 16
 DECODE = {"diffusion": sampler.decode, "ar": ar_decode.decode}
 assert tuple(DECODE) == DECODERS, (tuple(DECODE), DECODERS)
 # The decode settings only the diffusion decoder reads: given to the ar decoder, refused.
-DIFFUSION_ONLY = ("steps", "alg", "position_penalty", "block_size", "threshold")
+DIFFUSION_ONLY = ("steps", "alg", "position_penalty", "block_size", "threshold", "cache",
+                  "cache_refresh")
 
 
 def run_decoder(config) -> str:

@@ -63,6 +63,13 @@ def test_generate_t2i_tts_and_a_batch_from_jsonl(trained, tmp_path):
   assert len(record["image_codes"]) == 64 and record["forward_passes"] <= 3
   assert pathlib.Path(record["png"]).read_bytes()[:4] == PNG_MAGIC
   assert "scene" in record
+  done = omnijax("generate", "--checkpoint", workdir, "--task", "t2i", "--text",
+                 "there is a red circle at the top left", "--steps", 3, "--cache", "prefix",
+                 "--cache-refresh", 1, "--out", tmp_path / "t2i_cached")
+  assert done.returncode == 0, done.stderr
+  # The prompt's cache refreshed every step: the uncached tokens.
+  cached = json.loads((tmp_path / "t2i_cached" / "results.jsonl").read_text())
+  assert cached["canvas"] == record["canvas"]
 
   done = omnijax("generate", "--checkpoint", workdir, "--task", "tts", "--text",
                  "there is a blue square", "--out", tmp_path / "tts")
