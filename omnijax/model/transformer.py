@@ -6,15 +6,15 @@ input_embedding_mask=None, causal=False) -> logits [B, L, V]`: where `input_embe
 [B, L] is true, `input_embeddings` [B, L, d] replace the token embeddings (what a speech
 projector writes into the <|context_of_audio|> slots); `hidden_states(...)` stops before the lm_head so that the training loss can apply `output_head()`
 chunk by chunk (omnijax.diffusion.objective) instead of holding every position's logits.
-
-Decoding with a KV cache (fixed shapes, jit-able): `init_cache(batch, length)` holds every
-layer's keys and values for `length` columns per row; `extend(input_ids, cache, offsets)`
-runs a block of tokens per row placed at columns `offsets[r]..`, writes their keys, values and
-segment ids there and attends against the whole cache (`prefill` is an extend of an empty cache
-at column 0, `decode_step` one token per row with the logits).
 Logits are raw (`logits[:, i] = lm_head(h_i)`): the Dream shift (h(i-1) predicts x(i)) belongs to
 the objective and the sampler. Parameters are fp32 (`param_dtype`), matmuls run in
 `compute_dtype`, and every parameter carries `logical_axes` metadata for omnijax.sharding.
+
+Decoding with a KV cache (fixed shapes, jit-able): `init_cache(batch, length)` holds every
+layer's keys and values for `length` columns per row; `extend(input_ids, cache, offsets)` runs
+a block of tokens per row placed at columns `offsets[r]..`, writes their keys, values and
+segment ids there and attends against the whole cache (`prefill` is an extend of an empty cache
+at column 0, `decode_step` a few tokens per row, returning logits).
 """
 
 from __future__ import annotations
@@ -95,10 +95,6 @@ class KVCache:
   segment_ids: jax.Array  # [B, S] int32
 
   LOGICAL_AXES = ("layers", *KV_AXES)  # of keys and values; segment_ids: ("batch", "length")
-
-  @property
-  def length(self) -> int:
-    return self.segment_ids.shape[1]
 
 
 @jax.tree_util.register_dataclass
@@ -337,7 +333,7 @@ class Transformer(nnx.Module):
 
     The block attends to every cached column of its segment (the ones it just wrote included;
     with `causal`, only columns up to its own). Its segment ids default to 1 (one sample a
-    row), its positions to its columns. The block must fit: offsets + T <= cache.length.
+    row), its positions to its columns. The block must fit: offsets + T <= the cache's columns.
     """
     batch, block = input_ids.shape
     offsets = jnp.broadcast_to(jnp.asarray(offsets, jnp.int32), (batch,))

@@ -169,7 +169,8 @@ def test_the_decoder_follows_the_objective_and_ar_refuses_diffusion_only_setting
   for given, flag in ((dict(steps=4), "--steps"), (dict(threshold=0.9), "--threshold"),
                       (dict(position_penalty=2.0), "--position-penalty"),
                       (dict(alg="entropy"), "--alg"), (dict(block_size=8), "--block-size"),
-                      (dict(cache="prefix"), "--cache"), (dict(cache_refresh=2), "--cache-refresh")):
+                      (dict(cache="prefix"), "--cache"),
+                      (dict(cache_refresh=2), "--cache-refresh")):
     with pytest.raises(ValueError, match=f"{flag}: the ar decoder makes one token per forward "
                                          "pass"):
       ar.decode([request], **given)
