@@ -22,6 +22,7 @@ INSTALL_REQUIRES = [
     "jiwer>=3.0,<5",  # word error rate (omnijax.eval.wer)
     # the speech encoder's fbank (omnijax.model.speech_frontend); FunASR's own fbank here
     "kaldi-native-fbank>=1.23,<2",
+    "rapidfuzz>=3",  # word edit distances (omnijax.eval.chance); jiwer depends on it too
 ]
 EXTRAS = {
     # libtpu for ahead-of-time compilation against real TPU topologies (runs on a CPU host).

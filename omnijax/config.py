@@ -365,6 +365,7 @@ class EvalConfig:
   default setting."""
 
   after_training: bool = False
+  # heldout: the figures reported; the toy world's `validation` split is for recipe choices.
   split: str = "heldout"
   samples: int = 16
   steps: tuple[int, ...] = (4, 10, 64)

@@ -19,7 +19,8 @@ def register(subparsers) -> None:
   prepare = subparsers.add_parser("prepare", help="tokenize data into shards")
   kinds = prepare.add_subparsers(dest="prepare_kind", required=True)
 
-  toy = kinds.add_parser("toyworld", help="generate the toy world (all tasks, train + heldout)")
+  toy = kinds.add_parser("toyworld",
+                         help="generate the toy world (all tasks; train, validation, heldout)")
   toy.add_argument("--out", required=True, help="output directory")
   toy.add_argument("--n", type=int, default=2000, help="number of distinct scenes")
   toy.add_argument("--seed", type=int, default=0)
@@ -28,7 +29,10 @@ def register(subparsers) -> None:
   toy.add_argument("--n-speech-codes", type=int, default=256)
   toy.add_argument("--grid", type=int, default=16, help="image side in codes")
   toy.add_argument("--cells", type=int, default=2, choices=(2, 3), help="scene grid side")
-  toy.add_argument("--heldout-fraction", type=float, default=0.1)
+  toy.add_argument("--heldout-fraction", type=float, default=0.1,
+                   help="scenes held out for the reported figures")
+  toy.add_argument("--validation-fraction", type=float, default=0.05,
+                   help="scenes held back from training for recipe choices")
   toy.set_defaults(func=run_prepare_toyworld)
 
   jsonl = kinds.add_parser("jsonl", help="template release-style jsonl with tokenized media")
@@ -59,7 +63,8 @@ def run_prepare_toyworld(args: argparse.Namespace) -> int:
   try:
     spec = ToyWorldSpec(n=args.n, seed=args.seed, text_size=args.text_size,
                         n_image_codes=args.n_image_codes, n_speech_codes=args.n_speech_codes,
-                        grid=args.grid, cells=args.cells, heldout_fraction=args.heldout_fraction)
+                        grid=args.grid, cells=args.cells, heldout_fraction=args.heldout_fraction,
+                        validation_fraction=args.validation_fraction)
   except ValueError as e:
     print(f"omnijax prepare toyworld: {e}", file=sys.stderr)
     return 2

@@ -2,8 +2,9 @@
 
     omnijax eval --checkpoint runs/toy --split heldout --tasks all --steps 4,8,16,64 --out eval.json
 
-Writes the JSON (results[task][steps]), a quality-vs-steps PNG beside it (eval.png for
-eval.json) and, when t2i or caption is evaluated on the toy world, a samples PNG
+Writes the JSON (results[task][steps], with each task's chance baseline from the training
+split), every sample beside it (samples.jsonl for eval.json), a quality-vs-steps PNG (eval.png
+for eval.json) and, when t2i or caption is evaluated on the toy world, a samples PNG
 (eval_samples.png); prints the table.
 """
 
@@ -66,27 +67,31 @@ def _eval(args: argparse.Namespace) -> int:
                                        batch_size=args.batch_size, decoder=args.decoder)
   print(f"evaluating {args.checkpoint} at step {run.step} on {split_dir}", flush=True)
   run_and_write(generator, split_dir, tasks, steps, resolve(args.out), limit=args.limit,
-                meta={"checkpoint": str(args.checkpoint), "step": run.step, "split": args.split})
+                meta={"checkpoint": str(args.checkpoint), "step": run.step, "split": args.split},
+                train_split=run.config.data.split)
   return 0
 
 
-def run_and_write(generator, split_dir, tasks, steps, out: pathlib.Path, *, limit, meta) -> dict:
-  """Evaluates, writes JSON + pictures, prints the table; shared with the main job."""
+def run_and_write(generator, split_dir, tasks, steps, out: pathlib.Path, *, limit, meta,
+                  train_split: str) -> dict:
+  """Evaluates, writes JSON, samples and pictures, prints the table; shared with the main job.
+  Chance baselines come from the `train_split` directory beside `split_dir`."""
   from tqdm import tqdm
 
   from omnijax.eval.evaluate import (batches_needed, evaluate, format_table, plot_quality,
-                                     plot_samples, write_json)
+                                     plot_samples, samples_beside, write_json, write_samples)
 
   total = batches_needed(generator, split_dir, tasks, steps, limit)
   with tqdm(total=total, desc="eval", unit="batch", file=sys.stderr) as progress:
     results, kept = evaluate(generator, split_dir, tasks, steps, limit=limit, progress=progress,
-                             keep_outputs=True)
+                             keep_outputs=True, train_split=train_split)
   out.parent.mkdir(parents=True, exist_ok=True)
   write_json(out, results, {**meta, "decoder": generator.decoder, "tasks": list(tasks),
-                            "steps": list(steps), "limit": limit})
+                            "steps": list(steps), "limit": limit, "chance_split": train_split})
+  write_samples(samples_beside(out), generator, kept)
   quality_png, samples_png = outputs_beside(out)
   plot_quality(results, quality_png)
-  written = [out, quality_png]
+  written = [out, samples_beside(out), quality_png]
   if generator.toy_spec is not None and ("t2i" in kept or "caption" in kept):
     plot_samples(generator, kept, samples_png)
     written.append(samples_png)
@@ -108,7 +113,7 @@ def _then_evaluate(run_train):
 def evaluate_after_training(workdir: str | pathlib.Path) -> dict | None:
   """The main job's last act, when the run's `eval.after_training` is on and its last stage is
   done: the final model on `eval.samples` held-out samples of every task at `eval.steps` (and
-  the defaults) -> WORKDIR/eval.json, eval.png and eval_samples.png."""
+  the defaults) -> WORKDIR/eval.json, samples.jsonl, eval.png and eval_samples.png."""
   from omnijax.data.tasks import TASKS
   from omnijax.generate.run import Generator, run_decoder
   from omnijax.files import resolve
@@ -137,4 +142,4 @@ def evaluate_after_training(workdir: str | pathlib.Path) -> dict | None:
   return run_and_write(generator, split_dir, TASKS, settings.steps,
                        resolve(workdir) / "eval.json", limit=settings.samples,
                        meta={"checkpoint": str(workdir), "step": run.step,
-                             "split": settings.split})
+                             "split": settings.split}, train_split=config.data.split)

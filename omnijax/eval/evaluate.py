@@ -2,25 +2,45 @@
 
 The JSON is keyed by task, then by step count ("4", "8", ..., and "default": the task's own
 setting from the decode table): each entry holds the task's metrics, `quality`, the mean
-forward passes and the decode seconds per sample (compilation excluded). A generator with the
-`ar` decoder has no steps to sweep (one token per forward pass): only "default".
+forward passes and the decode seconds per sample (compilation excluded), and under `chance`
+the same metrics of a model that ignores its input (`omnijax.eval.chance`, chosen on the
+training split). A generator with the `ar` decoder has no steps to sweep (one token per forward
+pass): only "default". Every sample, with its prompt, reference, output and score, goes to a
+JSON Lines file beside it (`samples_beside`), so any figure can be audited and re-scored.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
+import sys
 from typing import Sequence
 
 import numpy as np
 
+from omnijax.data import shards
+from omnijax.data.record import Sample
 from omnijax.data.tasks import TASKS
 from omnijax.data.toyworld import scenes as scenes_lib
-from omnijax.eval.metrics import task_metrics
+from omnijax.diffusion.postprocess import split_modalities
+from omnijax.eval.chance import CHANCE_SAMPLES, chance_metrics
+from omnijax.eval.metrics import sample_scores, task_metrics
 from omnijax.files import atomic_write, atomic_write_text
 from omnijax.generate.run import Generator, Output, read_samples
 
 DEFAULT = "default"
+
+
+@dataclasses.dataclass
+class TaskRun:
+  """One task's evaluated samples, kept for the samples picture and `samples.jsonl`."""
+
+  samples: list[Sample]
+  references: list[Output]
+  kinds: list[str | None] | None  # each sample's question kind (vqa, svqa on the toy world)
+  outputs: dict[str, list[Output]]  # by steps key
+  scores: dict[str, list[float | None]]  # each sample's score (`sample_scores`), by steps key
 
 
 def parse_tasks(text: str) -> list[str]:
@@ -52,32 +72,76 @@ def step_counts(generator: Generator, steps: Sequence[int]) -> list[int | None]:
 
 def evaluate(generator: Generator, split_dir: str | pathlib.Path, tasks: Sequence[str],
              steps: Sequence[int], *, limit: int | None = None, progress=None,
-             keep_outputs: bool = False) -> tuple[dict, dict]:
-  """(results, outputs): results[task][str(steps) | "default"] = metrics; outputs[task] =
-  (references, {steps key: outputs}) when keep_outputs (for the samples picture)."""
+             keep_outputs: bool = False, train_split: str | None = None) -> tuple[dict, dict]:
+  """(results, kept): results[task][str(steps) | "default"] = metrics; kept[task] = the task's
+  `TaskRun` when keep_outputs. With `train_split` (a split directory beside `split_dir`), each
+  entry's `chance` holds the chance baseline's metrics; a missing training split is noted on
+  stderr and leaves them out."""
   results: dict = {}
   kept: dict = {}
+  cells = generator.toy_spec.cells if generator.toy_spec is not None else None
+  train_dir = _training_split(split_dir, train_split)
   for task in tasks:
     samples = read_samples(split_dir, task, limit)
     if not samples:
       raise ValueError(f"{split_dir}: no {task} samples")
     requests = [generator.request_from_sample(s) for s in samples]
     references = [generator.postprocess(task, s.response, 0) for s in samples]
+    kinds = question_kinds(generator, task, samples)
+    chance = None
+    if train_dir is not None:
+      trained_on = read_samples(train_dir, task, CHANCE_SAMPLES)
+      trained_references = [generator.postprocess(task, s.response, 0) for s in trained_on]
+      chance = chance_metrics(task, trained_references, question_kinds(generator, task, trained_on),
+                              references, kinds, cells)
     by_steps: dict[str, dict] = {}
-    task_outputs: dict[str, list[Output]] = {}
+    run = TaskRun(samples, references, kinds, {}, {})
     for count in step_counts(generator, steps):
       outputs, seconds = generator.decode(requests, steps=count, progress=progress)
-      metrics = task_metrics(task, outputs, references)
+      metrics = task_metrics(task, outputs, references, cells=cells, kinds=kinds)
       metrics.update(forward_passes=float(np.mean([o.forward_passes for o in outputs])),
                      seconds_per_sample=seconds / len(outputs), samples=len(outputs))
+      if chance is not None:
+        metrics["chance"] = chance
       key = DEFAULT if count is None else str(count)
       by_steps[key] = metrics
       if keep_outputs:
-        task_outputs[key] = outputs
+        run.outputs[key] = outputs
+        run.scores[key] = sample_scores(task, outputs, references, cells=cells)
     results[task] = by_steps
     if keep_outputs:
-      kept[task] = (references, task_outputs)
+      kept[task] = run
   return results, kept
+
+
+def _training_split(split_dir, train_split: str | None) -> pathlib.Path | None:
+  if train_split is None:
+    return None
+  train_dir = pathlib.Path(split_dir).parent / train_split
+  if not (train_dir / shards.MANIFEST).is_file():
+    print(f"no training split at {train_dir}: the results get no chance baselines",
+          file=sys.stderr)
+    return None
+  return train_dir
+
+
+def question_kinds(generator: Generator, task: str,
+                   samples: Sequence[Sample]) -> list[str | None] | None:
+  """Each sample's question kind (`scenes.QUESTION_KINDS`) for vqa and svqa on the toy world,
+  read from its prompt (vqa: the text line that is a question; svqa: the spoken question's
+  words); None for other tasks and data."""
+  if generator.toy_spec is None or task not in ("vqa", "svqa"):
+    return None
+  kinds = []
+  for sample in samples:
+    parts = split_modalities(sample.prompt, generator.vocab)
+    if task == "vqa":
+      lines = generator.template.tokenizer.decode(parts.text.tolist()).splitlines()
+      kinds.append(next(filter(None, map(scenes_lib.parse_question, lines)), None))
+    else:
+      spoken = generator.toy_spec.speech.decode(parts.speech)
+      kinds.append(scenes_lib.parse_question(" ".join(spoken)))
+  return kinds
 
 
 def batches_needed(generator: Generator, split_dir, tasks, steps, limit) -> int:
@@ -92,19 +156,76 @@ def write_json(path: str | pathlib.Path, results: dict, meta: dict) -> None:
   atomic_write_text(path, json.dumps({"meta": meta, **results}, indent=1) + "\n")
 
 
+def samples_beside(out: pathlib.Path) -> pathlib.Path:
+  """The samples file of a results JSON: `samples.jsonl` beside `eval.json` (the main job's and
+  the default), `NAME_samples.jsonl` beside any other `NAME.json`, so evaluations written to
+  one directory under different names keep their own samples."""
+  return out.with_name("samples.jsonl" if out.name == "eval.json" else f"{out.stem}_samples.jsonl")
+
+
+def write_samples(path: str | pathlib.Path, generator: Generator, kept: dict) -> None:
+  """One JSON line a sample and step setting: task, steps, index, prompt (readable, media code
+  runs abbreviated), question kind (vqa, svqa), reference, output and score; what the metrics
+  read is there in full (text, spoken words, scene, image and speech codes)."""
+  cells = generator.toy_spec.cells if generator.toy_spec is not None else None
+  lines = []
+  for task, run in kept.items():
+    prompts = [generator.template.readable(sample.prompt) for sample in run.samples]
+    for key, outputs in run.outputs.items():
+      for index, (prompt, reference, output, score) in enumerate(
+          zip(prompts, run.references, outputs, run.scores[key])):
+        record = {"task": task, "steps": key, "index": index, "prompt": prompt}
+        if run.kinds is not None:
+          record["question_kind"] = run.kinds[index]
+        record.update(reference=_described(task, reference, cells),
+                      output=_described(task, output, cells), score=score,
+                      forward_passes=output.forward_passes)
+        lines.append(json.dumps(record) + "\n")
+  atomic_write_text(path, "".join(lines))
+
+
+def _described(task: str, output: Output, cells: int | None) -> dict:
+  """What an output says, as JSON: its text, and its spoken words, scene (a caption's as parsed;
+  `Scene.key`, null for no scene) and media codes where it has them."""
+  described: dict = {"text": output.text}
+  if output.words is not None:
+    described["words"] = output.words
+  if task == "caption" and cells is not None:
+    scene = scenes_lib.parse_caption(output.text, cells)
+    described["scene"] = None if scene is None else scene.key
+  if output.scene is not None:
+    described["scene"] = output.scene.key
+  for name in ("image_codes", "speech_codes"):
+    codes = getattr(output, name)
+    if codes is not None:
+      described[name] = np.asarray(codes).tolist()
+  return described
+
+
 def format_table(results: dict) -> str:
-  """A Markdown table: quality (and forward passes) per task and step count."""
+  """A Markdown table: quality (and forward passes) per task and step count, and the chance
+  baseline's quality where the results have one."""
   keys = sorted({k for by_steps in results.values() for k in by_steps},
                 key=lambda k: (k == DEFAULT, int(k) if k != DEFAULT else 0))
-  lines = ["| task | " + " | ".join(f"{k} steps" for k in keys) + " |",
-           "|---|" + "---|" * len(keys)]
+  with_chance = any(m.get("chance") for by_steps in results.values() for m in by_steps.values())
+  header = [f"{k} steps" for k in keys] + (["chance"] if with_chance else [])
+  lines = ["| task | " + " | ".join(header) + " |", "|---|" + "---|" * len(header)]
   for task, by_steps in results.items():
     cells = []
     for key in keys:
       m = by_steps.get(key)
       cells.append("" if m is None else f"{100 * m['quality']:.1f} % ({m['forward_passes']:.0f} fp)")
+    if with_chance:
+      chance = chance_quality(by_steps)
+      cells.append("" if chance is None else f"{100 * chance:.1f} %")
     lines.append(f"| {task} | " + " | ".join(cells) + " |")
   return "\n".join(lines)
+
+
+def chance_quality(by_steps: dict) -> float | None:
+  """A task's chance baseline quality (the same at every step count), or None without one: the
+  chance column of eval's table and README's."""
+  return next((m["chance"]["quality"] for m in by_steps.values() if m.get("chance")), None)
 
 
 def plot_quality(results: dict, path: str | pathlib.Path) -> None:
@@ -125,9 +246,14 @@ def plot_quality(results: dict, path: str | pathlib.Path) -> None:
     for passes, quality, is_default in points:
       if is_default:
         axis.plot(passes, quality, marker="*", markersize=13, color=line.get_color())
+    chance = chance_quality(by_steps)
+    if chance is not None:  # what ignoring the input scores: the line the task must clear
+      axis.axhline(100 * chance, color=line.get_color(), linestyle=":", linewidth=1)
+      lowest = min(lowest, 100 * chance)
     lowest = min(lowest, *(p[1] for p in points))
   axis.set_xscale("log", base=2)
-  axis.set_xlabel("forward passes per sample (= decoding steps; star: the task's default)")
+  axis.set_xlabel("forward passes per sample (= decoding steps; star: the task's default)\n"
+                  "dotted: chance, a model that ignores its input")
   axis.set_ylabel("quality: accuracy or 1 - WER (%)")
   axis.set_ylim(lowest - 2, 101)
   axis.grid(alpha=0.3)
@@ -149,7 +275,8 @@ def plot_samples(generator: Generator, kept: dict, path: str | pathlib.Path,
   codebook = generator.toy_spec.images
   t2i = kept.get("t2i")
   caption = kept.get("caption")
-  n = min(rows, len(t2i[0]) if t2i else rows, len(caption[0]) if caption else rows)
+  n = min(rows, len(t2i.references) if t2i else rows,
+          len(caption.references) if caption else rows)
   figure, axes = plt.subplots(n, 3, figsize=(9.5, 2.3 * n), squeeze=False,
                               gridspec_kw={"width_ratios": [1, 1, 1.6]})
   for row in range(n):
@@ -157,8 +284,7 @@ def plot_samples(generator: Generator, kept: dict, path: str | pathlib.Path,
     for axis in (left, middle, right):
       axis.axis("off")
     if t2i:
-      references, outputs = t2i
-      generated, truth = outputs[DEFAULT][row], references[row]
+      generated, truth = t2i.outputs[DEFAULT][row], t2i.references[row]
       left.imshow(codebook.to_rgb(generated.image_codes))
       left.set_title("t2i: generated" + (" (exact)" if generated.scene == truth.scene else ""),
                      fontsize=8)
@@ -167,9 +293,8 @@ def plot_samples(generator: Generator, kept: dict, path: str | pathlib.Path,
       right.text(0, 0.75, "asked: " + _wrap(scenes_lib.caption(truth.scene)), fontsize=7.5, va="top",
                  wrap=True)
     if caption:
-      references, outputs = caption
-      right.text(0, 0.35, "caption task\n model: " + _wrap(outputs[DEFAULT][row].text)
-                 + "\n truth: " + _wrap(references[row].text), fontsize=7.5, va="top")
+      right.text(0, 0.35, "caption task\n model: " + _wrap(caption.outputs[DEFAULT][row].text)
+                 + "\n truth: " + _wrap(caption.references[row].text), fontsize=7.5, va="top")
   figure.tight_layout()
   atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=80))
   plt.close(figure)

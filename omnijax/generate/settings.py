@@ -38,11 +38,11 @@ class Lengths:
     Past its response a canvas position is one the model saw only as one of its 1-16 tail pads:
     the former, looser constants (caption and svqa 32, ASR 0.3, TTS 8) cost the long config's
     model 11 points on captions, 14 on ASR and 27 on TTS (docs/benchmarks.md, "Toy canvases").
-    The toy world speaks 4.4-6.8 codes per BPE token (GLM-4-Voice: about 3.5), so the TTS rule
-    still leaves up to 63 spare positions before the generator rounds canvases up; its
+    The toy world speaks 4.4-6.4 codes per BPE token (GLM-4-Voice: about 3.5), so the TTS rule
+    still leaves up to 51 spare positions before the generator rounds canvases up; its
     transcripts hold 15-22 % as many tokens as the ASR prompt."""
-    return cls(image_codes=spec.images.codes_per_image, caption=27, vqa=8, svqa=25,
-               asr_per_prompt_token=0.22, tts_per_text_token=7.0)
+    return cls(image_codes=spec.images.codes_per_image, caption=27, vqa=8, svqa=24,
+               asr_per_prompt_token=0.23, tts_per_text_token=6.5)
 
 
 @dataclasses.dataclass(frozen=True)

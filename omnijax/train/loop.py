@@ -336,8 +336,10 @@ class _StepLoop:
         stopping = self.stop.agreed()
         must_save = progress.step % train.checkpoint_every == 0 or progress.step == stage_stop
         if progress.step % train.log_every == 0 or must_save or stopping:
+          # Fetching the metrics waits for the steps dispatched so far: time them after it.
+          host = jax.device_get(metrics)
           elapsed = time.perf_counter() - window_start
-          self._log(metrics, progress, window_tokens, elapsed)
+          self._log(host, progress, window_tokens, elapsed)
           self.run_tokens, self.run_seconds = self.run_tokens + window_tokens, \
               self.run_seconds + elapsed
           window_start, window_tokens = time.perf_counter(), 0
@@ -351,8 +353,7 @@ class _StepLoop:
   def _mfu(self, tokens_per_s: float) -> float:
     return tokens_per_s * self.flops_per_token / (self.peak_flops * self.mesh.devices.size)
 
-  def _log(self, metrics, progress: Progress, tokens: int, seconds: float) -> None:
-    host = jax.device_get(metrics)
+  def _log(self, host: dict, progress: Progress, tokens: int, seconds: float) -> None:
     _check_healthy(host, progress.step, progress.stage, self.checkpoints)
     tokens_per_s = tokens / seconds
     self.last_record = step_record(progress.step, progress.stage, host, tokens_per_s,

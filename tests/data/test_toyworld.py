@@ -13,7 +13,7 @@ from omnijax.data.toyworld import scenes as scenes_lib
 from omnijax.data.toyworld.images import ImageCodebook
 from omnijax.data.toyworld.prepare import prepare
 from omnijax.data.toyworld.speech import SpeechCodebook
-from omnijax.data.toyworld.world import ToyWorldSpec, build, split_scenes
+from omnijax.data.toyworld.world import SPLITS, ToyWorldSpec, build, split_scenes
 
 SPEC = ToyWorldSpec(n=30, seed=3, grid=8)
 
@@ -32,15 +32,59 @@ def test_prepare_is_deterministic_from_the_seed(tmp_path):
   assert first["train"]["vocab"] == SPEC.vocab.describe()
   assert set(first["train"]["tasks"]) == set(TASKS)
   assert first["heldout"]["total"]["records"] == 3 * len(TASKS)
-  for split in ("train", "heldout"):  # every written record passes the inspector
+  assert first["validation"]["total"]["records"] == 2 * len(TASKS)
+  for split in SPLITS:  # every written record passes the inspector
     assert inspect_split(tmp_path / "a" / split)["svqa"]["records"] == first[split]["scenes"]
 
 
 def test_splits_share_no_scene():
   splits = split_scenes(ToyWorldSpec(n=400, seed=1))
-  train, heldout = ({scene.key for scene in splits[name]} for name in ("train", "heldout"))
-  assert len(train) == 360 and len(heldout) == 40
-  assert not train & heldout
+  keys = {name: {scene.key for scene in splits[name]} for name in SPLITS}
+  assert {name: len(keys[name]) for name in SPLITS} == {"train": 340, "validation": 20,
+                                                         "heldout": 40}
+  assert not keys["train"] & keys["heldout"]
+  assert not keys["train"] & keys["validation"]
+  assert not keys["validation"] & keys["heldout"]
+
+
+def _count_shares(scenes) -> dict[int, int]:
+  counts = collections.Counter(len(scene.things) for scene in scenes)
+  return {count: counts[count] for count in range(1, scenes_lib.MAX_OBJECTS + 1)}
+
+
+@pytest.mark.parametrize("n, seed, cells", [(2000, 0, 2), (400, 1, 2), (600, 5, 3)])
+def test_every_split_has_the_same_mix_of_object_counts(n, seed, cells):
+  """Each split holds each object count's share of its scenes to within 2 scenes (drawing
+  distinct scenes uses up the 64 one-object scenes early: the first 10 % drawn were 19 %
+  one-object, the rest 1.4 %)."""
+  splits = split_scenes(ToyWorldSpec(n=n, seed=seed, cells=cells, grid=12))
+  every = _count_shares([scene for split in splits.values() for scene in split])
+  for name, scenes in splits.items():
+    for count, number in _count_shares(scenes).items():
+      assert abs(number - every[count] * len(scenes) / n) <= 2, (name, count, number)
+
+
+def test_a_prefix_of_the_held_out_split_is_a_fair_sample():
+  """The main job evaluates the first 64 held-out scenes of README's world: they hold no more
+  one-object scenes than chance gives (a split in drawing order would hold most of them)."""
+  splits = split_scenes(ToyWorldSpec(n=2000, seed=0))
+  every = _count_shares([scene for split in splits.values() for scene in split])
+  first = _count_shares(splits["heldout"][:64])
+  for count, number in first.items():
+    expected = 64 * every[count] / 2000
+    assert abs(number - expected) <= 3 * expected ** 0.5 + 1, (count, number, expected)
+
+
+def test_split_sizes_leave_every_split_a_scene():
+  assert ToyWorldSpec(n=3).split_sizes == {"train": 1, "validation": 1, "heldout": 1}
+  assert ToyWorldSpec(n=2000).split_sizes == {"train": 1700, "validation": 100, "heldout": 200}
+  with pytest.raises(ValueError, match="n=2: the toy world needs at least 3 scenes"):
+    ToyWorldSpec(n=2)
+  with pytest.raises(ValueError, match="n=10 with heldout_fraction=0.5 and "
+                                       "validation_fraction=0.5 leaves no training scene"):
+    ToyWorldSpec(n=10, heldout_fraction=0.5, validation_fraction=0.5)
+  with pytest.raises(ValueError, match=r"validation_fraction=1.0 must lie in \(0, 1\)"):
+    ToyWorldSpec(n=10, validation_fraction=1.0)
 
 
 @pytest.mark.parametrize("grid, cells", [(16, 2), (8, 2), (12, 3)])

@@ -10,13 +10,17 @@ import pathlib
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
-from omnijax.config import load_config
-from omnijax.data.tasks import TASKS
+from omnijax.config import CONFIG_ROOT, load_config
+from omnijax.data.tasks import IMAGE_TASKS, TASKS
+from omnijax.data.templates import ChatTemplate
 from omnijax.data.toyworld.prepare import prepare
+from omnijax.data.toyworld.scenes import Scene, Thing
 from omnijax.data.toyworld.world import ToyWorldSpec
-from omnijax.generate.run import read_samples
+from omnijax.eval.metrics import task_metrics
+from omnijax.generate.run import Output, read_samples
 
 TINY_EXPERIMENT = pathlib.Path(__file__).parents[1] / "train" / "tiny_experiment.yaml"
 PNG_MAGIC = b"\x89PNG"
@@ -25,6 +29,17 @@ PNG_MAGIC = b"\x89PNG"
 def omnijax(*args):
   return subprocess.run([sys.executable, "-m", "omnijax.cli", *map(str, args)],
                         capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize("experiment", ["toy.yaml", "toy_long.yaml"])
+def test_the_toy_jobs_evaluate_enough_samples_that_one_moves_a_task_by_2_points(experiment):
+  config = load_config(CONFIG_ROOT / "experiments" / experiment)
+  assert config.eval.after_training and config.eval.split == "heldout"
+  assert 100 / config.eval.samples <= 2
+  # ... and their toy world holds that many held-out scenes.
+  toy = config.toyworld
+  spec = ToyWorldSpec(n=toy.scenes, seed=toy.seed, grid=toy.grid, cells=toy.cells)
+  assert spec.split_sizes["heldout"] >= config.eval.samples
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +67,57 @@ def test_the_main_job_writes_eval_json_and_pictures(trained):
     assert results[task]["2"]["quality"] <= 1.0
   for picture in ("eval.png", "eval_samples.png"):
     assert (workdir / picture).read_bytes()[:4] == PNG_MAGIC
+  # Chance baselines from the training split, beside every figure.
+  assert results["meta"]["chance_split"] == "train"
+  for task in TASKS:
+    for entry in results[task].values():
+      assert set(entry["chance"]) <= set(entry) and entry["chance"]["quality"] <= 1.0
+  assert results["caption"]["2"]["chance"]["exact_scene"] == 0.0  # no held-out scene trained on
+
+
+def _scene(key: str) -> Scene:
+  return Scene(tuple(Thing(int(cell), shape, colour)
+                     for cell, colour, shape in (part.split(":") for part in key.split(";") if part)))
+
+
+def _output(task: str, described: dict) -> Output:
+  scene = _scene(described["scene"]) if task in IMAGE_TASKS else None
+  return Output(task, np.zeros(0, np.int32), 0, text=described["text"],
+                words=described.get("words"), scene=scene)
+
+
+def _template(data: pathlib.Path) -> ChatTemplate:
+  spec = ToyWorldSpec(n=20, seed=0, grid=8)
+  return ChatTemplate.from_file(str(data / "tokenizer.json"), spec.vocab, spec.image_lengths)
+
+
+def test_samples_jsonl_holds_every_sample_and_re_scores_to_eval_json(trained):
+  workdir, data = trained
+  results = json.loads((workdir / "eval.json").read_text())
+  records = [json.loads(line) for line in (workdir / "samples.jsonl").read_text().splitlines()]
+  assert len(records) == len(TASKS) * 2 * 2  # tasks x step settings x samples
+  grouped: dict = {}
+  for record in records:
+    assert {"task", "steps", "index", "prompt", "reference", "output", "score"} <= set(record)
+    grouped.setdefault((record["task"], record["steps"]), []).append(record)
+  heldout_vqa = read_samples(data / "heldout", "vqa", 2)
+  for (task, key), group in grouped.items():
+    assert [r["index"] for r in group] == [0, 1]
+    outputs = [_output(task, r["output"]) for r in group]
+    references = [_output(task, r["reference"]) for r in group]
+    kinds = [r["question_kind"] for r in group] if task in ("vqa", "svqa") else None
+    expected = {name: value for name, value in results[task][key].items()
+                if name not in ("forward_passes", "seconds_per_sample", "samples", "chance")}
+    assert task_metrics(task, outputs, references, cells=2, kinds=kinds) == pytest.approx(expected)
+    if task in ("t2i", "s2i", "caption", "vqa"):  # headline accuracies: the mean of the scores
+      assert np.mean([r["score"] for r in group]) == pytest.approx(expected["quality"])
+  vqa = grouped["vqa", "default"]
+  assert all(r["question_kind"] in ("count", "position", "colour", "shape") for r in vqa)
+  # The prompt, readable: the held-out sample's, media code runs abbreviated.
+  template = _template(data)
+  assert [r["prompt"] for r in vqa] == [template.readable(s.prompt) for s in heldout_vqa]
+  assert "[64 image codes:" in vqa[0]["prompt"]
+  assert len(grouped["t2i", "2"][0]["output"]["image_codes"]) == 64
 
 
 def test_generate_t2i_tts_and_a_batch_from_jsonl(trained, tmp_path):
@@ -139,8 +205,28 @@ def test_eval_command_json_is_keyed_by_task_and_steps(trained, tmp_path):
   assert results["t2i"]["1"]["forward_passes"] == 1 and results["t2i"]["3"]["forward_passes"] == 3
   assert results["t2i"]["default"]["forward_passes"] == 68  # one token per step (§4.8)
   assert {"exact_scene", "object_accuracy", "seconds_per_sample"} <= set(results["t2i"]["1"])
-  assert "| t2i |" in done.stdout
+  assert "| t2i |" in done.stdout and "| chance |" in done.stdout
   assert (tmp_path / "eval.png").read_bytes()[:4] == PNG_MAGIC
+  assert (tmp_path / "samples.jsonl").is_file()
+
+
+def test_eval_on_the_validation_split_writes_samples_named_after_its_json(trained, tmp_path):
+  workdir, data = trained
+  out = tmp_path / "validation.json"
+  done = omnijax("eval", "--checkpoint", workdir, "--split", "validation", "--tasks", "caption",
+                 "--steps", "2", "--limit", 1, "--out", out)
+  assert done.returncode == 0, done.stderr
+  results = json.loads(out.read_text())
+  assert results["meta"]["split"] == "validation"
+  assert {"exact_scene", "object_f1", "well_formed", "wer", "chance"} <= set(results["caption"]["2"])
+  records = [json.loads(line) for line in
+             (tmp_path / "validation_samples.jsonl").read_text().splitlines()]
+  assert [(r["steps"], r["index"]) for r in records] == [("2", 0), ("default", 0)]
+  # The validation split's first caption sample, not the held-out one.
+  template = _template(data)
+  prompt = template.readable(read_samples(data / "validation", "caption", 1)[0].prompt)
+  assert records[0]["prompt"] == prompt
+  assert prompt != template.readable(read_samples(data / "heldout", "caption", 1)[0].prompt)
 
 
 @pytest.fixture(scope="module")

@@ -65,7 +65,7 @@ def test_missing_jsonl_input_and_tokenizer(prepared, toy_data, tmp_path):
 
 def test_prepare_toyworld_bad_spec(tmp_path):
   assert_refused(omnijax("prepare", "toyworld", "--out", tmp_path / "w", "--n", 1), 2,
-                 r"^omnijax prepare toyworld: n=1: the toy world needs at least 2 scenes")
+                 r"^omnijax prepare toyworld: n=1: the toy world needs at least 3 scenes")
   assert not (tmp_path / "w").exists()
 
 

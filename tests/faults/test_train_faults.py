@@ -2,6 +2,8 @@
 divergence. Each run is the tiny experiment for at most a few steps."""
 
 import json
+import os
+import signal
 import time
 
 import pytest
@@ -170,6 +172,9 @@ def test_a_second_run_in_a_held_workdir_is_refused_and_a_dead_run_does_not_hold_
     for line in first.stdout:  # the lock is held from before the first stage starts
       if line.startswith("stage "):
         break
+    # Paused, the first run holds the lock for as long as the second takes to start (on a busy
+    # machine it could otherwise finish its steps and release it first).
+    os.kill(first.pid, signal.SIGSTOP)
     second = omnijax(*train_args(workdir, toy_data))
     assert_refused(second, 1, rf"{workdir} is in use by another `omnijax train` "
                               rf"\(pid {first.pid} on .*\); wait for it to finish")

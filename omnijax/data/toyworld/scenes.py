@@ -1,4 +1,6 @@
-"""Scenes of 1-3 coloured shapes on a coarse grid, and the English that describes them."""
+"""Scenes of 1-3 coloured shapes on a coarse grid, the English that describes them, and the
+parsers that read that English back (captions to scenes, questions to their kind, answers to
+the attribute they name), so a generated text is scored by what it means."""
 
 from __future__ import annotations
 
@@ -16,6 +18,8 @@ _CELL_NAMES = {
         "bottom right"),
 }
 CAPTION_PROMPTS = ("Describe the image.", "What is in the picture?")
+# What a question asks for (see `question_options`): the answer's attribute.
+QUESTION_KINDS = ("count", "position", "colour", "shape")
 
 
 @dataclasses.dataclass(frozen=True, order=True)
@@ -62,21 +66,29 @@ def caption(scene: Scene) -> str:
   return "there is " + " and ".join(parts)
 
 
-def question_answer(scene: Scene, rng: np.random.Generator) -> tuple[str, str]:
-  """One question about colour, shape, position or count that the scene answers unambiguously."""
+def question_options(scene: Scene) -> list[tuple[str, str, str]]:
+  """(kind, question, answer) for every question about colour, shape, position or count that
+  the scene answers unambiguously; kind is one of `QUESTION_KINDS`."""
   names = cell_names(scene.cells)
   shapes = [t.shape for t in scene.things]
   colours = [t.colour for t in scene.things]
   kinds = [(t.colour, t.shape) for t in scene.things]
-  options = [("how many objects are there?", NUMBERS[len(scene.things)])]
+  options = [("count", "how many objects are there?", NUMBERS[len(scene.things)])]
   for thing in scene.things:
     if kinds.count((thing.colour, thing.shape)) == 1:
-      options.append((f"where is the {thing.colour} {thing.shape}?", names[thing.cell]))
+      options.append(("position", f"where is the {thing.colour} {thing.shape}?", names[thing.cell]))
     if shapes.count(thing.shape) == 1:
-      options.append((f"what color is the {thing.shape}?", thing.colour))
+      options.append(("colour", f"what color is the {thing.shape}?", thing.colour))
     if colours.count(thing.colour) == 1:
-      options.append((f"what shape is the {thing.colour} object?", thing.shape))
-  return options[rng.integers(len(options))]
+      options.append(("shape", f"what shape is the {thing.colour} object?", thing.shape))
+  return options
+
+
+def question_answer(scene: Scene, rng: np.random.Generator) -> tuple[str, str]:
+  """One of `question_options`, drawn from rng: (question, answer)."""
+  options = question_options(scene)
+  _, question, answer = options[rng.integers(len(options))]
+  return question, answer
 
 
 def spoken_words(text: str) -> list[str]:
@@ -90,3 +102,61 @@ def lexicon(cells: int) -> tuple[str, ...]:
   words = fixed.split() + list(SHAPES) + list(COLOURS) + list(NUMBERS)
   words += [word for name in cell_names(cells) for word in name.split()]
   return tuple(dict.fromkeys(words))
+
+
+# --- reading the English back -------------------------------------------------------------------
+# Exact: a text is a sentence of the grammar above or it is malformed (None); only case and
+# spacing are forgiven, as in exact match and WER. A malformed text never raises.
+
+
+def parse_caption(text: str, cells: int) -> Scene | None:
+  """The scene a caption describes: "there is" then "a COLOUR SHAPE at the CELL" clauses joined
+  by "and", in distinct cells, in any order; None for any other text."""
+  words = text.lower().split()
+  if words[:2] != ["there", "is"] or len(words) == 2:
+    return None
+  places = {tuple(name.split()): cell for cell, name in enumerate(cell_names(cells))}
+  clauses: list[list[str]] = [[]]
+  for word in words[2:]:
+    if word == "and":  # no colour, shape or place name contains it
+      clauses.append([])
+    else:
+      clauses[-1].append(word)
+  things = []
+  for clause in clauses:
+    if len(clause) < 6 or clause[0] != "a" or clause[3:5] != ["at", "the"]:
+      return None
+    colour, shape, cell = clause[1], clause[2], places.get(tuple(clause[5:]))
+    if colour not in COLOURS or shape not in SHAPES or cell is None:
+      return None
+    things.append(Thing(cell, shape, colour))
+  if len({thing.cell for thing in things}) != len(things):
+    return None
+  return Scene(tuple(sorted(things)), cells)
+
+
+def parse_question(text: str) -> str | None:
+  """The kind (`QUESTION_KINDS`) of a question `question_options` asks, from its text or its
+  spoken words (punctuation is not spoken); None for any other text."""
+  words = spoken_words(text)
+  if words == ["how", "many", "objects", "are", "there"]:
+    return "count"
+  if len(words) == 5 and words[:3] == ["where", "is", "the"] and words[3] in COLOURS \
+      and words[4] in SHAPES:
+    return "position"
+  if len(words) == 5 and words[:4] == ["what", "color", "is", "the"] and words[4] in SHAPES:
+    return "colour"
+  if len(words) == 6 and words[:4] == ["what", "shape", "is", "the"] and words[4] in COLOURS \
+      and words[5] == "object":
+    return "shape"
+  return None
+
+
+def parse_answer(kind: str, text: str, cells: int) -> str | None:
+  """The attribute value an answer to a `kind` question names (a number word, a place, a colour
+  or a shape), lower-cased; None when the text names no value of that kind."""
+  values = {"count": NUMBERS, "position": cell_names(cells), "colour": COLOURS, "shape": SHAPES}
+  if kind not in values:
+    raise ValueError(f"unknown question kind {kind!r}; known: {', '.join(QUESTION_KINDS)}")
+  value = " ".join(text.lower().split())
+  return value if value in values[kind] else None

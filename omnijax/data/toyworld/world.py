@@ -23,13 +23,15 @@ from omnijax.data.toyworld.speech import SpeechCodebook
 from omnijax.data.toyworld.tokenizer import train_bpe
 from omnijax.vocab import Vocab
 
-SPLITS = ("train", "heldout")
+# train: what training reads; validation: scenes held back for recipe choices; heldout: the
+# reported figures, never tuned on. No scene is in two splits.
+SPLITS = ("train", "validation", "heldout")
 _MAX_DRAWS_PER_SCENE = 50
 
 
 @dataclasses.dataclass(frozen=True)
 class ToyWorldSpec:
-  n: int  # distinct scenes over both splits; every scene yields one sample of every task
+  n: int  # distinct scenes over all splits; every scene yields one sample of every task
   seed: int = 0
   text_size: int = 512
   n_image_codes: int = 256
@@ -38,16 +40,30 @@ class ToyWorldSpec:
   cells: int = 2
   background_codes: int = 4
   heldout_fraction: float = 0.1
+  validation_fraction: float = 0.05
 
   def __post_init__(self):
-    if self.n < 2:
-      raise ValueError(f"n={self.n}: the toy world needs at least 2 scenes (one per split)")
-    if not 0 < self.heldout_fraction < 1:
-      raise ValueError(f"heldout_fraction={self.heldout_fraction} must lie in (0, 1)")
+    if self.n < len(SPLITS):
+      raise ValueError(f"n={self.n}: the toy world needs at least {len(SPLITS)} scenes (one per "
+                       "split)")
+    for name in ("heldout_fraction", "validation_fraction"):
+      if not 0 < getattr(self, name) < 1:
+        raise ValueError(f"{name}={getattr(self, name)} must lie in (0, 1)")
+    if self.split_sizes["train"] < 1:
+      raise ValueError(f"n={self.n} with heldout_fraction={self.heldout_fraction} and "
+                       f"validation_fraction={self.validation_fraction} leaves no training scene "
+                       f"(every split needs one)")
     if self.images.codes_used > self.n_image_codes:
       raise ValueError(f"the image codebook needs {self.images.codes_used} codes, the vocabulary "
                        f"has n_image_codes={self.n_image_codes}")
     self.speech  # validates that the lexicon fits the speech codes
+
+  @property
+  def split_sizes(self) -> dict[str, int]:
+    """Scenes per split: at least one held out and one for validation, the rest train."""
+    heldout = max(1, round(self.n * self.heldout_fraction))
+    validation = max(1, round(self.n * self.validation_fraction))
+    return {"train": self.n - heldout - validation, "validation": validation, "heldout": heldout}
 
   @property
   def vocab(self) -> Vocab:
@@ -69,7 +85,15 @@ class ToyWorldSpec:
 
 
 def split_scenes(spec: ToyWorldSpec) -> dict[str, list[Scene]]:
-  """`spec.n` distinct scenes, the first `heldout_fraction` of them held out: no scene in both."""
+  """`spec.n` distinct scenes dealt to `SPLITS` (sizes: `spec.split_sizes`) so that every split
+  has the same mix of object counts, each split's scenes in a uniformly random order.
+
+  Drawing distinct scenes uses up the few one-object scenes (64 on a 2x2 grid) early, so the
+  first scenes drawn are not a fair sample: holding those out gave 19 % one-object scenes in
+  the held-out split against 1.4 % in training. Instead the scenes are shuffled, and each
+  object count's scenes are dealt to held-out and validation in proportion to the count's share
+  (largest remainders), the rest to train. Any prefix of a split (`omnijax eval --limit`) is
+  then a fair sample of it too."""
   rng = np.random.default_rng([spec.seed, 0])
   drawn: dict[str, Scene] = {}
   for _ in range(_MAX_DRAWS_PER_SCENE * spec.n):
@@ -79,9 +103,37 @@ def split_scenes(spec: ToyWorldSpec) -> dict[str, list[Scene]]:
       break
   else:
     raise ValueError(f"could not draw {spec.n} distinct scenes on a {spec.cells}x{spec.cells} grid")
-  ordered = list(drawn.values())
-  heldout = max(1, round(spec.n * spec.heldout_fraction))
-  return {"heldout": ordered[:heldout], "train": ordered[heldout:]}
+  shuffled = [list(drawn.values())[i]
+              for i in np.random.default_rng([spec.seed, 2]).permutation(spec.n)]
+  by_count: dict[int, list[Scene]] = {}
+  for scene in shuffled:
+    by_count.setdefault(len(scene.things), []).append(scene)
+  groups = [by_count[count] for count in sorted(by_count)]
+  sizes = spec.split_sizes
+  heldout = _apportion(sizes["heldout"], [len(group) for group in groups])
+  validation = _apportion(sizes["validation"],
+                          [len(group) - taken for group, taken in zip(groups, heldout)])
+  split_of: dict[str, str] = {}
+  for group, held, validating in zip(groups, heldout, validation):
+    for position, scene in enumerate(group):
+      split_of[scene.key] = ("heldout" if position < held else
+                             "validation" if position < held + validating else "train")
+  splits: dict[str, list[Scene]] = {split: [] for split in SPLITS}
+  for scene in shuffled:
+    splits[split_of[scene.key]].append(scene)
+  return splits
+
+
+def _apportion(total: int, sizes: list[int]) -> list[int]:
+  """`total` items shared among groups in proportion to `sizes`, by largest remainders: each
+  group gets the floor of its exact share, the leftovers go to the largest fractional parts
+  (ties: the earlier group). No group gets more than its size."""
+  whole = sum(sizes)
+  shares = [total * size // whole for size in sizes]
+  remainders = [total * size % whole for size in sizes]
+  for group in sorted(range(len(sizes)), key=lambda g: -remainders[g])[:total - sum(shares)]:
+    shares[group] += 1
+  return shares
 
 
 def conversations(scene: Scene, spec: ToyWorldSpec, rng: np.random.Generator) -> list[tuple]:
