@@ -40,8 +40,13 @@ ATTENTION_BACKENDS: tuple[str, ...] = ("xla", "pallas", "splash", "cudnn", "mosa
 TASKS: tuple[str, ...] = ("t2i", "caption", "vqa", "asr", "tts", "s2i", "svqa")
 # The sampler's confidence rules (reference §4.4), here so the CLI can list them without jax.
 SAMPLER_ALGS: tuple[str, ...] = ("maskgit_plus", "topk_margin", "entropy")
+# The sampler's KV cache modes (omnijax.diffusion.sampler): none, or the prompt's (prefix).
+SAMPLER_CACHES: tuple[str, ...] = ("none", "prefix")
 # Training objectives (omnijax.diffusion.objective.OBJECTIVES holds one object per name).
-OBJECTIVE_KINDS = ("omni", "llada")
+OBJECTIVE_KINDS = ("omni", "llada", "ar")
+# How a model decodes (omnijax.generate.run.DECODERS holds one function per name): by masked
+# diffusion, or one token per forward pass (a model trained with the `ar` objective).
+DECODERS: tuple[str, ...] = ("diffusion", "ar")
 
 
 class ConfigError(ValueError):
@@ -455,7 +460,9 @@ class EvalConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ObjectiveConfig:
-  """`omni`: the release's per-token masking; `llada`: one t per sample, CE weighted by 1/t."""
+  """`omni`: the release's per-token masking; `llada`: one t per sample, CE weighted by 1/t;
+  `ar`: the autoregressive baseline, next-token loss with causal attention (eps and
+  pad_mask_ratio do not apply)."""
 
   kind: str = "omni"
   eps: float = 1e-3

@@ -9,6 +9,9 @@ threshold thr_j = (1 - eps) t_j + eps; token j is masked iff u_j <= thr_j, tail 
 summed and divided by the number of response tokens.
 Both: prompt tokens are never masked, every sample with a response gets at least one masked
 target, and the Dream shift scores token j with the logits at j - 1.
+`ar` (the autoregressive baseline on the same backbone): nothing is masked; every response token
+(tail pads included, as the diffusion objectives supervise them) is a target of weight 1, scored
+by the logits at j - 1 under segment-causal attention: next-token prediction. Mean CE over them.
 
 Randomness is a pure function of (seed, step, global row index), so masks do not depend on the
 mesh, the micro-batch split or a restart.
@@ -64,6 +67,7 @@ class Objective(abc.ABC):
 
   name: str
   causal = False  # whether attention inside a sample is causal (an autoregressive objective)
+  decoder = "diffusion"  # how a model trained with it decodes (config.DECODERS)
 
   @abc.abstractmethod
   def corrupt(self, batch: dict, config: ObjectiveConfig, vocab: Vocab, seed: int,
@@ -148,7 +152,30 @@ class LladaMasking(MaskedDiffusion):
     return jnp.sum(_response(batch).astype(jnp.float32))
 
 
-OBJECTIVES = {objective.name: objective for objective in (OmniMasking(), LladaMasking())}
+class NextToken(Objective):
+  """Autoregressive: the inputs stay whole, attention is causal inside each sample, and each
+  response token is predicted from the hidden state before it (the Dream shift of `loss_sums`),
+  which sees only the sample's tokens up to that one. Deterministic: no draws."""
+
+  name = "ar"
+  causal = True
+  decoder = "ar"
+
+  def corrupt(self, batch, config, vocab, seed, step, row_offset=0):
+    segment_ids = batch["segment_ids"]
+    # A token is predicted only from its own sample: the position before it must be in the
+    # same segment (never true at a row's first column, nor at a packed sample's first token).
+    has_left_neighbour = jnp.pad(segment_ids[:, 1:] == segment_ids[:, :-1], ((0, 0), (1, 0)))
+    targets = _response(batch) & has_left_neighbour
+    return Corruption(inputs=batch["tokens"], masked=targets,
+                      weights=targets.astype(jnp.float32))
+
+  def denominator(self, batch, targets):
+    return jnp.sum(targets.astype(jnp.float32))
+
+
+OBJECTIVES = {objective.name: objective
+              for objective in (OmniMasking(), LladaMasking(), NextToken())}
 assert tuple(OBJECTIVES) == OBJECTIVE_KINDS, (tuple(OBJECTIVES), OBJECTIVE_KINDS)
 
 

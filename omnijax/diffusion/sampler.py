@@ -18,6 +18,12 @@ One `lax.while_loop` runs all steps with fixed shapes; each iteration is one bat
      last step), or with `threshold`, every one above it (at least one).
 
 The loop ends as soon as no row has a mask left, so threshold decoding saves forward passes.
+
+`cache="prefix"` (Fast-dLLM's prefix cache) keeps the prompt's keys and values from a forward
+of the whole rows, made at each block's first step and every `cache_refresh` steps (0: only
+there); the steps between run only the canvas (and the prompt's last token, whose logits score
+canvas position 0) against them. Attention is bidirectional, so the cached prompt is stale by
+the tokens committed since: approximate, exact with `cache_refresh=1` (every step refreshes).
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from omnijax.diffusion.settings import DecodeSettings
 from omnijax.kernels.attention import attention_rows
+from omnijax.model.transformer import output_logits
 from omnijax.sharding import logical_to_spec, shard_count
 from omnijax.vocab import Vocab
 
@@ -51,9 +58,13 @@ class SampleResult:
   loop_steps: int  # batched forward passes the loop ran (the slowest row's count)
   seconds: float  # wall time of the decode itself (compilation excluded)
 
+  @classmethod
+  def empty(cls) -> SampleResult:
+    return cls([], np.zeros((0,), np.int32), 0, 0.0)
+
 
 @dataclasses.dataclass(frozen=True)
-class _Plan:
+class Plan:
   """Everything static about one decode: one compiled loop per distinct plan. The steps per
   block, the seed and the prefilled canvas are inputs of the compiled loop, so they are cleared
   here and decodes that differ only in them share one compilation."""
@@ -63,7 +74,7 @@ class _Plan:
   vocab_size: int  # ids at or above it (embedding padding rows) are never produced
 
   @classmethod
-  def of(cls, settings: DecodeSettings, vocab: Vocab) -> _Plan:
+  def of(cls, settings: DecodeSettings, vocab: Vocab) -> Plan:
     static = dataclasses.replace(settings, steps=1, seed=0, prefill=())
     return cls(static, vocab.mask_id, vocab.size)
 
@@ -128,7 +139,7 @@ def position_factors(masked: jax.Array, gamma: float) -> jax.Array:
   return jnp.where((n > free) & (rank >= free), ramp, 1.0)
 
 
-def choose_tokens(logits: jax.Array, canvas: jax.Array, plan: _Plan, keys: jax.Array | None,
+def choose_tokens(logits: jax.Array, canvas: jax.Array, plan: Plan, keys: jax.Array | None,
                   first_step: bool | jax.Array = False) -> tuple[jax.Array, jax.Array]:
   """Per-position token and confidence from [B, N, V] (shifted, guided) logits (§4.3-4.4).
   `canvas` is the canvas after the previous step; at the `first_step` there is none, and the
@@ -183,8 +194,44 @@ def _rows_with_canvas(base: jax.Array, canvas: jax.Array, starts: jax.Array) -> 
                                                                                 starts)
 
 
+def _canvas_logits(model, rows, segment_ids, positions, starts, columns, cache, local_step,
+                   plan: Plan):
+  """[R, N, V] logits scoring each row's canvas positions, and the prefix cache (None without).
+
+  Dream shift: canvas position j is scored by the logits at column start + j - 1. Uncached,
+  one forward of the whole rows. With the prefix cache, the whole rows run (and fill the cache)
+  at every block's first step and every `cache_refresh` steps; otherwise only columns start - 1
+  .. start + N - 1 (the prompt's last token and the canvas) run, against the prompt's cached
+  keys and values.
+  """
+  settings = plan.settings
+
+  def whole_rows(cache):
+    with attention_rows("dense"):  # one prompt + canvas a row: `auto` picks for dense rows
+      if cache is None:
+        logits = model(rows, segment_ids, positions)
+      else:
+        hidden, cache = model.prefill(rows, segment_ids, rows.shape[1])
+        logits = output_logits(hidden, model.output_head())
+    return jnp.take_along_axis(logits, (starts[:, None] - 1 + columns)[..., None], axis=1), cache
+
+  if cache is None:
+    return whole_rows(None)
+
+  def canvas_block(cache):
+    block = jnp.take_along_axis(rows, starts[:, None] - 1 + jnp.arange(columns.shape[0] + 1),
+                                axis=1)
+    with attention_rows("dense"):
+      hidden, cache = model.extend(block, cache, starts - 1)
+    return output_logits(hidden[:, :-1], model.output_head()), cache
+
+  period = settings.cache_refresh
+  refresh = local_step % period == 0 if period > 0 else local_step == 0
+  return jax.lax.cond(refresh, whole_rows, canvas_block, cache)
+
+
 def _decode_loop(graphdef, params, base, segment_ids, starts, canvas, active, steps_per_block,
-                 key, *, plan: _Plan):
+                 key, *, plan: Plan):
   """The compiled loop. base/segment_ids/starts: [R] forward rows (R = B, or 2B with CFG: the
   unconditional rows after the conditional ones); canvas/active: [B]."""
   model = nnx.merge(graphdef, params)
@@ -204,12 +251,11 @@ def _decode_loop(graphdef, params, base, segment_ids, starts, canvas, active, st
     return (block < len(plan.blocks)) & jnp.any((canvas == plan.mask_id) & active[:, None])
 
   def body(state):
-    canvas, block, local_step, passes, loop_steps = state
+    canvas, block, local_step, passes, loop_steps, cache = state
     cfg_canvas = jnp.concatenate([canvas, canvas]) if plan.settings.cfg > 0 else canvas
-    with attention_rows("dense"):  # one prompt + canvas a row: `auto` picks for dense rows
-      logits = model(_rows_with_canvas(base, cfg_canvas, starts), segment_ids, positions)
-    # Dream shift: canvas position j is scored by the logits at (start + j) - 1.
-    logits = jnp.take_along_axis(logits, (starts[:, None] - 1 + columns)[..., None], axis=1)
+    logits, cache = _canvas_logits(model, _rows_with_canvas(base, cfg_canvas, starts),
+                                   segment_ids, positions, starts, columns, cache, local_step,
+                                   plan)
     logits = logits.astype(jnp.float32)
     if plan.settings.cfg > 0:
       cond_logits, uncond_logits = logits[:batch], logits[batch:]
@@ -231,29 +277,17 @@ def _decode_loop(graphdef, params, base, segment_ids, starts, canvas, active, st
     block_done = (local_step >= steps_per_block[block]) | ~jnp.any(masked_in_block(canvas, block))
     block = jnp.where(block_done, block + 1, block)
     local_step = jnp.where(block_done, 0, local_step)
-    return canvas, block, local_step, passes, loop_steps + 1
+    return canvas, block, local_step, passes, loop_steps + 1, cache
 
   zero = jnp.zeros((), jnp.int32)
-  state = (canvas, zero, zero, jnp.zeros((batch,), jnp.int32), zero)
-  canvas, _, _, passes, loop_steps = jax.lax.while_loop(cond, body, state)
+  cache = None if plan.settings.cache == "none" else model.init_cache(*base.shape)
+  state = (canvas, zero, zero, jnp.zeros((batch,), jnp.int32), zero, cache)
+  canvas, _, _, passes, loop_steps, _ = jax.lax.while_loop(cond, body, state)
   return canvas, passes, loop_steps
 
 
-_EXECUTABLES: dict = {}  # (graphdef, plan, input shapes and shardings) -> compiled loop
+_EXECUTABLES: dict = {}  # (loop, graphdef, plan, input shapes and shardings) -> compiled loop
 _MAX_EXECUTABLES = 64
-
-
-def _compiled(graphdef, plan: _Plan, args):
-  """The compiled loop for these inputs, compiled ahead of time so decode time is measurable."""
-  signature = tuple((x.shape, x.dtype, getattr(x, "sharding", None))
-                    for x in jax.tree.leaves(args))
-  key = (graphdef, plan, signature)
-  if key not in _EXECUTABLES:
-    if len(_EXECUTABLES) >= _MAX_EXECUTABLES:
-      _EXECUTABLES.pop(next(iter(_EXECUTABLES)))
-    jitted = jax.jit(functools.partial(_decode_loop, graphdef, plan=plan))
-    _EXECUTABLES[key] = jitted.lower(*args).compile()
-  return _EXECUTABLES[key]
 
 
 def _model_mesh(params) -> jax.sharding.Mesh | None:
@@ -278,65 +312,113 @@ def _as_prompts(prompts, vocab: Vocab, what: str) -> list[np.ndarray]:
   return rows
 
 
+@dataclasses.dataclass(frozen=True)
+class DecodeRows:
+  """One decode's forward rows, shared by the diffusion and the autoregressive decoders: R = the
+  caller's B rows padded to a multiple of the batch shards (padding rows, inactive, repeat row
+  0), then with CFG as many unconditional rows. Every row is `prompt + canvas` from column 0,
+  right-padded (segment 0, never attended) to one length, so a row's own tokens sit at the same
+  columns whether it runs alone or in a batch."""
+
+  graphdef: nnx.GraphDef
+  params: nnx.State
+  mesh: jax.sharding.Mesh | None
+  batch: int  # the caller's rows
+  tokens: np.ndarray  # [R, prompt columns + canvas] int32: prompts, then <|endoftext|>
+  segment_ids: np.ndarray  # [R, ...] int32: 1 over each row's prompt and canvas
+  starts: np.ndarray  # [R] int32: prompt lengths (each row's first canvas column)
+  active: np.ndarray  # [padded B] bool: the caller's rows
+
+  @classmethod
+  def build(cls, model, vocab: Vocab, prompts: Sequence, settings: DecodeSettings,
+            uncond_prompts: Sequence | None) -> DecodeRows | None:
+    """Checks the prompts and lays them out; None when there are none."""
+    if settings.cfg > 0 and uncond_prompts is None:
+      raise ValueError("cfg > 0 needs uncond_prompts (one per prompt)")
+    if uncond_prompts is not None and len(uncond_prompts) != len(prompts):
+      raise ValueError(f"uncond_prompts has {len(uncond_prompts)} rows, prompts {len(prompts)}")
+    rows = _as_prompts(prompts, vocab, "prompts")
+    if not rows:
+      return None
+    uncond = _as_prompts(uncond_prompts, vocab, "uncond_prompts") if settings.cfg > 0 else []
+    model_vocab = model.config.vocab_size
+    if model_vocab < vocab.size:
+      raise ValueError(f"the model's embedding has {model_vocab} rows, fewer than the "
+                       f"vocabulary's {vocab.size} ids")
+    graphdef, params = nnx.split(model)
+    mesh = _model_mesh(params)
+    batch, canvas = len(rows), settings.canvas
+    batch_shards = 1 if mesh is None else shard_count("batch", mesh)
+    padded_batch = -(-batch // batch_shards) * batch_shards
+    rows = rows + [rows[0]] * (padded_batch - batch)
+    if uncond:
+      uncond = uncond + [uncond[0]] * (padded_batch - batch)
+    forward_rows = rows + uncond
+    prompt_columns = -(-max(map(len, forward_rows)) // PROMPT_BUCKET) * PROMPT_BUCKET
+    tokens = np.full((len(forward_rows), prompt_columns + canvas), vocab.pad_id, np.int32)
+    segment_ids = np.zeros(tokens.shape, np.int32)
+    for r, prompt in enumerate(forward_rows):
+      tokens[r, :len(prompt)] = prompt
+      segment_ids[r, :len(prompt) + canvas] = 1
+    starts = np.asarray([len(prompt) for prompt in forward_rows], np.int32)
+    return cls(graphdef, params, mesh, batch, tokens, segment_ids, starts,
+               np.arange(padded_batch) < batch)
+
+  def run(self, loop, plan, row_inputs: tuple, other_inputs: tuple) -> tuple[tuple, float]:
+    """`loop(graphdef, params, *row_inputs, *other_inputs, plan=plan)` compiled (once per
+    loop, plan, shapes and shardings) and run on the model's mesh, its row inputs
+    batch-sharded -> (its outputs on the host, the seconds it ran)."""
+    if self.mesh is not None:
+      spec = logical_to_spec(("batch",), self.mesh)
+      row_inputs = tuple(jax.device_put(x, NamedSharding(
+          self.mesh, PartitionSpec(*spec, *[None] * (x.ndim - 1)))) for x in row_inputs)
+    args = (self.params, *row_inputs, *other_inputs)
+    with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
+      run = _compiled(loop, self.graphdef, plan, args)
+      start = time.perf_counter()
+      outputs = jax.block_until_ready(run(*args))
+      seconds = time.perf_counter() - start
+    return jax.device_get(outputs), seconds
+
+  def result(self, canvases, passes, loop_steps, seconds: float) -> SampleResult:
+    return SampleResult([np.asarray(canvases[r]).copy() for r in range(self.batch)],
+                        np.asarray(passes)[:self.batch], int(loop_steps), seconds)
+
+
+def _compiled(loop, graphdef, plan, args):
+  """The compiled loop for these inputs, compiled ahead of time so decode time is measurable."""
+  signature = tuple((x.shape, x.dtype, getattr(x, "sharding", None))
+                    for x in jax.tree.leaves(args))
+  key = (loop, graphdef, plan, signature)
+  if key not in _EXECUTABLES:
+    if len(_EXECUTABLES) >= _MAX_EXECUTABLES:
+      _EXECUTABLES.pop(next(iter(_EXECUTABLES)))
+    jitted = jax.jit(functools.partial(loop, graphdef, plan=plan))
+    _EXECUTABLES[key] = jitted.lower(*args).compile()
+  return _EXECUTABLES[key]
+
+
 def decode(model, vocab: Vocab, prompts: Sequence, settings: DecodeSettings, *,
            uncond_prompts: Sequence | None = None) -> SampleResult:
   """Decodes `settings.canvas` tokens after each prompt (`sample`'s rules), returning each
   row's canvas with its forward passes and the loop's step count."""
-  if settings.cfg > 0 and uncond_prompts is None:
-    raise ValueError("cfg > 0 needs uncond_prompts (one per prompt)")
-  if uncond_prompts is not None and len(uncond_prompts) != len(prompts):
-    raise ValueError(f"uncond_prompts has {len(uncond_prompts)} rows, prompts {len(prompts)}")
   for offset, token in settings.prefill:
     vocab.check_ids([token], f"prefill at offset {offset}")
     if token == vocab.mask_id:
       raise ValueError(f"prefill at offset {offset}: the mask id cannot be prefilled")
-  rows = _as_prompts(prompts, vocab, "prompts")
-  if not rows:
-    return SampleResult([], np.zeros((0,), np.int32), 0, 0.0)
-  uncond = _as_prompts(uncond_prompts, vocab, "uncond_prompts") if settings.cfg > 0 else []
-  graphdef, params = nnx.split(model)
-  model_vocab = model.config.vocab_size
-  if model_vocab < vocab.size:
-    raise ValueError(f"the model's embedding has {model_vocab} rows, fewer than the "
-                     f"vocabulary's {vocab.size} ids")
-  mesh = _model_mesh(params)
-  batch, canvas = len(rows), settings.canvas
-  batch_shards = 1 if mesh is None else shard_count("batch", mesh)
-  padded_batch = -(-batch // batch_shards) * batch_shards
-  # Padding rows (inactive) repeat row 0's prompt; they never count toward stopping.
-  rows = rows + [rows[0]] * (padded_batch - batch)
-  if uncond:
-    uncond = uncond + [uncond[0]] * (padded_batch - batch)
-  forward_rows = rows + uncond
-  prompt_columns = -(-max(map(len, forward_rows)) // PROMPT_BUCKET) * PROMPT_BUCKET
-  length = prompt_columns + canvas
-  base = np.full((len(forward_rows), length), vocab.pad_id, np.int32)
-  segment_ids = np.zeros((len(forward_rows), length), np.int32)
-  for r, prompt in enumerate(forward_rows):
-    base[r, :len(prompt)] = prompt
-    segment_ids[r, :len(prompt) + canvas] = 1
-  starts = np.asarray([len(prompt) for prompt in forward_rows], np.int32)
-  start_canvas = np.full((padded_batch, canvas), vocab.mask_id, np.int32)
+  rows = DecodeRows.build(model, vocab, prompts, settings, uncond_prompts)
+  if rows is None:
+    return SampleResult.empty()
+  start_canvas = np.full((len(rows.active), settings.canvas), vocab.mask_id, np.int32)
   for offset, token in settings.prefill:
     start_canvas[:, offset] = token
-  active = np.arange(padded_batch) < batch
-  plan = _Plan.of(settings, vocab)
-  inputs = (base, segment_ids, starts, start_canvas, active)
-  if mesh is not None:
-    spec = logical_to_spec(("batch",), mesh)
-    inputs = tuple(jax.device_put(x, NamedSharding(mesh, PartitionSpec(*spec, *[None] * (x.ndim - 1))))
-                   for x in inputs)
-  blocks = block_plan(canvas, settings.steps, settings.block_size)
+  blocks = block_plan(settings.canvas, settings.steps, settings.block_size)
   steps_per_block = jnp.asarray([block_steps for _, _, block_steps in blocks], jnp.int32)
-  args = (params, *inputs, steps_per_block, jax.random.key(settings.seed))
-  with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
-    run = _compiled(graphdef, plan, args)
-    start = time.perf_counter()
-    out, passes, loop_steps = jax.block_until_ready(run(*args))
-    seconds = time.perf_counter() - start
-  out, passes = np.asarray(out), np.asarray(passes)
-  return SampleResult([out[r].copy() for r in range(batch)], passes[:batch], int(loop_steps),
-                      seconds)
+  (out, passes, loop_steps), seconds = rows.run(
+      _decode_loop, Plan.of(settings, vocab),
+      (rows.tokens, rows.segment_ids, rows.starts, start_canvas, rows.active),
+      (steps_per_block, jax.random.key(settings.seed)))
+  return rows.result(out, passes, loop_steps, seconds)
 
 
 def sample_with_stats(model, vocab: Vocab, prompts: Sequence, *,
@@ -352,12 +434,14 @@ def sample(model, vocab: Vocab, prompts: Sequence, *, uncond_prompts: Sequence |
   model: the NNX Transformer (sharded or not; a sharded model runs on its mesh);
   prompts: 1-D int arrays of any lengths; settings: the keyword arguments of `DecodeSettings`
   (canvas and steps required; alg, temperature, top_p, top_k, repeat_penalty,
-  position_penalty, cfg, block_size, threshold, prefill, seed). cfg > 0 needs `uncond_prompts`
-  (one per prompt), whose rows hold the same canvas as the conditional ones. block_size > 0
-  decodes blocks left to right; threshold commits every masked position whose confidence is
-  above it (at least one per step; the confidence of `alg`: a probability, a margin, or a
-  negative entropy), with `steps` as the ceiling; prefill: {canvas offset: token id} written
-  before decoding. A row's tokens never depend on the other rows at temperature 0.
+  position_penalty, cfg, block_size, threshold, prefill, seed, cache, cache_refresh). cfg > 0
+  needs `uncond_prompts` (one per prompt), whose rows hold the same canvas as the conditional
+  ones. block_size > 0 decodes blocks left to right; threshold commits every masked position
+  whose confidence is above it (at least one per step; the confidence of `alg`: a probability,
+  a margin, or a negative entropy), with `steps` as the ceiling; prefill: {canvas offset: token
+  id} written before decoding; cache="prefix" reuses the prompt's keys and values between
+  refreshes (the module's docstring). A row's tokens never depend on the other rows at
+  temperature 0.
   """
   return sample_with_stats(model, vocab, prompts, uncond_prompts=uncond_prompts,
                            **settings).canvases

@@ -13,7 +13,7 @@ from typing import Mapping
 
 import numpy as np
 
-from omnijax.config import SAMPLER_ALGS
+from omnijax.config import SAMPLER_ALGS, SAMPLER_CACHES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,7 +25,10 @@ class DecodeSettings:
   repeat_penalty and position_penalty: CTRL-style factors (1: off); cfg: classifier-free guidance
   weight (0: off); block_size > 0: semi-autoregressive blocks; threshold: commit every masked
   position more confident than it (at least one a step); prefill: (canvas offset, token id)
-  pairs written before decoding (a {offset: id} mapping is accepted); seed: sampling seed."""
+  pairs written before decoding (a {offset: id} mapping is accepted); seed: sampling seed;
+  cache: "none", or "prefix" (the prompt's keys and values reused between refreshes);
+  cache_refresh: with a cache, refresh it every this many steps of a block (0: only at a
+  block's first step; 1: every step, the uncached result)."""
 
   canvas: int
   steps: int
@@ -40,6 +43,8 @@ class DecodeSettings:
   threshold: float | None = None
   prefill: tuple[tuple[int, int], ...] = ()
   seed: int = 0
+  cache: str = "none"
+  cache_refresh: int = 0
 
   def __post_init__(self):
     prefill = self.prefill.items() if isinstance(self.prefill, Mapping) else self.prefill or ()
@@ -60,6 +65,9 @@ class DecodeSettings:
          f"block_size={self.block_size!r} must be an integer >= 0"),
         (self.threshold is None or math.isfinite(self.threshold),
          f"threshold={self.threshold} must be finite"),
+        (self.cache in SAMPLER_CACHES, f"cache={self.cache!r} is not one of {SAMPLER_CACHES}"),
+        (_is_int(self.cache_refresh) and self.cache_refresh >= 0,
+         f"cache_refresh={self.cache_refresh!r} must be an integer >= 0"),
     ]
     checks += [(0 <= offset < (canvas if _is_int(canvas) else 0),
                 f"prefill offset {offset} is outside the canvas [0, {canvas})")

@@ -14,6 +14,8 @@ import argparse
 import pathlib
 import sys
 
+from omnijax.config import DECODERS
+
 
 def register(subparsers) -> None:
   """Adds `eval`, and extends `train` (registered before) with the evaluation after the last
@@ -29,6 +31,8 @@ def register(subparsers) -> None:
   parser.add_argument("--out", default="eval.json", help="output JSON")
   parser.add_argument("--batch-size", type=int, default=32)
   parser.add_argument("--data", help="data directory (default: the run's data.dir)")
+  parser.add_argument("--decoder", choices=DECODERS, help="diffusion, or ar: one token per "
+                      "forward pass, no steps to sweep (default: the run's objective's)")
   parser.set_defaults(func=run_eval)
 
 
@@ -61,7 +65,7 @@ def _eval(args: argparse.Namespace) -> int:
   from omnijax.generate.run import open_run
 
   run, generator, split_dir = open_run(args.checkpoint, data_dir=args.data, split=args.split,
-                                       batch_size=args.batch_size)
+                                       batch_size=args.batch_size, decoder=args.decoder)
   print(f"evaluating {args.checkpoint} at step {run.step} on {split_dir}", flush=True)
   run_and_write(generator, split_dir, tasks, steps, resolve(args.out), limit=args.limit,
                 meta={"checkpoint": str(args.checkpoint), "step": run.step, "split": args.split},
@@ -100,8 +104,8 @@ def run_and_write(generator, split_dir, tasks, steps, out: pathlib.Path, *, limi
     with tqdm(total=total, desc="eval", unit="batch", file=sys.stderr) as progress:
       results, kept = evaluate(generator, split_dir, tasks, steps, limit=limit,
                                progress=progress, keep_outputs=True, train_split=train_split)
-    write_json(out, results, {**meta, "tasks": list(tasks), "steps": list(steps),
-                              "limit": limit, "chance_split": train_split})
+    write_json(out, results, {**meta, "decoder": generator.decoder, "tasks": list(tasks),
+                              "steps": list(steps), "limit": limit, "chance_split": train_split})
     write_samples(samples_beside(out), generator, kept)
     quality_png, samples_png = outputs_beside(out)
     plot_quality(results, quality_png)
@@ -129,7 +133,7 @@ def evaluate_after_training(workdir: str | pathlib.Path) -> dict | None:
   done: the final model on `eval.samples` held-out samples of every task at `eval.steps` (and
   the defaults) -> WORKDIR/eval.json, samples.jsonl, eval.png and eval_samples.png."""
   from omnijax.data.tasks import TASKS
-  from omnijax.generate.run import Generator
+  from omnijax.generate.run import Generator, run_decoder
   from omnijax.files import resolve
   from omnijax.train.restore import read_run_config, restore_workdir
 
@@ -150,7 +154,7 @@ def evaluate_after_training(workdir: str | pathlib.Path) -> dict | None:
   settings = config.eval
   split_dir = pathlib.Path(config.data.dir) / settings.split
   generator = Generator.for_data(run.model, config.model.vocab.build(), split_dir,
-                                 settings.batch_size)
+                                 settings.batch_size, run_decoder(config))
   print(f"evaluating step {run.step} on {settings.samples} samples of each task in {split_dir}",
         flush=True)
   return run_and_write(generator, split_dir, TASKS, settings.steps,

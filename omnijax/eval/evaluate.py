@@ -4,8 +4,9 @@ The JSON is keyed by task, then by step count ("4", "8", ..., and "default": the
 setting from the decode table): each entry holds the task's metrics, `quality`, the mean
 forward passes and the decode seconds per sample (compilation excluded), and under `chance`
 the same metrics of a model that ignores its input (`omnijax.eval.chance`, chosen on the
-training split). Every sample, with its prompt, reference, output and score, goes to a JSON
-Lines file beside it (`samples_beside`), so any figure can be audited and re-scored.
+training split). A generator with the `ar` decoder has no steps to sweep (one token per forward
+pass): only "default". Every sample, with its prompt, reference, output and score, goes to a
+JSON Lines file beside it (`samples_beside`), so any figure can be audited and re-scored.
 """
 
 from __future__ import annotations
@@ -65,6 +66,11 @@ def parse_steps(text: str) -> list[int]:
   return steps
 
 
+def step_counts(generator: Generator, steps: Sequence[int]) -> list[int | None]:
+  """The step counts each task is decoded at (None: the task's default)."""
+  return [None] if generator.decoder == "ar" else [*steps, None]
+
+
 def evaluate(generator: Generator, split_dir: str | pathlib.Path, tasks: Sequence[str],
              steps: Sequence[int], *, limit: int | None = None, progress=None,
              keep_outputs: bool = False, train_split: str | None = None) -> tuple[dict, dict]:
@@ -91,7 +97,7 @@ def evaluate(generator: Generator, split_dir: str | pathlib.Path, tasks: Sequenc
                               references, kinds, cells)
     by_steps: dict[str, dict] = {}
     run = TaskRun(samples, references, kinds, {}, {})
-    for count in [*steps, None]:
+    for count in step_counts(generator, steps):
       outputs, seconds = generator.decode(requests, steps=count, progress=progress)
       metrics = task_metrics(task, outputs, references, cells=cells, kinds=kinds)
       metrics.update(forward_passes=float(np.mean([o.forward_passes for o in outputs])),
@@ -143,7 +149,7 @@ def batches_needed(generator: Generator, split_dir, tasks, steps, limit) -> int:
   total = 0
   for task in tasks:
     requests = [generator.request_from_sample(s) for s in read_samples(split_dir, task, limit)]
-    total += generator.batches(requests) * (len(steps) + 1)
+    total += generator.batches(requests) * len(step_counts(generator, steps))
   return total
 
 

@@ -15,7 +15,7 @@ import json
 import pathlib
 import sys
 
-from omnijax.config import SAMPLER_ALGS
+from omnijax.config import DECODERS, SAMPLER_ALGS, SAMPLER_CACHES
 from omnijax.data.tasks import TASKS
 
 
@@ -31,6 +31,8 @@ def register(subparsers) -> None:
   parser.add_argument("--input", help="JSONL, one request a line: {text, image (a PNG path) or "
                       "image_codes, speech_codes}")
   parser.add_argument("--out", default="generated", help="output directory")
+  parser.add_argument("--decoder", choices=DECODERS, help="diffusion, or ar: one token per "
+                      "forward pass (default: the run's objective's)")
   parser.add_argument("--steps", type=int, help="decoding steps (default: the task's table)")
   parser.add_argument("--canvas", type=int, help="canvas length (default: the task's rule)")
   parser.add_argument("--alg", choices=SAMPLER_ALGS)
@@ -42,6 +44,10 @@ def register(subparsers) -> None:
   parser.add_argument("--cfg", type=float)
   parser.add_argument("--block-size", type=int)
   parser.add_argument("--threshold", type=float)
+  parser.add_argument("--cache", choices=SAMPLER_CACHES, help="prefix: reuse the prompt's keys "
+                      "and values between refreshes (approximate; default none)")
+  parser.add_argument("--cache-refresh", type=int, help="with --cache: refresh every N steps "
+                      "of a block (default 0: at each block's first step only)")
   parser.add_argument("--seed", type=int)
   parser.add_argument("--batch-size", type=int, default=16)
   parser.add_argument("--data", help="data directory with the tokenizer (default: the run's "
@@ -157,7 +163,8 @@ def _generate(args: argparse.Namespace) -> int:
     raise ValueError(f"--canvas {args.canvas}: expected 1 to {seq_len - 1} (the model's sequence "
                      f"length, data.seq_len={seq_len} in {args.checkpoint}/config.yaml, holds the "
                      "prompt and the canvas)")
-  _, generator, _ = open_run(args.checkpoint, data_dir=args.data, batch_size=args.batch_size)
+  _, generator, _ = open_run(args.checkpoint, data_dir=args.data, batch_size=args.batch_size,
+                             decoder=args.decoder)
   requests = []
   for entry in raw:
     try:
@@ -180,7 +187,8 @@ def _generate(args: argparse.Namespace) -> int:
   overrides = dict(alg=args.alg, temperature=args.temperature, top_p=args.top_p,
                    top_k=args.top_k, repeat_penalty=args.repeat_penalty,
                    position_penalty=args.position_penalty, cfg=args.cfg,
-                   block_size=args.block_size, threshold=args.threshold, seed=args.seed)
+                   block_size=args.block_size, threshold=args.threshold, seed=args.seed,
+                   cache=args.cache, cache_refresh=args.cache_refresh)
   generator.check_settings(requests, steps=args.steps, **overrides)
   # Held from before decoding: a second generate into the same --out is refused before it
   # decodes, and never replaces the first one's results.

@@ -3,7 +3,9 @@
 `Generator` turns task inputs (text, image codes, speech codes) or held-out samples into
 prompts templated like the training data, picks each task's canvas and decode settings from
 `omnijax.generate.settings`, decodes in batches of one canvas length (a progress bar over
-batches), and post-processes: text through the tokenizer, images padded/cut to the grid, and
+batches) with its decoder (`diffusion`, the sampler; or `ar`, one token per forward pass, for
+a model trained with the `ar` objective: by default the run's objective says which), and
+post-processes: text through the tokenizer, images padded/cut to the grid, and
 for the toy world, images parsed back to scenes and speech decoded to words.
 """
 
@@ -16,14 +18,15 @@ from typing import Sequence
 
 import numpy as np
 
-from omnijax.config import ConfigError
+from omnijax.config import DECODERS, ConfigError
 from omnijax.data import shards
 from omnijax.data.record import Sample
 from omnijax.data.requests import INPUTS, request_messages, unconditional_messages
 from omnijax.data.tasks import IMAGE_TASKS
 from omnijax.data.templates import ChatTemplate
 from omnijax.diffusion.postprocess import image_grid, split_modalities, spoken_answer, trim
-from omnijax.diffusion import sampler
+from omnijax.diffusion import ar_decode, sampler
+from omnijax.diffusion.objective import get_objective
 from omnijax.generate import settings as settings_lib
 from omnijax.vocab import Vocab
 
@@ -31,6 +34,17 @@ SPEECH_TASKS = ("tts", "svqa")
 # Canvases from length rules (asr, tts) round up to this: a few shapes to compile, not one per
 # input length; the model fills the spare positions with <|endoftext|>.
 CANVAS_BUCKET = 16
+# decoder name -> decode(model, vocab, prompts, settings, *, uncond_prompts) -> SampleResult
+DECODE = {"diffusion": sampler.decode, "ar": ar_decode.decode}
+assert tuple(DECODE) == DECODERS, (tuple(DECODE), DECODERS)
+# The decode settings only the diffusion decoder reads: given to the ar decoder, refused.
+DIFFUSION_ONLY = ("steps", "alg", "position_penalty", "block_size", "threshold", "cache",
+                  "cache_refresh")
+
+
+def run_decoder(config) -> str:
+  """The decoder of a run's model: the one its training objective names."""
+  return get_objective(config.train.objective.kind).decoder
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,20 +68,24 @@ class Output:
 
 
 class Generator:
-  """A model with its vocabulary, chat template and canvas constants (and the toy world's
-  codecs when the data is the toy world)."""
+  """A model with its vocabulary, chat template, canvas constants and decoder (and the toy
+  world's codecs when the data is the toy world)."""
 
   def __init__(self, model, vocab: Vocab, template: ChatTemplate,
-               lengths: settings_lib.Lengths, toy_spec=None, batch_size: int = 16):
+               lengths: settings_lib.Lengths, toy_spec=None, batch_size: int = 16,
+               decoder: str = "diffusion"):
     if batch_size < 1:
       raise ConfigError(f"--batch-size {batch_size}: expected >= 1")
+    if decoder not in DECODERS:
+      raise ConfigError(f"--decoder {decoder}: expected one of {', '.join(DECODERS)}")
     self.model, self.vocab, self.template = model, vocab, template
     self.lengths, self.toy_spec, self.batch_size = lengths, toy_spec, batch_size
+    self.decoder = decoder
     self._tts_overhead: int | None = None
 
   @classmethod
   def for_data(cls, model, vocab: Vocab, split_dir: str | pathlib.Path,
-               batch_size: int = 16) -> Generator:
+               batch_size: int = 16, decoder: str = "diffusion") -> Generator:
     """Tokenizer, image sizes and (toy world) codecs from a shard directory's manifest."""
     from omnijax.data.toyworld.world import ToyWorldSpec
 
@@ -82,7 +100,7 @@ class Generator:
     spec = ToyWorldSpec(**manifest["toyworld"]) if "toyworld" in manifest else None
     lengths = (settings_lib.Lengths.toy_world(spec) if spec else
                settings_lib.Lengths(image_codes=template.image_lengths.generated))
-    return cls(model, vocab, template, lengths, spec, batch_size)
+    return cls(model, vocab, template, lengths, spec, batch_size, decoder)
 
   # --- requests ---------------------------------------------------------------------------------
   def _prompt(self, task: str, messages: list[dict], images=(), speeches=()) -> np.ndarray:
@@ -164,7 +182,16 @@ class Generator:
   def decode(self, requests: Sequence[Request], *, steps: int | None = None, progress=None,
              **overrides) -> tuple[list[Output], float]:
     """Outputs in request order and the decode seconds (compilation excluded). Requests are
-    batched by (task, canvas); `progress` (a tqdm bar) advances once per batch."""
+    batched by (task, canvas); `progress` (a tqdm bar) advances once per batch. The ar
+    decoder refuses the settings only diffusion reads (`DIFFUSION_ONLY`)."""
+    if self.decoder == "ar":
+      given = [name for name, value in dict(overrides, steps=steps).items()
+               if name in DIFFUSION_ONLY and value is not None]
+      if given:
+        flag = "--" + given[0].replace("_", "-")
+        raise ValueError(f"{flag}: the ar decoder makes one token per forward pass, so the "
+                         f"diffusion setting {given[0]} does not apply; leave it out")
+    decode = DECODE[self.decoder]
     outputs: list[Output | None] = [None] * len(requests)
     groups: dict[tuple[str, int], list[int]] = {}
     for index, request in enumerate(requests):
@@ -175,8 +202,8 @@ class Generator:
       for begin in range(0, len(indices), self.batch_size):
         batch = [requests[i] for i in indices[begin:begin + self.batch_size]]
         uncond = [r.uncond for r in batch] if settings.cfg > 0 else None
-        result = sampler.decode(self.model, self.vocab, [r.prompt for r in batch], settings,
-                                uncond_prompts=uncond)
+        result = decode(self.model, self.vocab, [r.prompt for r in batch], settings,
+                        uncond_prompts=uncond)
         seconds += result.seconds
         for index, row, passes in zip(indices[begin:begin + self.batch_size], result.canvases,
                                       result.forward_passes):
@@ -251,12 +278,15 @@ def read_samples(split_dir: str | pathlib.Path, task: str, limit: int | None = N
 
 
 def open_run(workdir: str | pathlib.Path, *, data_dir: str | None = None,
-             split: str | None = None, batch_size: int = 16):
-  """(the restored run, a Generator on its model) for a training workdir; the tokenizer and
-  codecs come from `data_dir` (default: the run's data.dir) / `split` (default: data.split)."""
+             split: str | None = None, batch_size: int = 16, decoder: str | None = None):
+  """(the restored run, a Generator on its model, the split directory) for a training
+  workdir; the tokenizer and codecs come from `data_dir` (default: the run's data.dir) /
+  `split` (default: data.split), the decoder is `decoder` (default: the run's)."""
   from omnijax.train.restore import restore_workdir
 
   run = restore_workdir(workdir)
   split_dir = pathlib.Path(data_dir or run.config.data.dir) / (split or run.config.data.split)
   vocab = run.config.model.vocab.build()
-  return run, Generator.for_data(run.model, vocab, split_dir, batch_size), split_dir
+  generator = Generator.for_data(run.model, vocab, split_dir, batch_size,
+                                 decoder or run_decoder(run.config))
+  return run, generator, split_dir

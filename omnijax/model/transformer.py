@@ -14,9 +14,17 @@ instead of holding every position's logits.
 Logits are raw (`logits[:, i] = lm_head(h_i)`): the Dream shift (h(i-1) predicts x(i)) belongs to
 the objective and the sampler. Parameters are fp32 (`param_dtype`), matmuls run in
 `compute_dtype`, and every parameter carries `logical_axes` metadata for omnijax.sharding.
+
+Decoding with a KV cache (fixed shapes, jit-able): `init_cache(batch, length)` holds every
+layer's keys and values for `length` columns per row; `extend(input_ids, cache, offsets)` runs
+a block of tokens per row placed at columns `offsets[r]..`, writes their keys, values and
+segment ids there and attends against the whole cache (`prefill` is an extend of an empty cache
+at column 0, `decode_step` a few tokens per row, returning logits).
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -51,6 +59,39 @@ class RMSNorm(nnx.Module):
     return self.scale[...].astype(x.dtype) * normed.astype(x.dtype)
 
 
+KV_AXES = ("batch", "length", "act_kv_heads", "head_dim")  # one layer's keys or values
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+  """Every layer's keys and values for a fixed number of columns per row, and each column's
+  segment id (0: nothing written there yet, never attended). Keys carry RoPE already."""
+
+  keys: jax.Array  # [layers, B, S, Hkv, D], compute dtype
+  values: jax.Array  # [layers, B, S, Hkv, D]
+  segment_ids: jax.Array  # [B, S] int32
+
+  LOGICAL_AXES = ("layers", *KV_AXES)  # of keys and values; segment_ids: ("batch", "length")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LayerCache:
+  """One layer's slice of a KVCache during an extend, with where the block goes."""
+
+  keys: jax.Array  # [B, S, Hkv, D]
+  values: jax.Array
+  segment_ids: jax.Array  # [B, S], the block's already written
+  offsets: jax.Array  # [B] int32: the block's first column per row
+
+
+def _write_rows(cache: jax.Array, block: jax.Array, offsets: jax.Array) -> jax.Array:
+  """cache [B, S, ...] with block [B, T, ...] written at columns offsets[b].. of each row."""
+  return jax.vmap(lambda row, new, offset: jax.lax.dynamic_update_slice_in_dim(
+      row, new.astype(row.dtype), offset, axis=0))(cache, block, offsets)
+
+
 class Attention(nnx.Module):
   """Grouped-query attention: q/k/v with bias, o without; RoPE; backend from config."""
 
@@ -69,7 +110,8 @@ class Attention(nnx.Module):
     self.o_proj = Dense(self.num_heads * hd, d, ("heads", "embed"), bias=False, config=config,
                         rngs=rngs)
 
-  def __call__(self, x, segment_ids, positions, causal):
+  def _project(self, x, positions):
+    """q [B, L, Hq, D], k and v [B, L, Hkv, D], with RoPE applied to q and k."""
     batch, length, _ = x.shape
     q = self.q_proj(x).reshape(batch, length, self.num_heads, self.head_dim)
     k = self.k_proj(x).reshape(batch, length, self.num_kv_heads, self.head_dim)
@@ -77,11 +119,29 @@ class Attention(nnx.Module):
     q = constrain(checkpoint_name(apply_rope(q, positions, self.rope_theta), "query_proj"),
                   ("batch", "length", "act_heads", "head_dim"))
     k = constrain(checkpoint_name(apply_rope(k, positions, self.rope_theta), "key_proj"),
-                  ("batch", "length", "act_kv_heads", "head_dim"))
-    v = constrain(checkpoint_name(v, "value_proj"), ("batch", "length", "act_kv_heads", "head_dim"))
-    out = checkpoint_name(self.attend(q, k, v, segment_ids, causal=causal), "attention_out")
-    out = constrain(out, ("batch", "length", "act_heads", "head_dim"))
+                  KV_AXES)
+    v = constrain(checkpoint_name(v, "value_proj"), KV_AXES)
+    return q, k, v
+
+  def _output(self, out):
+    batch, length = out.shape[:2]
+    out = constrain(checkpoint_name(out, "attention_out"),
+                    ("batch", "length", "act_heads", "head_dim"))
     return checkpoint_name(self.o_proj(out.reshape(batch, length, -1)), "out_proj")
+
+  def __call__(self, x, segment_ids, positions, causal):
+    q, k, v = self._project(x, positions)
+    return self._output(self.attend(q, k, v, segment_ids, causal=causal))
+
+  def cached(self, x, segment_ids, positions, causal, cache: LayerCache):
+    """Attention of the block x [B, T, d] (at columns `cache.offsets`) against the cache, with
+    the block's keys and values written into it first -> (output, the updated cache)."""
+    q, k, v = self._project(x, positions)
+    keys = constrain(_write_rows(cache.keys, k, cache.offsets), KV_AXES)
+    values = constrain(_write_rows(cache.values, v, cache.offsets), KV_AXES)
+    out = self.attend(q, keys, values, segment_ids, kv_segment_ids=cache.segment_ids,
+                      causal=causal, q_offset=cache.offsets)
+    return self._output(out), dataclasses.replace(cache, keys=keys, values=values)
 
 
 class MLP(nnx.Module):
@@ -109,7 +169,15 @@ class Block(nnx.Module):
     self.mlp = MLP(config, rngs)
 
   def __call__(self, x, segment_ids, positions, causal):
-    x = x + self.self_attn(self.input_layernorm(x), segment_ids, positions, causal)
+    return self._feed_forward(x + self.self_attn(self.input_layernorm(x), segment_ids, positions,
+                                                 causal))
+
+  def cached(self, x, segment_ids, positions, causal, cache: LayerCache):
+    attended, cache = self.self_attn.cached(self.input_layernorm(x), segment_ids, positions,
+                                            causal, cache)
+    return self._feed_forward(x + attended), cache
+
+  def _feed_forward(self, x):
     x = x + self.mlp(self.post_attention_layernorm(x))
     return constrain(x, ("batch", "length", "act_embed"))
 
@@ -205,16 +273,13 @@ class Transformer(nnx.Module):
                     causal: bool = False) -> jax.Array:
     """Normed final hidden states [B, L, d] in compute dtype: everything before the lm_head."""
     config = self.config
-    compute_dtype = jnp.dtype(config.compute_dtype)
     if segment_ids is None:
       segment_ids = jnp.ones(input_ids.shape, jnp.int32)
     segment_ids = segment_ids.astype(jnp.int32)
     if positions is None:
       positions = segment_positions(segment_ids)
-    x = jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(compute_dtype)
-    x = self._splice_speech(x, input_ids, speech_features, speech_lengths)
-    x = _replace_embeddings(x, input_embeddings, input_embedding_mask)
-    x = constrain(x, ("batch", "length", "act_embed"))
+    x = self._embed(input_ids, input_embeddings, input_embedding_mask, speech_features,
+                    speech_lengths)
 
     use_remat, policy = REMAT[config.remat]
 
@@ -254,3 +319,77 @@ class Transformer(nnx.Module):
                                        lengths)
     return splice_speech(token_embeddings, input_ids, speech, frames,
                          self.config.vocab.build().audio_context_id)
+
+  def _embed(self, input_ids, input_embeddings, input_embedding_mask, speech_features=None,
+             speech_lengths=None) -> jax.Array:
+    """Token embeddings, with the projected speech and any given embeddings over them."""
+    compute_dtype = jnp.dtype(self.config.compute_dtype)
+    x = jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(compute_dtype)
+    x = self._splice_speech(x, input_ids, speech_features, speech_lengths)
+    x = _replace_embeddings(x, input_embeddings, input_embedding_mask)
+    return constrain(x, ("batch", "length", "act_embed"))
+
+  # --- decoding with a KV cache -----------------------------------------------------------------
+  def init_cache(self, batch: int, length: int) -> KVCache:
+    """An empty cache of `length` columns per row (every column segment 0)."""
+    config = self.config
+    shape = (config.num_layers, batch, length, config.num_kv_heads, config.resolved_head_dim)
+    zeros = constrain(jnp.zeros(shape, jnp.dtype(config.compute_dtype)), KVCache.LOGICAL_AXES)
+    segment_ids = constrain(jnp.zeros((batch, length), jnp.int32), ("batch", "length"))
+    return KVCache(keys=zeros, values=zeros, segment_ids=segment_ids)
+
+  def extend(self, input_ids: jax.Array, cache: KVCache, offsets, segment_ids=None,
+             positions=None, *, causal: bool = False, input_embeddings=None,
+             input_embedding_mask=None) -> tuple[jax.Array, KVCache]:
+    """A block of T tokens per row [B, T] at columns offsets[r]..offsets[r]+T-1 of the cache
+    (`offsets` an int or int32 [B]) -> (normed final hidden states [B, T, d], the cache with
+    the block's keys, values and segment ids written there).
+
+    The block attends to every cached column of its segment (the ones it just wrote included;
+    with `causal`, only columns up to its own). Its segment ids default to 1 (one sample a
+    row), its positions to its columns. The block must fit: offsets + T <= the cache's columns.
+    """
+    batch, block = input_ids.shape
+    offsets = jnp.broadcast_to(jnp.asarray(offsets, jnp.int32), (batch,))
+    if segment_ids is None:
+      segment_ids = jnp.ones((batch, block), jnp.int32)
+    segment_ids = segment_ids.astype(jnp.int32)
+    if positions is None:
+      positions = offsets[:, None] + jnp.arange(block, dtype=jnp.int32)
+    kv_segment_ids = _write_rows(cache.segment_ids, segment_ids, offsets)
+    x = self._embed(input_ids, input_embeddings, input_embedding_mask)
+
+    def layer(block_module, h, keys, values):
+      h, written = block_module.cached(h, segment_ids, positions, causal,
+                                       LayerCache(keys, values, kv_segment_ids, offsets))
+      return h, (written.keys, written.values)
+
+    if self.config.scan_layers:
+      graphdef, stacked = nnx.split(self.layers)
+      x, (keys, values) = jax.lax.scan(
+          lambda h, xs: layer(nnx.merge(graphdef, xs[0]), h, xs[1], xs[2]), x,
+          (stacked, cache.keys, cache.values))
+    else:
+      written = []
+      for index, block_module in enumerate(self.layers):
+        x, layer_kv = layer(block_module, x, cache.keys[index], cache.values[index])
+        written.append(layer_kv)
+      keys, values = (jnp.stack(parts) for parts in zip(*written))
+    return self.norm(x), KVCache(keys=constrain(keys, KVCache.LOGICAL_AXES),
+                                 values=constrain(values, KVCache.LOGICAL_AXES),
+                                 segment_ids=kv_segment_ids)
+
+  def prefill(self, input_ids: jax.Array, segment_ids: jax.Array, cache_length: int, *,
+              causal: bool = False, input_embeddings=None,
+              input_embedding_mask=None) -> tuple[jax.Array, KVCache]:
+    """Rows [B, L] (one sample a row from column 0, right-padded with segment 0) into a fresh
+    cache of `cache_length` >= L columns -> (hidden states [B, L, d], the cache)."""
+    return self.extend(input_ids, self.init_cache(input_ids.shape[0], cache_length), 0,
+                       segment_ids, causal=causal, input_embeddings=input_embeddings,
+                       input_embedding_mask=input_embedding_mask)
+
+  def decode_step(self, tokens: jax.Array, cache: KVCache, offsets, *,
+                  causal: bool = True) -> tuple[jax.Array, KVCache]:
+    """Tokens [B, T] (usually T = 1) at columns `offsets` -> (logits [B, T, V], the cache)."""
+    hidden, cache = self.extend(tokens, cache, offsets, causal=causal)
+    return output_logits(hidden, self.output_head()), cache

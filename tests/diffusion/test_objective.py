@@ -7,10 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from omnijax.config import ObjectiveConfig
+from omnijax.config import CONFIG_ROOT, ObjectiveConfig, load_config
 from omnijax.data.tasks import TASKS
 from omnijax.diffusion import objective
 from omnijax.diffusion.cross_entropy import token_cross_entropy
+from omnijax.model.build import create_model
+from omnijax.model.rope import segment_positions
 from omnijax.vocab import Vocab
 
 VOCAB = Vocab.compact(100, n_image_codes=16, n_speech_codes=16)
@@ -177,8 +179,94 @@ def test_objectives_are_chosen_by_name_and_an_unknown_kind_is_refused_naming_the
   for kind in OBJECTIVE_KINDS:
     chosen = objective.get_objective(kind)
     assert chosen.name == kind and isinstance(chosen, objective.Objective)
-    assert not chosen.causal  # both diffusion objectives attend bidirectionally
-  with pytest.raises(ConfigError, match=r"train.objective.kind='ar': expected one of omni, llada"):
-    objective.get_objective("ar")
-  with pytest.raises(ConfigError, match=r"train.objective.kind='ar': expected one of omni, llada"):
-    ObjectiveConfig(kind="ar")
+    # The diffusion objectives attend bidirectionally, the autoregressive one causally.
+    assert chosen.causal == (kind == "ar")
+  message = r"train.objective.kind='mdlm': expected one of omni, llada, ar"
+  with pytest.raises(ConfigError, match=message):
+    objective.get_objective("mdlm")
+  with pytest.raises(ConfigError, match=message):
+    ObjectiveConfig(kind="mdlm")
+
+
+TINY_MODEL = load_config(CONFIG_ROOT / "model" / "tiny.yaml").model
+
+
+def tiny_ar_batch():
+  """Two rows: [prompt 4, response 5 (2 tail pads)] [prompt 3, response 4] padding, and one
+  sample of prompt 5 + response 6 filling its row."""
+  vocab = TINY_MODEL.vocab.build()
+  rng = np.random.default_rng(7)
+  tokens = rng.integers(0, vocab.text_size, (2, 16)).astype(np.int32)
+  segment_ids = np.array([[1] * 9 + [2] * 7, [1] * 11 + [0] * 5], np.int32)
+  response = np.zeros((2, 16), np.int32)
+  response[0, 4:9] = response[0, 12:16] = response[1, 5:11] = 1
+  tokens[0, 7:9] = vocab.pad_id
+  tokens[1, 11:] = vocab.pad_id
+  task_ids = np.where(segment_ids > 0, 0, -1).astype(np.int32)
+  batch = dict(tokens=tokens, segment_ids=segment_ids, response_mask=response, task_ids=task_ids,
+               positions=np.asarray(segment_positions(jnp.asarray(segment_ids))))
+  return {k: jnp.asarray(v) for k, v in batch.items()}, vocab
+
+
+def ar_loss(model, batch, vocab, before_column=None):
+  """The AR objective's loss as the train step computes it (inputs, causal hidden states,
+  shifted CE, denominator), over the targets left of `before_column` when given."""
+  config = ObjectiveConfig(kind="ar", vocab_chunks=3)
+  ar = objective.get_objective("ar")
+  c = objective.corrupt(batch, config, vocab, seed=0, step=jnp.int32(0))
+  if before_column is not None:
+    kept = jnp.arange(c.masked.shape[1]) < before_column
+    c = dataclasses.replace(c, masked=c.masked & kept, weights=jnp.where(kept, c.weights, 0.0))
+  hidden = model.hidden_states(c.inputs, batch["segment_ids"], batch["positions"],
+                               causal=ar.causal)
+  sums = objective.loss_sums(hidden, model.output_head(), batch, c, config)
+  return float(sums["loss_sum"] / sums["denominator"]), c, sums
+
+
+def test_ar_loss_is_the_next_token_cross_entropy_of_each_sample_run_alone():
+  batch, vocab = tiny_ar_batch()
+  model = create_model(TINY_MODEL, seed=3)
+  loss, c, sums = ar_loss(model, batch, vocab)
+  # Nothing is masked, every response token (tail pads included) is a target of weight 1.
+  np.testing.assert_array_equal(c.inputs, batch["tokens"])
+  np.testing.assert_array_equal(c.masked, batch["response_mask"] > 0)
+  assert float(sums["denominator"]) == float(sums["targets"]) == 15
+  # By hand: -log p(x_j | the sample's tokens before j), each prefix run alone (one row each,
+  # right-padded) through the causal model, the logits at its last token.
+  tokens, segments = np.asarray(batch["tokens"]), np.asarray(batch["segment_ids"])
+  targets = list(zip(*np.nonzero(np.asarray(batch["response_mask"]))))
+  prefixes = np.zeros((len(targets), 16), np.int32)
+  prefix_segments = np.zeros((len(targets), 16), np.int32)
+  for index, (row, column) in enumerate(targets):
+    start = np.flatnonzero(segments[row] == segments[row, column])[0]
+    prefixes[index, :column - start] = tokens[row, start:column]
+    prefix_segments[index, :column - start] = 1
+  logits = np.asarray(model(jnp.asarray(prefixes), jnp.asarray(prefix_segments), causal=True),
+                      np.float64)
+  expected = [jax.nn.logsumexp(logits[index, n - 1]) - logits[index, n - 1, tokens[row, column]]
+              for index, ((row, column), n) in enumerate(zip(targets, prefix_segments.sum(1)))]
+  assert len(expected) == 15
+  np.testing.assert_allclose(loss, np.mean(expected), rtol=1e-5)
+
+
+def test_ar_losses_do_not_depend_on_later_tokens():
+  batch, vocab = tiny_ar_batch()
+  model = create_model(TINY_MODEL, seed=4)
+  changed_column = 6  # a response token of row 0's first sample
+  tokens = np.asarray(batch["tokens"]).copy()
+  tokens[0, changed_column] = (tokens[0, changed_column] + 1) % vocab.text_size
+  perturbed = dict(batch, tokens=jnp.asarray(tokens))
+  # The targets left of the change keep their loss exactly; the sample's later ones do not.
+  assert (ar_loss(model, perturbed, vocab, changed_column)[0] ==
+          ar_loss(model, batch, vocab, changed_column)[0])
+  assert abs(ar_loss(model, perturbed, vocab)[0] - ar_loss(model, batch, vocab)[0]) > 1e-4
+
+
+def test_ar_never_targets_a_sample_s_first_token():
+  # Predicting it would read the previous sample's last hidden state: not a next-token loss.
+  batch, vocab = tiny_ar_batch()
+  response = np.asarray(batch["response_mask"]).copy()
+  response[0, 9] = response[0, 0] = 1  # first tokens of row 0's two samples
+  c = objective.corrupt(dict(batch, response_mask=jnp.asarray(response)),
+                        ObjectiveConfig(kind="ar"), vocab, seed=0, step=jnp.int32(0))
+  np.testing.assert_array_equal(c.masked, batch["response_mask"] > 0)

@@ -129,6 +129,13 @@ def test_generate_t2i_tts_and_a_batch_from_jsonl(trained, tmp_path):
   assert len(record["image_codes"]) == 64 and record["forward_passes"] <= 3
   assert pathlib.Path(record["png"]).read_bytes()[:4] == PNG_MAGIC
   assert "scene" in record
+  done = omnijax("generate", "--checkpoint", workdir, "--task", "t2i", "--text",
+                 "there is a red circle at the top left", "--steps", 3, "--cache", "prefix",
+                 "--cache-refresh", 1, "--out", tmp_path / "t2i_cached")
+  assert done.returncode == 0, done.stderr
+  # The prompt's cache refreshed every step: the uncached tokens.
+  cached = json.loads((tmp_path / "t2i_cached" / "results.jsonl").read_text())
+  assert cached["canvas"] == record["canvas"]
 
   done = omnijax("generate", "--checkpoint", workdir, "--task", "tts", "--text",
                  "there is a blue square", "--out", tmp_path / "tts")
@@ -220,3 +227,60 @@ def test_eval_on_the_validation_split_writes_samples_named_after_its_json(traine
   prompt = template.readable(read_samples(data / "validation", "caption", 1)[0].prompt)
   assert records[0]["prompt"] == prompt
   assert prompt != template.readable(read_samples(data / "heldout", "caption", 1)[0].prompt)
+
+
+@pytest.fixture(scope="module")
+def trained_ar(trained, tmp_path_factory):
+  """The tiny experiment trained with the autoregressive objective, the main job's eval on."""
+  _, data = trained
+  workdir = tmp_path_factory.mktemp("trained_ar") / "run"
+  done = omnijax("train", "--config", TINY_EXPERIMENT, "--workdir", workdir, f"data.dir={data}",
+                 "train.objective.kind=ar", "train.stages.stage1.steps=2",
+                 "train.stages.stage2.steps=2", "train.stages.stage3.steps=2",
+                 "eval.after_training=true", "eval.samples=2", "eval.steps=[2]")
+  assert done.returncode == 0, done.stdout + done.stderr
+  return workdir, data
+
+
+def tokens_until_stop(canvas, vocab):
+  """One forward pass per token, the stop token (<|im_end|>, <|endoftext|>) included."""
+  stops = [i for i, token in enumerate(canvas) if token in (vocab["im_end_id"], vocab["pad_id"])]
+  return stops[0] + 1 if stops else len(canvas)
+
+
+def test_an_ar_run_decodes_one_token_per_forward_pass_in_eval_and_generate(trained_ar, tmp_path):
+  workdir, _ = trained_ar
+  vocab = load_config(TINY_EXPERIMENT).model.vocab.build()
+  ids = {"im_end_id": vocab.im_end_id, "pad_id": vocab.pad_id}
+  results = json.loads((workdir / "eval.json").read_text())
+  assert results["meta"]["decoder"] == "ar"
+  for task in TASKS:  # every task and metric, at the one setting the ar decoder has
+    assert set(results[task]) == {"default"}
+    assert results[task]["default"]["samples"] == 2 and results[task]["default"]["quality"] <= 1
+  done = omnijax("generate", "--checkpoint", workdir, "--task", "t2i", "--text",
+                 "there is a red circle at the top left", "--out", tmp_path / "t2i")
+  assert done.returncode == 0, done.stderr
+  record = json.loads((tmp_path / "t2i" / "results.jsonl").read_text())
+  assert len(record["image_codes"]) == 64 and len(record["canvas"]) == 68
+  assert record["forward_passes"] == tokens_until_stop(record["canvas"], ids)
+  done = omnijax("generate", "--checkpoint", workdir, "--task", "t2i", "--text", "a", "--steps",
+                 4, "--out", tmp_path / "o")
+  assert done.returncode == 2 and "Traceback" not in done.stderr
+  assert "--steps: the ar decoder makes one token per forward pass" in done.stderr
+  # `--decoder` overrides the run's: its diffusion sampler at 2 steps.
+  done = omnijax("eval", "--checkpoint", workdir, "--tasks", "vqa", "--steps", 2, "--limit", 2,
+                 "--decoder", "diffusion", "--out", tmp_path / "e.json")
+  assert done.returncode == 0, done.stderr
+  diffusion = json.loads((tmp_path / "e.json").read_text())
+  assert set(diffusion["vqa"]) == {"2", "default"} and diffusion["vqa"]["2"]["forward_passes"] <= 2
+
+
+def test_generate_with_the_ar_decoder_on_a_diffusion_run(trained, tmp_path):
+  workdir, _ = trained
+  vocab = load_config(TINY_EXPERIMENT).model.vocab.build()
+  done = omnijax("generate", "--checkpoint", workdir, "--task", "vqa", "--text", "what?",
+                 "--image-codes", ",".join(["3"] * 64), "--decoder", "ar", "--out", tmp_path)
+  assert done.returncode == 0, done.stderr
+  record = json.loads((tmp_path / "results.jsonl").read_text())
+  assert record["forward_passes"] == tokens_until_stop(
+      record["canvas"], {"im_end_id": vocab.im_end_id, "pad_id": vocab.pad_id})

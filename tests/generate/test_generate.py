@@ -152,3 +152,27 @@ def test_steps_and_batch_size_below_one_are_refused_and_none_means_the_default()
     settings.decode_settings("caption", 32, vocab, steps=0)
   with pytest.raises(ConfigError, match="--batch-size 0: expected >= 1"):
     Generator(None, vocab, None, None, batch_size=0)
+
+
+def test_the_decoder_follows_the_objective_and_ar_refuses_diffusion_only_settings(generator):
+  from omnijax.config import ConfigError
+  from omnijax.generate.run import DECODE, run_decoder
+  from omnijax.diffusion import ar_decode, sampler
+
+  toy = load_config(CONFIG_ROOT / "experiments" / "toy.yaml")
+  assert run_decoder(toy) == "diffusion"
+  assert run_decoder(load_config(CONFIG_ROOT / "experiments" / "toy.yaml",
+                                 ["train.objective.kind=ar"])) == "ar"
+  assert DECODE == {"diffusion": sampler.decode, "ar": ar_decode.decode}
+  ar = Generator(None, SPEC.vocab, generator.template, generator.lengths, SPEC, decoder="ar")
+  request = generator.request("t2i", text="there is a red circle at the top left")
+  for given, flag in ((dict(steps=4), "--steps"), (dict(threshold=0.9), "--threshold"),
+                      (dict(position_penalty=2.0), "--position-penalty"),
+                      (dict(alg="entropy"), "--alg"), (dict(block_size=8), "--block-size"),
+                      (dict(cache="prefix"), "--cache"),
+                      (dict(cache_refresh=2), "--cache-refresh")):
+    with pytest.raises(ValueError, match=f"{flag}: the ar decoder makes one token per forward "
+                                         "pass"):
+      ar.decode([request], **given)
+  with pytest.raises(ConfigError, match="--decoder beam: expected one of diffusion, ar"):
+    Generator(None, SPEC.vocab, None, None, decoder="beam")

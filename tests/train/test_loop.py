@@ -1,5 +1,6 @@
 """`omnijax train` end to end: stages, metrics, checkpoints, exact resume, reshard, guards."""
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -247,3 +248,26 @@ def test_training_starts_from_init_from_weights(toy_data, tmp_path):
   with pytest.raises(ConfigError, match="train.init_from=.*do not match model"):
     train(tiny_config(toy_data, f"train.init_from={tmp_path / 'weights'}",
                       "model.mlp_size=64"), tmp_path / "mismatch", max_steps=1)
+
+
+def test_the_autoregressive_objective_trains_the_three_stages_through_the_cli(toy_data, tmp_path):
+  from omnijax.data.pipeline import Batches
+  from omnijax.train.loop import stage_data_config
+
+  shortened = [f"train.stages.stage{i}.steps=2" for i in (1, 2, 3)]
+  process = cli(tmp_path, toy_data, "train.objective.kind=ar", *shortened)
+  output, _ = process.communicate(timeout=600)
+  assert process.returncode == 0, output
+  records = read_metrics(tmp_path)
+  assert [r["stage"] for r in records] == ["stage1"] * 2 + ["stage2"] * 2 + ["stage3"] * 2
+  assert all(np.isfinite(r["loss"]) for r in records)
+  # Every response token is a target (a masked-diffusion objective draws about half of them):
+  # the count of the first batch's response tokens, each after a token of its own sample.
+  config = tiny_config(toy_data, "train.objective.kind=ar")
+  with contextlib.closing(Batches(stage_data_config(config, config.train.stages["stage1"]),
+                                  config.model.vocab.build())) as data:
+    batch = next(data)
+  segments = batch["segment_ids"]
+  response = (batch["response_mask"] > 0) & (segments > 0)
+  response[:, 1:] &= segments[:, 1:] == segments[:, :-1]
+  assert records[0]["targets"] == int(response[:, 1:].sum()) > 0
