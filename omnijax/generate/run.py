@@ -182,15 +182,7 @@ class Generator:
   def decode(self, requests: Sequence[Request], *, steps: int | None = None, progress=None,
              **overrides) -> tuple[list[Output], float]:
     """Outputs in request order and the decode seconds (compilation excluded). Requests are
-    batched by (task, canvas); `progress` (a tqdm bar) advances once per batch. The ar
-    decoder refuses the settings only diffusion reads (`DIFFUSION_ONLY`)."""
-    if self.decoder == "ar":
-      given = [name for name, value in dict(overrides, steps=steps).items()
-               if name in DIFFUSION_ONLY and value is not None]
-      if given:
-        flag = "--" + given[0].replace("_", "-")
-        raise ValueError(f"{flag}: the ar decoder makes one token per forward pass, so the "
-                         f"diffusion setting {given[0]} does not apply; leave it out")
+    batched by (task, canvas); `progress` (a tqdm bar) advances once per batch."""
     decode = DECODE[self.decoder]
     outputs: list[Output | None] = [None] * len(requests)
     groups: dict[tuple[str, int], list[int]] = {}
@@ -198,7 +190,7 @@ class Generator:
       groups.setdefault((request.task, request.canvas), []).append(index)
     seconds = 0.0
     for (task, canvas), indices in groups.items():
-      settings = settings_lib.decode_settings(task, canvas, self.vocab, steps=steps, **overrides)
+      settings = self._decode_settings(task, canvas, steps, overrides)
       for begin in range(0, len(indices), self.batch_size):
         batch = [requests[i] for i in indices[begin:begin + self.batch_size]]
         uncond = [r.uncond for r in batch] if settings.cfg > 0 else None
@@ -217,9 +209,21 @@ class Generator:
     """Raises the error `decode` would raise for these settings, before anything runs (so no
     progress bar precedes it): a decode of no prompts checks them and returns at once."""
     for task, canvas in {(request.task, request.canvas) for request in requests}:
-      kwargs = settings_lib.sampler_kwargs(task, canvas, self.vocab, steps=steps, **overrides)
-      sample_with_stats(self.model, self.vocab, [], **kwargs,
-                        uncond_prompts=[] if kwargs["cfg"] > 0 else None)
+      settings = self._decode_settings(task, canvas, steps, overrides)
+      DECODE[self.decoder](self.model, self.vocab, [], settings,
+                           uncond_prompts=[] if settings.cfg > 0 else None)
+
+  def _decode_settings(self, task: str, canvas: int, steps: int | None, overrides: dict):
+    """The task's table row with the given overrides; the ar decoder refuses the settings only
+    diffusion reads (`DIFFUSION_ONLY`)."""
+    if self.decoder == "ar":
+      given = [name for name, value in dict(overrides, steps=steps).items()
+               if name in DIFFUSION_ONLY and value is not None]
+      if given:
+        flag = "--" + given[0].replace("_", "-")
+        raise ValueError(f"{flag}: the ar decoder makes one token per forward pass, so the "
+                         f"diffusion setting {given[0]} does not apply; leave it out")
+    return settings_lib.decode_settings(task, canvas, self.vocab, steps=steps, **overrides)
 
   def batches(self, requests: Sequence[Request]) -> int:
     """How many batches `decode` runs (for a progress bar's total)."""
