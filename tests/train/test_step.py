@@ -113,5 +113,8 @@ def test_analytic_flops_count_full_bidirectional_attention():
   matmul = flops.matmul_params(model)
   # Everything but the embedding gather and the (tiny) norms and biases is a matmul.
   assert 0.99 < matmul / (model.param_count() - model.vocab_size * model.hidden_size) < 1.0001
+  # By hand: per layer q and o 3584^2 each, k and v 3584 x 512 each, the MLP 3 x 3584 x 18944
+  # (233,046,016), x 28 layers, plus the lm_head 3584 x 176,264.
+  assert matmul == 28 * 233_046_016 + 3584 * 176_264 == 7_157_018_624
   per_token = flops.training_flops_per_token(model, 3072)
-  assert per_token == 6 * matmul + 12 * 28 * 3072 * 28 * 128
+  assert per_token == 6 * matmul + 12 * 28 * 3072 * 28 * 128 == 46_641_487_872
