@@ -40,12 +40,13 @@ def test_train_step_compiles_for_tpu(tmp_path, topology, attention):
   assert report.temp_bytes > 0 and report.code_bytes > 0
   # The compiler's arguments are the donated state (fp32 parameters and AdamW's two moments,
   # sharded as the rules table says: `params_per_chip` elements each) and this chip's rows of
-  # the batch, plus a few scalars (step, optimizer counts): a state replicated where the rules
-  # shard it, or a missing optimizer moment, falls outside this window.
+  # the batch. TPU layouts pad this tiny model's small shards to whole (8, 128) tiles (1.6x on
+  # v5e-8, 2.4x on v5p-128 measured), so the window is that wide: a missing optimizer moment
+  # falls below it, a state replicated where the rules shard it (8x or more here) above it.
   batch_shards = report.mesh["data"] * report.mesh["fsdp"]
   batch_bytes = len(BATCH_FIELDS) * 64 * 256 * 4 // batch_shards
   state_bytes = 3 * 4 * report.params_per_chip
-  assert state_bytes + batch_bytes <= report.argument_bytes <= state_bytes + batch_bytes + 1024
+  assert state_bytes + batch_bytes <= report.argument_bytes <= 3 * (state_bytes + batch_bytes)
   assert report.fits and report.hbm_bytes_per_chip in (16 * GIB, 95 * GIB)
   # The compiled peak holds at least the analytic minimum, within a plausible overhead.
   assert 1 < report.ratio_to_analytic_min < 50

@@ -69,19 +69,27 @@ def test_three_stages_run_in_order_with_metrics_plots_and_checkpoints(reference_
 
 
 @pytest.mark.slow
-def test_shortened_main_job_loss_falls_in_every_stage(toy_data, tmp_path):
-  """The toy experiment's three stages, shortened to 30 steps each with a 128-wide model."""
+def test_shortened_main_job_learns_the_tasks_each_stage_adds(toy_data, tmp_path):
+  """The toy experiment's three stages, shortened to 30 steps each with a 128-wide model: the
+  loss of every task a stage adds falls within it. (The mixed loss need not: stage 3's new
+  tasks enter at a high loss while the old ones are nearly flat.)"""
   config = tiny_config(toy_data, *[f"train.stages.stage{i}.steps=30" for i in (1, 2, 3)],
                        "train.checkpoint_every=30", "model.hidden_size=128",
                        "model.mlp_size=256")
   train(config, tmp_path)
   records = read_metrics(tmp_path)
-  for stage in ("stage1", "stage2", "stage3"):
-    stage_losses = np.array([r["loss"] for r in records if r["stage"] == stage])
-    assert len(stage_losses) == 30
-    # Single steps are noisy (8 rows): fit a line and compare its ends.
-    slope, start = np.polyfit(np.arange(30), stage_losses, 1)
-    assert start + 29 * slope < 0.95 * start, (stage, stage_losses.round(2).tolist())
+  added = {"stage1": ("t2i", "caption", "vqa"), "stage2": ("asr", "tts"),
+           "stage3": ("s2i", "svqa")}
+  for stage, tasks in added.items():
+    stage_records = [r for r in records if r["stage"] == stage]
+    assert len(stage_records) == 30
+    for task in tasks:
+      steps = np.array([i for i, r in enumerate(stage_records) if f"loss_{task}" in r])
+      task_losses = np.array([stage_records[i][f"loss_{task}"] for i in steps])
+      assert len(steps) >= 10, (stage, task, len(steps))
+      # Single steps are noisy (8 rows): fit a line over the stage and compare its ends.
+      slope, start = np.polyfit(steps, task_losses, 1)
+      assert start + 29 * slope < 0.95 * start, (stage, task, task_losses.round(2).tolist())
 
 
 def test_kill_9_then_restart_gives_identical_losses(reference_run, toy_data, tmp_path):
