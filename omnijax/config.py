@@ -155,6 +155,8 @@ class VocabConfig:
                          n_speech_codes=self.n_speech_codes)
 
 
+# How speech input reaches the model: codes in the vocabulary, or the speech encoder's frames.
+SPEECH_INPUT_KINDS: tuple[str, ...] = ("discrete", "continuous")
 # Kaldi's window functions (kaldi-native-fbank accepts these names).
 FBANK_WINDOWS: tuple[str, ...] = ("hamming", "hanning", "povey", "rectangular", "blackman")
 # The encoder prepends this many query embeddings (language, event, emotion, text norm).
@@ -406,10 +408,19 @@ class DataConfig:
   # Grain worker processes (0 = in the training process) and local batches each keeps ready.
   num_workers: int = 0
   worker_buffer_size: int = 2
+  # Continuous speech input (shards whose records carry speech clips): each packed row holds up
+  # to speech_clips clips of up to speech_frames encoder frames (the model's [K, T, F] input);
+  # 0: the shards carry none.
+  speech_clips: int = 0
+  speech_frames: int = 0
 
   def __post_init__(self):
     if self.seq_len < 2 or self.global_batch_size < 1:
       raise ConfigError("data.seq_len must be >= 2 and data.global_batch_size >= 1")
+    if min(self.speech_clips, self.speech_frames) < 0 or (
+        (self.speech_clips == 0) != (self.speech_frames == 0)):
+      raise ConfigError(f"data.speech_clips={self.speech_clips} and data.speech_frames="
+                        f"{self.speech_frames}: both >= 1 (continuous speech) or both 0")
     if not 0 <= self.tail_pads_min <= self.tail_pads_max:
       raise ConfigError(f"data.tail_pads_min={self.tail_pads_min} must be in "
                         f"[0, data.tail_pads_max={self.tail_pads_max}]")
@@ -435,6 +446,15 @@ class ToyWorldConfig:
   seed: int = 0
   grid: int = 16
   cells: int = 2
+  # How the speech-in tasks' (asr, s2i, svqa) user turns hear speech: discrete codes, or
+  # continuous (synthetic waveforms through the model's speech encoder; needs
+  # model.speech_encoder). tts answers in discrete codes either way.
+  speech_input: str = "discrete"
+
+  def __post_init__(self):
+    if self.speech_input not in SPEECH_INPUT_KINDS:
+      raise ConfigError(f"toyworld.speech_input={self.speech_input!r}: expected one of "
+                        f"{SPEECH_INPUT_KINDS}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -601,6 +621,13 @@ class Config:
     if self.data.global_batch_size % self.train.grad_accum_steps:
       raise ConfigError(f"data.global_batch_size={self.data.global_batch_size} is not divisible "
                         f"by train.grad_accum_steps={self.train.grad_accum_steps}")
+    if self.model.speech_encoder is None:
+      if self.toyworld.speech_input == "continuous":
+        raise ConfigError("toyworld.speech_input=continuous needs a speech encoder "
+                          "(model.speech_encoder), which this model has not")
+      if self.data.speech_clips:
+        raise ConfigError(f"data.speech_clips={self.data.speech_clips}: continuous speech needs "
+                          "a speech encoder (model.speech_encoder), which this model has not")
 
 
 # --- loading ----------------------------------------------------------------------------------

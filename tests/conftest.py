@@ -119,11 +119,9 @@ def sensevoice():
 
 def _write_am_mvn(path, shift: np.ndarray, scale: np.ndarray) -> None:
   """An am.mvn in the layout SenseVoiceSmall ships (Kaldi nnet text)."""
-  vector = lambda v: " ".join(f"{x:.9g}" for x in v)
-  size = len(shift)
-  path.write_text(f"<Nnet>\n<Splice> {size} {size}\n[ 0 ]\n"
-                  f"<AddShift> {size} {size}\n<LearnRateCoef> 0 [ {vector(shift)} ]\n"
-                  f"<Rescale> {size} {size}\n<LearnRateCoef> 0 [ {vector(scale)} ]\n</Nnet>\n")
+  from omnijax.data.speech_frontend import Cmvn, write_cmvn
+
+  write_cmvn(path, Cmvn(shift=shift, scale=scale))
 
 
 @pytest.fixture(scope="session")

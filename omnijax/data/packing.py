@@ -14,6 +14,12 @@ after another in segment order, and `<name>_segment_ids` [capacity] tags each it
 sample's segment id (0 on unused items), so every array stays with its segment. A sample goes
 to the next row when its tokens or its items do not fit, and is dropped (and counted) when they
 cannot fit a row at all. A sample carrying an undeclared field is refused.
+
+Continuous speech (`SpeechClips`): a sample's clips (`SPEECH_FIELDS`: features [sum of frames,
+F] and frames per clip) go into the row's `speech_features` [K, T, F] (each clip from frame 0,
+zeros after) and `speech_lengths` [K] (0: no clip), in segment order, which is the order of
+the row's `<|context_of_audio|>` placeholders (themselves tokens, so counted in `seq_len`). A
+sample goes to the next row when its clips do not fit the K left.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import grain
 import numpy as np
 
 from omnijax.data.record import FieldSpec
+from omnijax.data.templates import SPEECH_FIELDS
 from omnijax.data.validate import check_field
 
 ROW_FIELDS = ("tokens", "segment_ids", "positions", "response_mask", "task_ids")
@@ -45,21 +52,50 @@ class PackedField:
       raise ValueError(f"a packed field's capacity must be >= 1, got {self.capacity}")
 
 
+@dataclasses.dataclass(frozen=True)
+class SpeechClips:
+  """A packed row's continuous speech: up to `clips` (K) clips of up to `frames` (T) frames of
+  `feature_size` (F) each."""
+
+  clips: int
+  frames: int
+  feature_size: int
+
+  def __post_init__(self):
+    if min(self.clips, self.frames, self.feature_size) < 1:
+      raise ValueError(f"speech clips {self}: every size must be >= 1")
+
+  def refusal(self, lengths: np.ndarray, features: np.ndarray) -> str | None:
+    """Why a sample's clips can never be packed (None: they can)."""
+    if len(lengths) > self.clips:
+      return (f"{len(lengths)} speech clips, more than the {self.clips} a row holds "
+              "(data.speech_clips)")
+    if lengths.size and lengths.max() > self.frames:
+      return (f"a speech clip of {lengths.max()} frames, more than the {self.frames} a row's "
+              "clips hold (data.speech_frames)")
+    if features.ndim != 2 or features.shape[1] != self.feature_size or len(features) != lengths.sum():
+      return (f"speech features of shape {features.shape}, expected [{lengths.sum()}, "
+              f"{self.feature_size}] (the clips' frames, the encoder's feature size)")
+    return None
+
+
 class PackIterDataset(grain.IterDataset):
   """Packs elements {tokens, response_start, task_id[, fields]} into rows of `seq_len`;
-  `fields` (name -> PackedField) are the typed fields the rows carry."""
+  `fields` (name -> PackedField) are the typed fields the rows carry, `speech` the rows'
+  continuous speech clips (the samples' `SPEECH_FIELDS`)."""
 
   def __init__(self, parent: grain.IterDataset, seq_len: int, pad_id: int,
-               fields: Mapping[str, PackedField] | None = None):
+               fields: Mapping[str, PackedField] | None = None, speech: SpeechClips | None = None):
     super().__init__(parent)
-    self.seq_len, self.pad_id = seq_len, pad_id
+    self.seq_len, self.pad_id, self.speech = seq_len, pad_id, speech
     self.fields = dict(fields or {})
     for name in self.fields:
-      if {name, f"{name}_segment_ids"} & {*ROW_FIELDS, "dropped"}:
+      if {name, f"{name}_segment_ids"} & {*ROW_FIELDS, "dropped", *SPEECH_FIELDS}:
         raise ValueError(f"field {name!r} would clash with the row field of that name")
 
   def __iter__(self):
-    return _PackIterator(self._parent.__iter__(), self.seq_len, self.pad_id, self.fields)
+    return _PackIterator(self._parent.__iter__(), self.seq_len, self.pad_id, self.fields,
+                         self.speech)
 
   def __str__(self):
     return f"PackIterDataset(seq_len={self.seq_len})"
@@ -67,9 +103,10 @@ class PackIterDataset(grain.IterDataset):
 
 class _PackIterator(grain.DatasetIterator):
 
-  def __init__(self, parent, seq_len: int, pad_id: int, fields: dict[str, PackedField]):
+  def __init__(self, parent, seq_len: int, pad_id: int, fields: dict[str, PackedField],
+               speech: SpeechClips | None):
     super().__init__(parent)
-    self._seq_len, self._pad_id, self._fields = seq_len, pad_id, fields
+    self._seq_len, self._pad_id, self._fields, self._speech = seq_len, pad_id, fields, speech
     # The sample that did not fit the last row, and the parent's state from just before it was
     # read: restoring that state re-reads it, so the carried sample never enters a checkpoint.
     self._carry = None
@@ -77,7 +114,7 @@ class _PackIterator(grain.DatasetIterator):
 
   def __next__(self):
     row, used, dropped = [], 0, 0
-    items_used = dict.fromkeys(self._fields, 0)
+    items_used = dict.fromkeys(self._item_names, 0)
     while True:
       if self._carry is not None:
         sample, state = self._carry, self._carry_state
@@ -91,7 +128,7 @@ class _PackIterator(grain.DatasetIterator):
             break
           raise
       items = self._items(sample)
-      if not self._fits(sample, items, 0, dict.fromkeys(self._fields, 0)):
+      if not self._fits(sample, items, 0, dict.fromkeys(self._item_names, 0)):
         dropped += 1
         continue
       if not self._fits(sample, items, used, items_used):
@@ -103,10 +140,23 @@ class _PackIterator(grain.DatasetIterator):
         items_used[name] += count
     return self._assemble(row, dropped)
 
+  @property
+  def _item_names(self) -> list[str]:
+    """What a row holds a limited number of: each field's items, and speech clips."""
+    return [*self._fields, *(SPEECH_FIELDS[:1] if self._speech else ())]
+
   def _items(self, sample: dict) -> dict[str, int]:
-    """Field name -> the sample's items, after checking each field against its declaration."""
+    """Field name -> the sample's items, after checking each field against its declaration
+    (speech_features -> the sample's clips)."""
     items = {}
-    for name, array in sample.get("fields", {}).items():
+    fields = dict(sample.get("fields", {}))
+    if self._speech is not None and SPEECH_FIELDS[0] in fields:
+      features, lengths = (fields.pop(name) for name in SPEECH_FIELDS)
+      refusal = self._speech.refusal(lengths, features)
+      if refusal:
+        raise ValueError(f"a {sample.get('task', '')} sample carries {refusal}")
+      items[SPEECH_FIELDS[0]] = len(lengths)
+    for name, array in fields.items():
       if name not in self._fields:
         raise ValueError(f"a sample carries field {name!r}, which these packed rows do not hold "
                          f"(declared: {', '.join(sorted(self._fields)) or 'none'})")
@@ -117,8 +167,11 @@ class _PackIterator(grain.DatasetIterator):
   def _fits(self, sample: dict, items: dict[str, int], used: int,
             items_used: dict[str, int]) -> bool:
     """Whether the sample fits a row that already holds `used` tokens and `items_used` items."""
+    capacity = {name: packed.capacity for name, packed in self._fields.items()}
+    if self._speech is not None:
+      capacity[SPEECH_FIELDS[0]] = self._speech.clips
     return used + len(sample["tokens"]) <= self._seq_len and all(
-        items_used[name] + count <= self._fields[name].capacity for name, count in items.items())
+        items_used[name] + count <= capacity[name] for name, count in items.items())
 
   def _assemble(self, row: list[dict], dropped: int) -> dict[str, np.ndarray]:
     length = self._seq_len
@@ -136,8 +189,26 @@ class _PackIterator(grain.DatasetIterator):
       out["task_ids"][span] = sample["task_id"]
       start += n
     out.update(self._assemble_fields(row))
+    if self._speech is not None:
+      out.update(self._assemble_speech(row))
     out["dropped"] = np.int32(dropped)
     return out
+
+  def _assemble_speech(self, row: list[dict]) -> dict[str, np.ndarray]:
+    speech = self._speech
+    features = np.zeros((speech.clips, speech.frames, speech.feature_size), np.float32)
+    lengths = np.zeros(speech.clips, np.int32)
+    clip = 0
+    for sample in row:
+      fields = sample.get("fields", {})
+      if SPEECH_FIELDS[0] not in fields:
+        continue
+      starts = np.cumsum(fields["speech_lengths"]) - fields["speech_lengths"]
+      for start, length in zip(starts, fields["speech_lengths"]):
+        features[clip, :length] = fields["speech_features"][start:start + length]
+        lengths[clip] = length
+        clip += 1
+    return dict(speech_features=features, speech_lengths=lengths)
 
   def _assemble_fields(self, row: list[dict]) -> dict[str, np.ndarray]:
     out = {}

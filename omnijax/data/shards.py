@@ -23,7 +23,7 @@ from omnijax.messages import quoted
 from omnijax.data import record
 from omnijax.data.record import FieldSpec, Sample
 from omnijax.data.tasks import TASKS
-from omnijax.data.templates import ImageLengths
+from omnijax.data.templates import SPEECH_FIELDS, ImageLengths
 from omnijax.data.validate import check_fields, check_sample
 from omnijax.files import NotRegularFileError, check_regular_file, replace_dir, staging_dir
 from omnijax.vocab import Vocab
@@ -68,6 +68,10 @@ class ShardWriter:
     self._shards: list[dict] = []
     self._stats = collections.defaultdict(lambda: dict(records=0, tokens=0, response_tokens=0))
     self._manifest: dict | None = None
+
+  def staged_path(self, name: str) -> pathlib.Path:
+    """Where to write a file that goes into `out_dir` with the shards (on close, at once)."""
+    return self._staging / name
 
   def write(self, sample: Sample) -> None:
     check_sample(sample, self.vocab, self.image_lengths)
@@ -179,6 +183,32 @@ def field_specs(manifest: dict, where: str = MANIFEST) -> dict[str, FieldSpec]:
     except ValueError as e:
       raise ManifestError(f"{where}: fields.{name}: {e}") from None
   return specs
+
+
+def check_speech(manifest: dict, speech_encoder, where: str) -> None:
+  """Shards with continuous speech must suit the model's encoder: it exists, its features are as
+  wide as the records', and the shards name the CMVN statistics their features were made with."""
+  specs = field_specs(manifest, where)
+  if SPEECH_FIELDS[0] not in specs:
+    return
+  width = specs[SPEECH_FIELDS[0]].shape[1]
+  if speech_encoder is None:
+    raise ManifestError(f"{where}: the records carry continuous speech, and the model has no "
+                        "speech encoder (model.speech_encoder)")
+  if width != speech_encoder.feature_size:
+    raise ManifestError(f"{where}: the records' speech features are {width} wide, the model's "
+                        f"encoder reads {speech_encoder.feature_size} (model.speech_encoder "
+                        "num_mel_bins x lfr_m); re-prepare the data or fix the model config")
+  if not isinstance(manifest.get("cmvn"), str):
+    raise ManifestError(f"{where}: the records carry continuous speech but name no CMVN "
+                        "statistics (\"cmvn\")")
+
+
+def cmvn_path(shard_dir: str | os.PathLike, manifest: dict) -> pathlib.Path | None:
+  """The am.mvn the shards' speech features were normalised with (None: no continuous speech)."""
+  if "cmvn" not in manifest:
+    return None
+  return pathlib.Path(shard_dir) / manifest["cmvn"]
 
 
 def image_lengths_of(manifest: dict) -> ImageLengths:

@@ -87,6 +87,24 @@ class Cmvn:
   def apply(self, features: np.ndarray) -> np.ndarray:
     return ((features + self.shift) * self.scale).astype(np.float32)
 
+  @classmethod
+  def fit(cls, features: np.ndarray) -> Cmvn:
+    """The statistics that take `features` [frames, size] to zero mean and unit variance per
+    dimension (a model trained from scratch, such as the toy world's, has no am.mvn of its own)."""
+    mean = features.mean(axis=0, dtype=np.float64)
+    std = np.maximum(features.std(axis=0, dtype=np.float64), 1e-5)
+    return cls(shift=(-mean).astype(np.float32), scale=(1.0 / std).astype(np.float32))
+
+
+def write_cmvn(path: str | os.PathLike, cmvn: Cmvn) -> None:
+  """Writes `cmvn` as the Kaldi nnet text am.mvn SenseVoiceSmall ships (what `read_cmvn` reads)."""
+  vector = lambda v: " ".join(f"{x:.9g}" for x in v)
+  size = len(cmvn.shift)
+  pathlib.Path(path).write_text(
+      f"<Nnet>\n<Splice> {size} {size}\n[ 0 ]\n"
+      f"<AddShift> {size} {size}\n<LearnRateCoef> 0 [ {vector(cmvn.shift)} ]\n"
+      f"<Rescale> {size} {size}\n<LearnRateCoef> 0 [ {vector(cmvn.scale)} ]\n</Nnet>\n")
+
 
 def read_cmvn(path: str | os.PathLike, feature_size: int) -> Cmvn:
   """Reads a Kaldi nnet text am.mvn: the vectors after `<AddShift>` and `<Rescale>` (each on the
@@ -112,10 +130,14 @@ def read_cmvn(path: str | os.PathLike, feature_size: int) -> Cmvn:
   return Cmvn(shift=vectors["<AddShift>"], scale=vectors["<Rescale>"])
 
 
+def stacked_fbank(waveform: np.ndarray, config: SpeechEncoderConfig) -> np.ndarray:
+  """A float waveform -> fbank stacked to the encoder's frames, before CMVN."""
+  return stack_low_frame_rate(fbank(waveform, config), config.lfr_m, config.lfr_n)
+
+
 def speech_features(waveform: np.ndarray, config: SpeechEncoderConfig, cmvn: Cmvn) -> np.ndarray:
   """A float waveform at config.sample_rate -> the encoder's input [frames, feature_size]."""
-  stacked = stack_low_frame_rate(fbank(waveform, config), config.lfr_m, config.lfr_n)
-  return cmvn.apply(stacked)
+  return cmvn.apply(stacked_fbank(waveform, config))
 
 
 def feature_frames(num_samples: int, config: SpeechEncoderConfig) -> int:

@@ -3,8 +3,12 @@
 Every turn is `<|im_start|>` + role + "\n" + content + `<|im_end|>` + "\n", each text piece tokenized
 separately as the release does. Placeholders consume the media lists in order of appearance:
 `<|image|>` -> `<|begin_of_image|>` codes `<|end_of_image|>` and `<|audio|>` ->
-`<|begin_of_audio|>` codes `<|end_of_audio|>`, in user and assistant turns alike (omnijax speaks
-discrete codes both ways). The response is everything after the final `<|im_start|>assistant\n`.
+`<|begin_of_audio|>` codes `<|end_of_audio|>`, in user and assistant turns alike. Continuous
+speech input (the release's: features [frames, F] from omnijax.data.speech_frontend) fills the
+`<|audio|>` placeholders of the turns before the assistant's instead, as `<|begin_of_audio|>` +
+(frames + 4) x `<|context_of_audio|>` + `<|end_of_audio|>`; the sample carries the clips as
+`SPEECH_FIELDS`, and assistant speech stays discrete codes. The response is everything after
+the final `<|im_start|>assistant\n`.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from typing import Sequence
 import numpy as np
 import tokenizers
 
+from omnijax.config import SPEECH_QUERIES
 from omnijax.messages import quoted
 from omnijax.data.record import Sample
 from omnijax.data.tasks import task_index
@@ -26,6 +31,21 @@ IMAGE = "<|image|>"
 AUDIO = "<|audio|>"
 ROLES = ("system", "user", "assistant")
 _PLACEHOLDER_SPLIT = re.compile(f"({re.escape(IMAGE)}|{re.escape(AUDIO)})")
+# A sample's continuous speech input: its clips' features one after another, float32
+# [sum of frames, F], and each clip's frames, int32 [clips] (the model's inputs of these names
+# hold a packed row's clips as [K, T, F] and [K]).
+SPEECH_FIELDS = ("speech_features", "speech_lengths")
+
+
+def speech_placeholders(frames: int) -> int:
+  """`<|context_of_audio|>` tokens of a clip of `frames` encoder input frames: the encoder's
+  outputs, its query embeddings included."""
+  return frames + SPEECH_QUERIES
+
+
+def clip_tokens(frames: int) -> int:
+  """Tokens a clip of `frames` frames takes in a sequence, its begin and end tokens included."""
+  return speech_placeholders(frames) + 2
 
 
 class TemplateError(ValueError):
@@ -45,6 +65,18 @@ class ImageLengths:
 
   def for_role(self, role: str) -> int:
     return self.generated if role == "assistant" else self.understanding
+
+
+def speech_fields(clips: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
+  """The `SPEECH_FIELDS` of a sample with these clips (features [frames, F] each); none without."""
+  if not clips:
+    return {}
+  widths = {clip.shape[1:] for clip in clips}
+  if len(widths) != 1 or any(clip.ndim != 2 or not len(clip) for clip in clips):
+    raise TemplateError(f"speech clips of shapes {[clip.shape for clip in clips]}: expected "
+                        "[frames >= 1, F] each, one F")
+  return dict(speech_features=np.concatenate(clips).astype(np.float32),
+              speech_lengths=np.asarray([len(clip) for clip in clips], np.int32))
 
 
 class ChatTemplate:
@@ -75,12 +107,18 @@ class ChatTemplate:
     return ids
 
   def encode(self, task: str, messages: Sequence[dict], image_codes: Sequence = (),
-             speech_codes: Sequence = ()) -> Sample:
-    """Messages [{role, content}] + media code lists (in order of appearance) -> Sample."""
+             speech_codes: Sequence = (), speech_clips: Sequence[np.ndarray] = ()) -> Sample:
+    """Messages [{role, content}] + media code lists (in order of appearance) -> Sample. With
+    `speech_clips` (features [frames, F] each), the `<|audio|>` placeholders before the
+    assistant turn take them in order, and only the assistant's take `speech_codes`."""
     task_index(task)
     if not messages or messages[-1].get("role") != "assistant":
       raise TemplateError("the conversation must end with an assistant turn (the response)")
     images, speeches = list(image_codes), list(speech_codes)
+    clips = [np.asarray(clip, dtype=np.float32) for clip in speech_clips]
+    fields = speech_fields(clips)
+    # None: the user's speech is discrete codes too
+    queue = list(clips) if clips else None
     ids: list[int] = []
     response_start = 0
     for number, message in enumerate(messages):
@@ -93,19 +131,22 @@ class ChatTemplate:
         raise TemplateError(f"message {number}: content must be a string")
       ids += [self.vocab.im_start_id, *self._roles[role], *self._newline]
       response_start = len(ids)
-      ids += self._content_ids(number, role, content, images, speeches)
+      ids += self._content_ids(number, role, content, images, speeches, queue)
       ids += [self.vocab.im_end_id, *self._newline]
-    if images or speeches:
-      raise TemplateError(f"{len(images)} image and {len(speeches)} speech code lists were not "
-                          f"consumed by any placeholder")
-    return Sample(task, np.asarray(ids, dtype=np.int32), response_start)
+    if images or speeches or queue:
+      clips_left = f" and {len(queue)} speech clips" if queue else ""
+      raise TemplateError(f"{len(images)} image and {len(speeches)} speech code lists"
+                          f"{clips_left} were not consumed by any placeholder")
+    return Sample(task, np.asarray(ids, dtype=np.int32), response_start, fields)
 
   def _content_ids(self, number: int, role: str, content: str, images: list,
-                   speeches: list) -> list[int]:
+                   speeches: list, clips: list | None) -> list[int]:
     ids: list[int] = []
     for piece in _PLACEHOLDER_SPLIT.split(content):
       if piece == IMAGE:
         ids += self._media(number, "image", images, self.image_lengths.for_role(role))
+      elif piece == AUDIO and role != "assistant" and clips is not None:
+        ids += self._clip(number, clips)
       elif piece == AUDIO:
         ids += self._media(number, "speech", speeches, None)
       elif piece:
@@ -115,6 +156,13 @@ class ChatTemplate:
                               f"outside a placeholder")
         ids += self._text_ids(piece)
     return ids
+
+  def _clip(self, number: int, clips: list) -> list[int]:
+    if not clips:
+      raise TemplateError(f"message {number}: speech placeholder has no speech clip left")
+    frames = len(clips.pop(0))
+    return [self.vocab.begin_audio_id, *[self.vocab.audio_context_id] * speech_placeholders(frames),
+            self.vocab.end_audio_id]
 
   def _media(self, number: int, kind: str, queue: list, expected: int | None) -> list[int]:
     if not queue:

@@ -12,7 +12,7 @@ from typing import Mapping
 import numpy as np
 
 from omnijax.data.record import FieldSpec, RecordError, Sample
-from omnijax.data.templates import ImageLengths
+from omnijax.data.templates import SPEECH_FIELDS, ImageLengths, speech_placeholders
 from omnijax.vocab import Modality, Vocab
 
 
@@ -29,6 +29,7 @@ def check_sample(sample: Sample, vocab: Vocab, image_lengths: ImageLengths) -> N
       vocab.begin_audio_id: (vocab.end_audio_id, Modality.SPEECH, "speech"),
   }
   ends = {end: kind for end, _, kind in spans.values()}
+  clips = _clip_lengths(sample)
   index = 0
   while index < len(ids):
     token = int(ids[index])
@@ -41,6 +42,10 @@ def check_sample(sample: Sample, vocab: Vocab, image_lengths: ImageLengths) -> N
       continue
     end_marker, code_modality, kind = spans[token]
     stop = index + 1
+    if kind == "speech" and index + 1 < len(ids) and ids[index + 1] == vocab.audio_context_id:
+      _check_clip(sample, vocab, index, clips)
+      index = stop + speech_placeholders(int(clips.pop(0))) + 1
+      continue
     while stop < len(ids) and modality[stop] == code_modality:
       stop += 1
     if stop == len(ids) or ids[stop] != end_marker:
@@ -55,7 +60,43 @@ def check_sample(sample: Sample, vocab: Vocab, image_lengths: ImageLengths) -> N
         raise RecordError(f"image at {index} has {count} codes, expected {expected} in the "
                           f"{'response' if in_response else 'prompt'}")
     index = stop + 1
+  if clips:
+    raise RecordError(f"{len(clips)} speech clips have no <|context_of_audio|> span")
   _check_turns(sample, vocab)
+
+
+def _clip_lengths(sample: Sample) -> list[int]:
+  """The frames of each of the sample's continuous speech clips (SPEECH_FIELDS), checked to
+  agree with its features."""
+  if SPEECH_FIELDS[0] not in sample.fields and SPEECH_FIELDS[1] not in sample.fields:
+    return []
+  if not all(name in sample.fields for name in SPEECH_FIELDS):
+    raise RecordError(f"continuous speech needs both fields {SPEECH_FIELDS}")
+  features, lengths = (sample.fields[name] for name in SPEECH_FIELDS)
+  if lengths.ndim != 1 or features.ndim != 2 or (lengths < 1).any() or \
+      lengths.sum() != len(features):
+    raise RecordError(f"speech_lengths {lengths.tolist()} do not split speech_features of shape "
+                      f"{features.shape} into clips of >= 1 frames")
+  return lengths.tolist()
+
+
+def _check_clip(sample: Sample, vocab: Vocab, index: int, clips: list[int]) -> None:
+  """The continuous speech span at `index`: a prompt-side run of exactly the next clip's
+  placeholders, closed by its end marker."""
+  if not clips:
+    raise RecordError(f"<|context_of_audio|> span at {index} without a speech clip for it")
+  if index >= sample.response_start:
+    raise RecordError(f"<|context_of_audio|> span at {index} in the response (continuous speech "
+                      "is input only)")
+  expected = speech_placeholders(clips[0])
+  ids = sample.tokens
+  stop = index + 1
+  while stop < len(ids) and ids[stop] == vocab.audio_context_id:
+    stop += 1
+  if stop - index - 1 != expected or stop == len(ids) or ids[stop] != vocab.end_audio_id:
+    raise RecordError(f"<|context_of_audio|> span at {index} holds {stop - index - 1} "
+                      f"placeholders, its clip of {clips[0]} frames needs {expected} and then "
+                      "<|end_of_audio|>")
 
 
 def _check_turns(sample: Sample, vocab: Vocab) -> None:

@@ -77,9 +77,17 @@ def _generate_toyworld_if_missing(config: Config, split_dir: pathlib.Path) -> No
   spec = ToyWorldSpec(n=toyworld.scenes, seed=toyworld.seed,
                       text_size=vocab.text_size, n_image_codes=vocab.n_image_codes,
                       n_speech_codes=vocab.n_speech_codes, grid=toyworld.grid,
-                      cells=toyworld.cells)
+                      cells=toyworld.cells, speech_input=toyworld.speech_input,
+                      **_toy_speech_frontend(config))
   print(f"preparing the toy world ({spec.n} scenes) in {config.data.dir} ...", flush=True)
   prepare(config.data.dir, spec)
+
+
+def _toy_speech_frontend(config: Config) -> dict:
+  """The toy world's continuous speech is made for the model's encoder: its fbank bins."""
+  if config.toyworld.speech_input == "discrete":
+    return {}
+  return dict(mel_bins=config.model.speech_encoder.num_mel_bins)
 
 
 def stage_data_config(config: Config, stage: StageConfig) -> DataConfig:
@@ -234,6 +242,7 @@ def check_data(config: Config):
   split_dir = pathlib.Path(config.data.dir) / config.data.split
   manifest = shards.load_manifest(split_dir)
   shards.check_vocab(manifest, vocab, str(split_dir / shards.MANIFEST))
+  shards.check_speech(manifest, config.model.speech_encoder, str(split_dir / shards.MANIFEST))
   shards.check_shards(split_dir, manifest)
   for name, stage in config.train.ordered_stages:
     mixture_weights(stage_data_config(config, stage), manifest,

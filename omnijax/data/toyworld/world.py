@@ -12,10 +12,12 @@ import functools
 import numpy as np
 import tokenizers
 
+from omnijax.config import SPEECH_INPUT_KINDS, SpeechEncoderConfig
 from omnijax.data import tasks
-from omnijax.data.record import Sample
+from omnijax.data.record import FieldSpec, Sample
 from omnijax.data.requests import request_messages
-from omnijax.data.templates import AUDIO, IMAGE, ChatTemplate, ImageLengths
+from omnijax.data.speech_frontend import Cmvn, stacked_fbank
+from omnijax.data.templates import AUDIO, IMAGE, SPEECH_FIELDS, ChatTemplate, ImageLengths
 from omnijax.data.toyworld import scenes as scenes_lib
 from omnijax.data.toyworld.images import ImageCodebook
 from omnijax.data.toyworld.scenes import Scene
@@ -41,8 +43,15 @@ class ToyWorldSpec:
   background_codes: int = 4
   heldout_fraction: float = 0.1
   validation_fraction: float = 0.05
+  # discrete: the user's speech as codes; continuous: as waveforms rendered from those codes,
+  # stored as the speech encoder's features with `mel_bins` fbank bins (the rest of the front
+  # end the release's).
+  speech_input: str = "discrete"
+  mel_bins: int = 40
 
   def __post_init__(self):
+    if self.speech_input not in SPEECH_INPUT_KINDS:
+      raise ValueError(f"speech_input={self.speech_input!r}: expected one of {SPEECH_INPUT_KINDS}")
     if self.n < len(SPLITS):
       raise ValueError(f"n={self.n}: the toy world needs at least {len(SPLITS)} scenes (one per "
                        "split)")
@@ -77,6 +86,19 @@ class ToyWorldSpec:
   @functools.cached_property
   def speech(self) -> SpeechCodebook:
     return SpeechCodebook(scenes_lib.lexicon(self.cells), self.n_speech_codes)
+
+  @property
+  def frontend(self) -> SpeechEncoderConfig:
+    """The speech front end of continuous input (its encoder sizes are the model's business)."""
+    return SpeechEncoderConfig(num_mel_bins=self.mel_bins)
+
+  @property
+  def fields(self) -> dict[str, FieldSpec]:
+    """The typed fields the samples carry: the user's speech clips when continuous."""
+    if self.speech_input == "discrete":
+      return {}
+    return {SPEECH_FIELDS[0]: FieldSpec("float32", (None, self.frontend.feature_size)),
+            SPEECH_FIELDS[1]: FieldSpec("int32", (None,))}
 
   @property
   def image_lengths(self) -> ImageLengths:
@@ -167,6 +189,31 @@ class ToyWorld:
   tokenizer: tokenizers.Tokenizer
   scenes: dict[str, list[Scene]]
   samples: dict[str, list[Sample]]
+  cmvn: Cmvn | None = None  # continuous speech: fitted on the training split's clips
+
+
+def user_speech_count(messages: list[dict]) -> int:
+  """The `<|audio|>` placeholders before the assistant's turn (the speech the model hears)."""
+  return sum(m["content"].count(AUDIO) for m in messages if m["role"] != "assistant")
+
+
+def _continuous(spec: ToyWorldSpec, raw: dict[str, list[tuple]]) -> tuple[dict, Cmvn]:
+  """The conversations with the user's speech codes rendered to features (CMVN from the
+  training split), each rendering seeded by its split, conversation and clip."""
+  rendered = {}
+  for split, conversations_ in raw.items():
+    rendered[split] = []
+    for number, (task, messages, images, speeches) in enumerate(conversations_):
+      heard = user_speech_count(messages)
+      clips = [stacked_fbank(spec.speech.render(
+                   codes, np.random.default_rng([spec.seed, 3, SPLITS.index(split), number, clip]),
+                   spec.frontend.sample_rate), spec.frontend)
+               for clip, codes in enumerate(speeches[:heard])]
+      rendered[split].append((task, messages, images, speeches[heard:], clips))
+  cmvn = Cmvn.fit(np.concatenate([clip for *_, clips in rendered["train"] for clip in clips]))
+  return {split: [(*conversation[:4], [cmvn.apply(clip) for clip in conversation[4]])
+                  for conversation in conversations_]
+          for split, conversations_ in rendered.items()}, cmvn
 
 
 def build(spec: ToyWorldSpec) -> ToyWorld:
@@ -182,6 +229,9 @@ def build(spec: ToyWorldSpec) -> ToyWorld:
   corpus += ["system", "user", "assistant", "\n"]  # the turn headers
   tokenizer = train_bpe(corpus, spec.vocab)
   template = ChatTemplate(tokenizer, spec.vocab, spec.image_lengths)
+  cmvn = None
+  if spec.speech_input == "continuous":
+    raw, cmvn = _continuous(spec, raw)
   samples = {split: [template.encode(*conversation) for conversation in raw[split]]
              for split in SPLITS}
-  return ToyWorld(spec, tokenizer, scenes, samples)
+  return ToyWorld(spec, tokenizer, scenes, samples, cmvn)
