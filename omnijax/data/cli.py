@@ -50,6 +50,15 @@ def register(subparsers) -> None:
   jsonl.add_argument("--allow-empty", action="store_true",
                      help="accept inputs without records (an empty split); without it they are "
                           "refused")
+  jsonl.add_argument("--cmvn", help="the speech encoder's CMVN statistics (am.mvn): records' "
+                     "\"audios\" become continuous speech features made with them")
+  jsonl.add_argument("--mel-bins", type=int, default=80,
+                     help="with --cmvn: the encoder's fbank bins (the release's: 80)")
+  jsonl.add_argument("--seq-len", type=int, default=3072,
+                     help="with --cmvn: the sequence length the shards train at; a record "
+                          "whose audio makes it longer is refused")
+  jsonl.add_argument("--speech-frames", type=int,
+                     help="with --cmvn: the most frames a clip may have (data.speech_frames)")
   jsonl.set_defaults(func=run_prepare_jsonl)
 
   data = subparsers.add_parser("data", help="look at prepared shards")
@@ -90,9 +99,32 @@ def _vocab(args: argparse.Namespace) -> Vocab:
                        n_speech_codes=args.n_speech_codes)
 
 
+def _speech_input(args: argparse.Namespace):
+  """--cmvn and its options -> a SpeechInput (None without --cmvn)."""
+  from omnijax.config import ConfigError, SpeechEncoderConfig
+  from omnijax.data.jsonl import SpeechInput
+  from omnijax.data.speech_frontend import FrontendError, read_cmvn
+
+  if args.cmvn is None:
+    return None
+  try:
+    frontend = SpeechEncoderConfig(num_mel_bins=args.mel_bins)
+  except ConfigError as e:
+    raise ValueError(f"--mel-bins {args.mel_bins}: {e}") from None
+  if args.seq_len < 8 or (args.speech_frames is not None and args.speech_frames < 1):
+    raise ValueError(f"--seq-len {args.seq_len} must be >= 8 and --speech-frames >= 1")
+  try:
+    cmvn = read_cmvn(args.cmvn, frontend.feature_size)
+  except FrontendError as e:
+    raise ValueError(f"--cmvn {e}") from None
+  return SpeechInput(frontend, cmvn, args.seq_len, args.speech_frames)
+
+
 def run_prepare_jsonl(args: argparse.Namespace) -> int:
   from omnijax.data.jsonl import prepare_jsonl
   from omnijax.data.shards import ShardWriter
+  from omnijax.data.speech_frontend import CMVN_FILE, write_cmvn
+  from omnijax.data.templates import speech_field_specs
   from omnijax.data.templates import ChatTemplate, ImageLengths
   from omnijax.files import OutputBusyError, output_lock
 
@@ -101,10 +133,19 @@ def run_prepare_jsonl(args: argparse.Namespace) -> int:
     lengths = ImageLengths(args.understanding_image_codes, args.generated_image_codes)
     template = ChatTemplate.from_file(args.tokenizer, vocab, lengths)
     out_dir = pathlib.Path(args.out) / args.split
+    speech = _speech_input(args)
+    extra = dict(split=args.split, sources=[str(p) for p in args.inputs])
+    fields = {}
+    if speech is not None:
+      extra["cmvn"] = CMVN_FILE
+      fields = speech_field_specs(speech.frontend.feature_size)
     with output_lock(out_dir, "prepare jsonl"):
-      writer = ShardWriter(out_dir, vocab, lengths, int(args.max_shard_mb * 2**20),
-                           extra=dict(split=args.split, sources=[str(p) for p in args.inputs]))
-      manifest = prepare_jsonl(args.inputs, writer, template, allow_empty=args.allow_empty)
+      writer = ShardWriter(out_dir, vocab, lengths, int(args.max_shard_mb * 2**20), extra=extra,
+                           fields=fields)
+      if speech is not None:  # beside the shards, swapped in with them
+        write_cmvn(writer.staged_path(CMVN_FILE), speech.cmvn)
+      manifest = prepare_jsonl(args.inputs, writer, template, allow_empty=args.allow_empty,
+                               speech=speech)
   except (ValueError, OSError, OutputBusyError) as e:
     print(f"omnijax prepare jsonl: {e}", file=sys.stderr)
     return 1

@@ -3,20 +3,44 @@
 One JSON object per line: `messages` (or `conversations`) with `<|image|>`/`<|audio|>`
 placeholders, `image_codes` and `speech_codes` (lists of code lists, consumed in order of
 appearance), and optionally `task`; without it the task is read off the release's fixed prompts.
-Every record is validated; the first bad one stops the run with its file and line.
+The release's `audios` (audio file paths, relative to the jsonl file) are continuous speech
+input: they fill the `<|audio|>` placeholders before the assistant's turn, as features made with
+the model's CMVN statistics (`SpeechInput`), and the assistant's speech stays `speech_codes`.
+Every record is validated; the first bad one stops the run with its file and line (and, for
+audio, the audio file).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
 from typing import Iterable
 
+from omnijax.config import SpeechEncoderConfig
 from omnijax.messages import quoted
 from omnijax.data import tasks
 from omnijax.data.shards import ShardWriter
-from omnijax.data.templates import IMAGE, ChatTemplate
+from omnijax.data.speech_frontend import Cmvn
+from omnijax.data.templates import IMAGE, ChatTemplate, clip_tokens
+
+
+@dataclasses.dataclass(frozen=True)
+class SpeechInput:
+  """How `audios` become features: the encoder's front end, its CMVN statistics, and the
+  sequence length a record with audio must fit."""
+
+  frontend: SpeechEncoderConfig
+  cmvn: Cmvn
+  seq_len: int
+  max_frames: int | None = None  # the most frames a clip may have (data.speech_frames)
+
+  @property
+  def clip_frames(self) -> int:
+    """The most frames a clip may have: what fits the sequence alone, and max_frames."""
+    fits = self.seq_len - clip_tokens(0)
+    return fits if self.max_frames is None else min(fits, self.max_frames)
 
 
 class JsonlError(ValueError):
@@ -42,8 +66,24 @@ def infer_task(messages: list[dict]) -> str:
   raise ValueError("cannot tell the task from the prompts; add a \"task\" field")
 
 
-def parse_line(line: str, template: ChatTemplate):
-  """One jsonl line -> Sample; raises ValueError (TemplateError, RecordError) saying why."""
+def _speech_clips(item: dict, speech: SpeechInput | None, base_dir: pathlib.Path) -> list:
+  """The record's `audios` as features, each refusal naming its file."""
+  from omnijax.data.audio import audio_features
+
+  paths = item.get("audios", [])
+  if not isinstance(paths, list) or not all(isinstance(path, str) for path in paths):
+    raise ValueError("\"audios\" must be a list of audio file paths")
+  if paths and speech is None:
+    raise ValueError("the record has \"audios\" (continuous speech): pass --cmvn, the speech "
+                     "encoder's am.mvn, to prepare them")
+  return [audio_features(base_dir / path, speech.frontend, speech.cmvn, speech.clip_frames)
+          for path in paths]
+
+
+def parse_line(line: str, template: ChatTemplate, speech: SpeechInput | None = None,
+               base_dir: pathlib.Path = pathlib.Path(".")):
+  """One jsonl line -> Sample; raises ValueError (TemplateError, RecordError, AudioError)
+  saying why. `audios` paths are relative to `base_dir`."""
   try:
     item = json.loads(line)
   except json.JSONDecodeError as e:
@@ -62,7 +102,13 @@ def parse_line(line: str, template: ChatTemplate):
     if not isinstance(lists, list) or not all(isinstance(codes, list) for codes in lists):
       raise ValueError(f"\"{key}\" must be a list of code lists")
     media[key] = lists
-  return template.encode(task, messages, media["image_codes"], media["speech_codes"])
+  clips = _speech_clips(item, speech, base_dir)
+  sample = template.encode(task, messages, media["image_codes"], media["speech_codes"], clips)
+  if clips and len(sample.tokens) > speech.seq_len:
+    raise ValueError(f"with its audio ({', '.join(item['audios'])}) the record takes "
+                     f"{len(sample.tokens)} tokens, more than the sequence length "
+                     f"{speech.seq_len} (--seq-len)")
+  return sample
 
 
 def _lines(path: pathlib.Path):
@@ -77,10 +123,12 @@ def _lines(path: pathlib.Path):
 
 
 def prepare_jsonl(inputs: Iterable[str | os.PathLike], writer: ShardWriter,
-                  template: ChatTemplate, allow_empty: bool = False) -> dict:
+                  template: ChatTemplate, allow_empty: bool = False,
+                  speech: SpeechInput | None = None) -> dict:
   """Templates every line of every input into `writer`; returns the manifest. An input without
-  records (most likely the wrong file) is refused unless `allow_empty`. On any error the writer
-  is aborted: whatever its output directory held before stays as it was."""
+  records (most likely the wrong file) is refused unless `allow_empty`; `speech` prepares the
+  records' `audios`. On any error the writer is aborted: whatever its output directory held
+  before stays as it was."""
   try:
     for path in map(pathlib.Path, inputs):
       records = 0
@@ -88,7 +136,7 @@ def prepare_jsonl(inputs: Iterable[str | os.PathLike], writer: ShardWriter,
         if not line.strip():
           continue
         try:
-          writer.write(parse_line(line, template))
+          writer.write(parse_line(line, template, speech, path.parent))
         except ValueError as e:  # TemplateError and RecordError included
           raise JsonlError(f"{path}:{number}: {e}") from None
         records += 1

@@ -22,7 +22,7 @@ import tokenizers
 
 from omnijax.config import SPEECH_QUERIES
 from omnijax.messages import quoted
-from omnijax.data.record import Sample
+from omnijax.data.record import FieldSpec, Sample
 from omnijax.data.tasks import task_index
 from omnijax.files import check_regular_file
 from omnijax.vocab import SPECIAL_TOKENS, Modality, Vocab
@@ -35,6 +35,12 @@ _PLACEHOLDER_SPLIT = re.compile(f"({re.escape(IMAGE)}|{re.escape(AUDIO)})")
 # [sum of frames, F], and each clip's frames, int32 [clips] (the model's inputs of these names
 # hold a packed row's clips as [K, T, F] and [K]).
 SPEECH_FIELDS = ("speech_features", "speech_lengths")
+
+
+def speech_field_specs(feature_size: int) -> dict[str, FieldSpec]:
+  """What shards with continuous speech declare: `SPEECH_FIELDS` for features this wide."""
+  return {SPEECH_FIELDS[0]: FieldSpec("float32", (None, feature_size)),
+          SPEECH_FIELDS[1]: FieldSpec("int32", (None,))}
 
 
 def speech_placeholders(frames: int) -> int:

@@ -103,10 +103,15 @@ def _decode_loop(graphdef, params, tokens, starts, active, key, *, plan: ArPlan)
 
 
 def decode(model, vocab: Vocab, prompts: Sequence, settings: DecodeSettings, *,
-           uncond_prompts: Sequence | None = None) -> SampleResult:
+           uncond_prompts: Sequence | None = None, speech=None) -> SampleResult:
   """Generates up to `settings.canvas` tokens after each prompt, one per forward pass (the
   module's rules); the result as the diffusion sampler's (`forward_passes`: the tokens each
-  row generated, its stop token included; `loop_steps`: the batched forward passes)."""
+  row generated, its stop token included; `loop_steps`: the batched forward passes).
+  Continuous speech input (`speech`) is refused: the prefill that would splice it reads
+  token ids only."""
+  if speech is not None and any(len(clips) for clips in speech):
+    raise ValueError("the ar decoder takes no continuous speech input (its prefill reads token "
+                     "ids only); decode speech-in tasks with the diffusion decoder")
   rows = DecodeRows.build(model, vocab, prompts, settings, uncond_prompts)
   if rows is None:
     return SampleResult.empty()

@@ -195,7 +195,7 @@ def _rows_with_canvas(base: jax.Array, canvas: jax.Array, starts: jax.Array) -> 
 
 
 def _canvas_logits(model, rows, segment_ids, positions, starts, columns, cache, local_step,
-                   plan: Plan):
+                   plan: Plan, speech: dict):
   """[R, N, V] logits scoring each row's canvas positions, and the prefix cache (None without).
 
   Dream shift: canvas position j is scored by the logits at column start + j - 1. Uncached,
@@ -209,7 +209,7 @@ def _canvas_logits(model, rows, segment_ids, positions, starts, columns, cache, 
   def whole_rows(cache):
     with attention_rows("dense"):  # one prompt + canvas a row: `auto` picks for dense rows
       if cache is None:
-        logits = model(rows, segment_ids, positions)
+        logits = model(rows, segment_ids, positions, **speech)
       else:
         hidden, cache = model.prefill(rows, segment_ids, rows.shape[1])
         logits = output_logits(hidden, model.output_head())
@@ -231,9 +231,10 @@ def _canvas_logits(model, rows, segment_ids, positions, starts, columns, cache, 
 
 
 def _decode_loop(graphdef, params, base, segment_ids, starts, canvas, active, steps_per_block,
-                 key, *, plan: Plan):
+                 key, speech, *, plan: Plan):
   """The compiled loop. base/segment_ids/starts: [R] forward rows (R = B, or 2B with CFG: the
-  unconditional rows after the conditional ones); canvas/active: [B]."""
+  unconditional rows after the conditional ones); canvas/active: [B]; speech: the rows'
+  continuous speech input (`speech_inputs`), or {}."""
   model = nnx.merge(graphdef, params)
   batch, n = canvas.shape
   blocks = np.asarray(plan.blocks, np.int32)
@@ -255,7 +256,7 @@ def _decode_loop(graphdef, params, base, segment_ids, starts, canvas, active, st
     cfg_canvas = jnp.concatenate([canvas, canvas]) if plan.settings.cfg > 0 else canvas
     logits, cache = _canvas_logits(model, _rows_with_canvas(base, cfg_canvas, starts),
                                    segment_ids, positions, starts, columns, cache, local_step,
-                                   plan)
+                                   plan, speech)
     logits = logits.astype(jnp.float32)
     if plan.settings.cfg > 0:
       cond_logits, uncond_logits = logits[:batch], logits[batch:]
@@ -398,10 +399,40 @@ def _compiled(loop, graphdef, plan, args):
   return _EXECUTABLES[key]
 
 
+# The prefix cache's prefill reads token ids only; splicing speech into it is not built.
+SPEECH_CACHE_REFUSAL = "continuous speech input decodes without the prefix cache (cache none)"
+# Speech clips' frames round up to this in a decode's speech input: a few shapes to compile.
+SPEECH_FRAMES_BUCKET = 32
+
+
+def speech_inputs(rows: DecodeRows, speech: Sequence[Sequence[np.ndarray]] | None) -> dict:
+  """The model's continuous speech input for the forward rows: speech_features [R, K, T, F]
+  and speech_lengths [R, K], prompt b's clips (features [frames, F]) in row b, row 0's in the
+  padding rows, none in the unconditional rows (CFG drops the condition); {} without speech."""
+  if speech is None or not any(len(clips) for clips in speech):
+    return {}
+  if len(speech) != rows.batch:
+    raise ValueError(f"speech for {len(speech)} prompts, there are {rows.batch}")
+  clips = max(len(row) for row in speech)
+  frames = max(len(clip) for row in speech for clip in row)
+  frames = -(-frames // SPEECH_FRAMES_BUCKET) * SPEECH_FRAMES_BUCKET
+  width = next(clip.shape[1] for row in speech for clip in row)
+  features = np.zeros((len(rows.tokens), clips, frames, width), np.float32)
+  lengths = np.zeros((len(rows.tokens), clips), np.int32)
+  for r in range(len(rows.active)):
+    for k, clip in enumerate(speech[r if r < rows.batch else 0]):
+      features[r, k, :len(clip)] = clip
+      lengths[r, k] = len(clip)
+  return dict(speech_features=features, speech_lengths=lengths)
+
+
 def decode(model, vocab: Vocab, prompts: Sequence, settings: DecodeSettings, *,
-           uncond_prompts: Sequence | None = None) -> SampleResult:
+           uncond_prompts: Sequence | None = None,
+           speech: Sequence[Sequence[np.ndarray]] | None = None) -> SampleResult:
   """Decodes `settings.canvas` tokens after each prompt (`sample`'s rules), returning each
-  row's canvas with its forward passes and the loop's step count."""
+  row's canvas with its forward passes and the loop's step count. `speech`: each prompt's
+  continuous speech clips (features [frames, F]), which its `<|context_of_audio|>`
+  placeholders take, in order."""
   for offset, token in settings.prefill:
     vocab.check_ids([token], f"prefill at offset {offset}")
     if token == vocab.mask_id:
@@ -409,6 +440,9 @@ def decode(model, vocab: Vocab, prompts: Sequence, settings: DecodeSettings, *,
   rows = DecodeRows.build(model, vocab, prompts, settings, uncond_prompts)
   if rows is None:
     return SampleResult.empty()
+  speech_input = speech_inputs(rows, speech)
+  if speech_input and settings.cache != "none":
+    raise ValueError(SPEECH_CACHE_REFUSAL)
   start_canvas = np.full((len(rows.active), settings.canvas), vocab.mask_id, np.int32)
   for offset, token in settings.prefill:
     start_canvas[:, offset] = token
@@ -417,7 +451,7 @@ def decode(model, vocab: Vocab, prompts: Sequence, settings: DecodeSettings, *,
   (out, passes, loop_steps), seconds = rows.run(
       _decode_loop, Plan.of(settings, vocab),
       (rows.tokens, rows.segment_ids, rows.starts, start_canvas, rows.active),
-      (steps_per_block, jax.random.key(settings.seed)))
+      (steps_per_block, jax.random.key(settings.seed), speech_input))
   return rows.result(out, passes, loop_steps, seconds)
 
 

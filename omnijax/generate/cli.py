@@ -2,6 +2,7 @@
 
     omnijax generate --checkpoint runs/toy --task t2i --text "there is a red circle at the top left"
     omnijax generate --checkpoint runs/toy --task asr --speech-codes codes.npy --steps 8
+    omnijax generate --checkpoint runs/toy_speech --task asr --speech question.wav
     omnijax generate --checkpoint runs/toy --task caption --input requests.jsonl --out outputs/
 
 Writes OUT/results.jsonl (one line per input: text, codes, decoded words and scene for the toy
@@ -28,8 +29,11 @@ def register(subparsers) -> None:
                       "(released models need MAGViT-v2 codes: --image-codes)")
   parser.add_argument("--image-codes", help="image codes: a .npy/.json/.txt file or 1,2,3,...")
   parser.add_argument("--speech-codes", help="speech codes: a .npy/.json/.txt file or 1,2,3,...")
+  parser.add_argument("--speech", help="speech as audio (wav, flac, ...; mono, resampled to the "
+                      "encoder's rate) for asr/s2i/svqa: continuous input, for a model with a "
+                      "speech encoder")
   parser.add_argument("--input", help="JSONL, one request a line: {text, image (a PNG path) or "
-                      "image_codes, speech_codes}")
+                      "image_codes, speech_codes or speech (an audio path)}")
   parser.add_argument("--out", default="generated", help="output directory")
   parser.add_argument("--decoder", choices=DECODERS, help="diffusion, or ar: one token per "
                       "forward pass (default: the run's objective's)")
@@ -85,9 +89,9 @@ def read_requests(args) -> list[dict]:
   from omnijax.messages import clip, quoted
 
   if args.input:
-    if args.text or args.image or args.image_codes or args.speech_codes:
-      raise ValueError("--input replaces --text/--image/--image-codes/--speech-codes; give one "
-                       "or the other")
+    if args.text or args.image or args.image_codes or args.speech_codes or args.speech:
+      raise ValueError("--input replaces --text/--image/--image-codes/--speech-codes/--speech; "
+                       "give one or the other")
     requests = []
     try:
       lines = pathlib.Path(args.input).read_text().splitlines()
@@ -100,22 +104,27 @@ def read_requests(args) -> list[dict]:
         entry = json.loads(line)
         if not isinstance(entry, dict):
           raise ValueError("expected a JSON object")
-        unknown = set(entry) - {"text", "image", "image_codes", "speech_codes"}
+        unknown = set(entry) - {"text", "image", "image_codes", "speech_codes", "speech"}
         if unknown:
           raise ValueError(f"unknown key {quoted(sorted(unknown)[0])}")
-        if "image" in entry and "image_codes" in entry:
-          raise ValueError("give 'image' or 'image_codes', not both")
+        for pair in (("image", "image_codes"), ("speech", "speech_codes")):
+          if set(pair) <= set(entry):
+            raise ValueError(f"give {pair[0]!r} or {pair[1]!r}, not both")
+        if "speech" in entry and not isinstance(entry["speech"], str):
+          raise ValueError("'speech' must be an audio file's path")
       except ValueError as e:
         raise ValueError(f"{args.input}:{number}: {e}") from None
-      if "image" in entry:  # a relative path is relative to the JSONL file
-        entry["image"] = str(pathlib.Path(args.input).parent / entry["image"])
+      for key in ("image", "speech"):  # a relative path is relative to the JSONL file
+        if key in entry:
+          entry[key] = str(pathlib.Path(args.input).parent / entry[key])
       requests.append(dict(entry, where=f"{args.input}:{number}"))
     if not requests:
       raise ValueError(f"--input {args.input}: no requests")
     return requests
   # An error names the option and file that gave the codes.
   options = [f"{option} {value}" for option, value in (("--image-codes", args.image_codes),
-                                                       ("--speech-codes", args.speech_codes))
+                                                       ("--speech-codes", args.speech_codes),
+                                                       ("--speech", args.speech))
              if value]
   request = {"text": args.text, "where": clip(", ".join(options)) or "the command line"}
   if args.image and args.image_codes:
@@ -124,8 +133,12 @@ def read_requests(args) -> list[dict]:
     request["image"] = args.image
   if args.image_codes:
     request["image_codes"] = read_codes(args.image_codes, "--image-codes")
+  if args.speech and args.speech_codes:
+    raise ValueError("give --speech or --speech-codes, not both")
   if args.speech_codes:
     request["speech_codes"] = read_codes(args.speech_codes, "--speech-codes")
+  if args.speech:
+    request["speech"] = args.speech
   return [request]
 
 
@@ -177,6 +190,7 @@ def _generate(args: argparse.Namespace) -> int:
       requests.append(generator.request(args.task, text=entry.get("text"),
                                         image_codes=image_codes,
                                         speech_codes=entry.get("speech_codes"),
+                                        speech_audio=entry.get("speech"),
                                         canvas=args.canvas))
     except ValueError as e:
       raise ValueError(f"{entry['where']}: {e}") from None

@@ -1,6 +1,7 @@
 """Running tasks on a model: requests -> prompts -> batched sampling -> decoded outputs.
 
-`Generator` turns task inputs (text, image codes, speech codes) or held-out samples into
+`Generator` turns task inputs (text, image codes, speech codes or audio files: continuous
+speech input, for a model with a speech encoder and data made with it) or held-out samples into
 prompts templated like the training data, picks each task's canvas and decode settings from
 `omnijax.generate.settings`, decodes in batches of one canvas length (a progress bar over
 batches) with its decoder (`diffusion`, the sampler; or `ar`, one token per forward pass, for
@@ -23,7 +24,7 @@ from omnijax.data import shards
 from omnijax.data.record import Sample
 from omnijax.data.requests import INPUTS, request_messages, unconditional_messages
 from omnijax.data.tasks import IMAGE_TASKS
-from omnijax.data.templates import ChatTemplate
+from omnijax.data.templates import SPEECH_FIELDS, ChatTemplate
 from omnijax.diffusion.postprocess import image_grid, split_modalities, spoken_answer, trim
 from omnijax.diffusion import ar_decode, sampler
 from omnijax.diffusion.objective import get_objective
@@ -53,6 +54,8 @@ class Request:
   prompt: np.ndarray  # int32 prompt ids, ending with `<|im_start|>assistant\n`
   canvas: int
   uncond: np.ndarray | None = None  # the unconditional prompt (CFG)
+  # continuous speech input: features [frames, F] of each clip the prompt's placeholders take
+  speech_clips: tuple[np.ndarray, ...] = ()
 
 
 @dataclasses.dataclass
@@ -73,7 +76,7 @@ class Generator:
 
   def __init__(self, model, vocab: Vocab, template: ChatTemplate,
                lengths: settings_lib.Lengths, toy_spec=None, batch_size: int = 16,
-               decoder: str = "diffusion"):
+               decoder: str = "diffusion", cmvn=None):
     if batch_size < 1:
       raise ConfigError(f"--batch-size {batch_size}: expected >= 1")
     if decoder not in DECODERS:
@@ -81,6 +84,9 @@ class Generator:
     self.model, self.vocab, self.template = model, vocab, template
     self.lengths, self.toy_spec, self.batch_size = lengths, toy_spec, batch_size
     self.decoder = decoder
+    # The CMVN statistics the data's speech features were made with: continuous speech input
+    # is computed with them and the model's front end (None: the data has none).
+    self.cmvn = cmvn
     self._tts_overhead: int | None = None
 
   @classmethod
@@ -100,12 +106,14 @@ class Generator:
     spec = ToyWorldSpec(**manifest["toyworld"]) if "toyworld" in manifest else None
     lengths = (settings_lib.Lengths.toy_world(spec) if spec else
                settings_lib.Lengths(image_codes=template.image_lengths.generated))
-    return cls(model, vocab, template, lengths, spec, batch_size, decoder)
+    return cls(model, vocab, template, lengths, spec, batch_size, decoder,
+               _speech_cmvn(model, split_dir, manifest))
 
   # --- requests ---------------------------------------------------------------------------------
-  def _prompt(self, task: str, messages: list[dict], images=(), speeches=()) -> np.ndarray:
+  def _prompt(self, task: str, messages: list[dict], images=(), speeches=(),
+              clips=()) -> np.ndarray:
     conversation = [*messages, {"role": "assistant", "content": ""}]
-    return self.template.encode(task, conversation, images, speeches).prompt
+    return self.template.encode(task, conversation, images, speeches, clips).prompt
 
   def _text_tokens(self, prompt: np.ndarray) -> int:
     """BPE tokens of the text to speak in a tts prompt: its text ids minus the template's."""
@@ -122,7 +130,8 @@ class Generator:
                                       text_tokens=self._text_tokens(prompt)
                                       if task == "tts" else 0)
 
-  def _request(self, task: str, prompt: np.ndarray, canvas: int | None) -> Request:
+  def _request(self, task: str, prompt: np.ndarray, canvas: int | None,
+               clips: Sequence[np.ndarray] = ()) -> Request:
     if canvas is None:
       canvas = self.rule_canvas(task, prompt)
       if settings_lib.TABLE[task].canvas in ("asr", "tts"):
@@ -130,23 +139,39 @@ class Generator:
     uncond = None
     if settings_lib.TABLE[task].cfg > 0 or task in IMAGE_TASKS:
       uncond = self._prompt(task, unconditional_messages(task))
-    return Request(task, prompt, int(canvas), uncond)
+    return Request(task, prompt, int(canvas), uncond, tuple(clips))
 
   def request(self, task: str, *, text: str | None = None, image_codes=None, speech_codes=None,
-              canvas: int | None = None) -> Request:
-    """A request from raw inputs; which ones each task needs: `omnijax.data.requests.INPUTS`."""
-    given = {"text": text, "image": image_codes, "speech": speech_codes}
+              speech_audio: str | None = None, canvas: int | None = None) -> Request:
+    """A request from raw inputs; which ones each task needs: `omnijax.data.requests.INPUTS`.
+    Speech is codes (`speech_codes`) or an audio file (`speech_audio`: continuous input)."""
+    if speech_codes is not None and speech_audio is not None:
+      raise ValueError("give speech as codes or as an audio file, not both")
+    given = {"text": text, "image": image_codes,
+             "speech": speech_codes if speech_audio is None else speech_audio}
     missing = [name for name in INPUTS[task] if name != "text" and given[name] is None]
     if missing:
-      raise ValueError(f"task {task} needs {missing[0]} codes")
+      raise ValueError(f"task {task} needs {missing[0]} " +
+                       ("(codes or an audio file)" if missing[0] == "speech" else "codes"))
     extra = [name for name, value in given.items()
              if value is not None and name not in INPUTS[task] and not (name == "text" and task == "caption")]
     if extra:
       raise ValueError(f"task {task} takes no {extra[0]} input (it reads: {', '.join(INPUTS[task])})")
     images = [self._codes("image", image_codes)] if image_codes is not None else []
     speeches = [self._codes("speech", speech_codes)] if speech_codes is not None else []
-    prompt = self._prompt(task, request_messages(task, text), images, speeches)
-    return self._request(task, prompt, canvas)
+    clips = [self._audio(speech_audio)] if speech_audio is not None else []
+    prompt = self._prompt(task, request_messages(task, text), images, speeches, clips)
+    return self._request(task, prompt, canvas, clips)
+
+  def _audio(self, path: str) -> np.ndarray:
+    """An audio file as the model hears it: the data's front end (features [frames, F])."""
+    from omnijax.data.audio import audio_features
+
+    if self.cmvn is None:
+      raise ValueError(f"speech {path}: this run takes no continuous speech input (its model has "
+                       "no speech encoder, or its data no speech features and CMVN statistics); "
+                       "give speech codes")
+    return audio_features(path, self.model.config.speech_encoder, self.cmvn)
 
   def _codes(self, kind: str, codes) -> np.ndarray:
     """Input codes as the model reads them, or ValueError saying what was found and expected:
@@ -175,8 +200,12 @@ class Generator:
     return codes.astype(np.int64)
 
   def request_from_sample(self, sample: Sample, canvas: int | None = None) -> Request:
-    """The request of a templated sample (its prompt, as trained)."""
-    return self._request(sample.task, sample.prompt, canvas)
+    """The request of a templated sample (its prompt and speech clips, as trained)."""
+    clips = ()
+    if SPEECH_FIELDS[0] in sample.fields:
+      features, lengths = (sample.fields[name] for name in SPEECH_FIELDS)
+      clips = np.split(features, np.cumsum(lengths)[:-1])
+    return self._request(sample.task, sample.prompt, canvas, clips)
 
   # --- decoding ---------------------------------------------------------------------------------
   def decode(self, requests: Sequence[Request], *, steps: int | None = None, progress=None,
@@ -194,8 +223,10 @@ class Generator:
       for begin in range(0, len(indices), self.batch_size):
         batch = [requests[i] for i in indices[begin:begin + self.batch_size]]
         uncond = [r.uncond for r in batch] if settings.cfg > 0 else None
+        speech = ({"speech": [r.speech_clips for r in batch]}
+                  if any(r.speech_clips for r in batch) else {})
         result = decode(self.model, self.vocab, [r.prompt for r in batch], settings,
-                        uncond_prompts=uncond)
+                        uncond_prompts=uncond, **speech)
         seconds += result.seconds
         for index, row, passes in zip(indices[begin:begin + self.batch_size], result.canvases,
                                       result.forward_passes):
@@ -210,6 +241,9 @@ class Generator:
     progress bar precedes it): a decode of no prompts checks them and returns at once."""
     for task, canvas in {(request.task, request.canvas) for request in requests}:
       settings = self._decode_settings(task, canvas, steps, overrides)
+      if settings.cache != "none" and any(
+          r.speech_clips for r in requests if (r.task, r.canvas) == (task, canvas)):
+        raise ValueError(sampler.SPEECH_CACHE_REFUSAL)
       DECODE[self.decoder](self.model, self.vocab, [], settings,
                            uncond_prompts=[] if settings.cfg > 0 else None)
 
@@ -252,6 +286,22 @@ class Generator:
       if out.image_codes is not None:
         out.scene = self.toy_spec.images.decode(out.image_codes)
     return out
+
+
+def _speech_cmvn(model, split_dir: pathlib.Path, manifest: dict):
+  """The CMVN statistics of the data's continuous speech, for a model with a speech encoder
+  (None otherwise)."""
+  from omnijax.data.speech_frontend import FrontendError, read_cmvn
+
+  encoder = getattr(model.config, "speech_encoder", None)
+  path = shards.cmvn_path(split_dir, manifest)
+  if encoder is None or path is None:
+    return None
+  try:
+    return read_cmvn(path, encoder.feature_size)
+  except FrontendError as e:
+    raise shards.ManifestError(f"{split_dir / shards.MANIFEST}: its CMVN statistics: {e}") \
+        from None
 
 
 def read_samples(split_dir: str | pathlib.Path, task: str, limit: int | None = None) -> list[Sample]:

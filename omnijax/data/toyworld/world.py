@@ -17,7 +17,7 @@ from omnijax.data import tasks
 from omnijax.data.record import FieldSpec, Sample
 from omnijax.data.requests import request_messages
 from omnijax.data.speech_frontend import Cmvn, stacked_fbank
-from omnijax.data.templates import AUDIO, IMAGE, SPEECH_FIELDS, ChatTemplate, ImageLengths
+from omnijax.data.templates import AUDIO, IMAGE, ChatTemplate, ImageLengths, speech_field_specs
 from omnijax.data.toyworld import scenes as scenes_lib
 from omnijax.data.toyworld.images import ImageCodebook
 from omnijax.data.toyworld.scenes import Scene
@@ -97,8 +97,7 @@ class ToyWorldSpec:
     """The typed fields the samples carry: the user's speech clips when continuous."""
     if self.speech_input == "discrete":
       return {}
-    return {SPEECH_FIELDS[0]: FieldSpec("float32", (None, self.frontend.feature_size)),
-            SPEECH_FIELDS[1]: FieldSpec("int32", (None,))}
+    return speech_field_specs(self.frontend.feature_size)
 
   @property
   def image_lengths(self) -> ImageLengths:
