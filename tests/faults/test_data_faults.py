@@ -175,3 +175,97 @@ def test_data_inspect_manifest_linked_to_dev_zero(toy_data, tmp_path):
   manifest.symlink_to("/dev/zero")  # used to be read forever
   assert_refused(omnijax("data", "inspect", data / "train"), 1,
                  rf"{manifest}: not a regular file \(a character device\)")
+
+
+# --- continuous speech: the release's "audios" -------------------------------------------------
+
+ASR = {"task": "asr", "audios": ["clip.wav"],
+       "messages": [{"role": "user", "content": "Convert the speech to text.\n<|audio|>"},
+                    {"role": "assistant", "content": "a red cube"}]}
+
+
+@pytest.fixture(scope="module")
+def speech_prepared(toy_data, tmp_path_factory, write_am_mvn):
+  """A dataset of two ASR records with a 1 s mono wav, and the am.mvn it was made with."""
+  import numpy as np
+  import soundfile
+
+  root = tmp_path_factory.mktemp("audio")
+  seconds = np.arange(16000) / 16000
+  soundfile.write(root / "clip.wav", 0.3 * np.sin(2 * np.pi * 440 * seconds), 16000)
+  rng = np.random.default_rng(0)
+  write_am_mvn(root / "am.mvn", rng.normal(size=560).astype(np.float32),
+               rng.uniform(0.5, 2, size=560).astype(np.float32))
+  good = root / "good.jsonl"
+  good.write_text(json.dumps(ASR) + "\n" + json.dumps(ASR) + "\n")
+  out = root / "dataset"
+  result = prepare_speech(toy_data, root, out, good)
+  assert result.returncode == 0, result.stderr
+  assert "2 records" in result.stdout
+  manifest = json.loads((out / "extra" / "manifest.json").read_text())
+  assert manifest["cmvn"] == "am.mvn" and set(manifest["fields"]) == {"speech_features",
+                                                                        "speech_lengths"}
+  assert (out / "extra" / "am.mvn").read_text() == (root / "am.mvn").read_text()
+  return root, good, out
+
+
+def prepare_speech(toy_data, root, out, *inputs):
+  return prepare_jsonl(toy_data, out, *inputs, "--cmvn", root / "am.mvn", "--seq-len", 64)
+
+
+def _write_bad_audio(root, fault):
+  import numpy as np
+  import soundfile
+
+  # flac and wav both; an empty flac does not open at all, an empty wav does
+  suffix = ".wav" if fault == "empty" else ".flac"
+  path = root / f"{fault.replace(' ', '_')}{suffix}"
+  if fault == "stereo":
+    soundfile.write(path, np.zeros((16000, 2)), 16000)
+  elif fault == "empty":
+    soundfile.write(path, np.zeros(0), 16000)
+  elif fault == "not audio":
+    path.write_text("RIFF? no: a text file\n")
+  elif fault == "too long":  # 5 s give 83 frames; a 64-token sequence holds 58
+    soundfile.write(path, np.zeros(80000), 16000)
+  elif fault == "a device":
+    path.symlink_to("/dev/zero")
+  return path
+
+
+@pytest.mark.parametrize("fault,message", [
+    ("stereo", r"2 channels; speech input must be mono"),
+    ("empty", r"no samples \(an empty recording\)"),
+    ("not audio", r"not a readable audio file \("),
+    ("missing", r"not a readable audio file \("),
+    ("a device", r"not a readable audio file \(.*not a regular file"),
+    ("too long", r"5\.00 s of audio give 83 speech frames, more than the 58 that fit"),
+])
+def test_bad_audio_names_the_file_and_record_and_keeps_the_existing_dataset(
+    speech_prepared, toy_data, fault, message):
+  root, good, out = speech_prepared
+  audio = _write_bad_audio(root, fault)
+  bad = root / "bad.jsonl"
+  bad.write_text(json.dumps(ASR) + "\n\n" + json.dumps({**ASR, "audios": [audio.name]}) + "\n")
+  before = snapshot(out)
+  line = assert_refused(prepare_speech(toy_data, root, out, good, bad), 1,
+                        rf"^omnijax prepare jsonl: {bad}:3: {audio}: {message}")
+  assert len(line) < 500
+  assert snapshot(out) == before, fault
+  assert not [p for p in out.iterdir() if p.name.startswith(".")]
+
+
+def test_audio_without_cmvn_and_a_record_too_long_for_the_sequence(speech_prepared, toy_data):
+  root, good, out = speech_prepared
+  before = snapshot(out)
+  assert_refused(prepare_jsonl(toy_data, out, good), 1,
+                 rf"^omnijax prepare jsonl: {good}:1: the record has \"audios\" \(continuous "
+                 r"speech\): pass --cmvn")
+  # The 1 s clip (16 frames, 22 tokens) fits alone, not with a long answer.
+  long = root / "long.jsonl"
+  messages = [ASR["messages"][0], {"role": "assistant", "content": "a red cube " * 12}]
+  long.write_text(json.dumps({**ASR, "messages": messages}) + "\n")
+  assert_refused(prepare_speech(toy_data, root, out, long), 1,
+                 rf"^omnijax prepare jsonl: {long}:1: with its audio \(clip\.wav\) the record "
+                 r"takes \d+ tokens, more than the sequence length 64 \(--seq-len\)")
+  assert snapshot(out) == before
