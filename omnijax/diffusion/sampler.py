@@ -195,7 +195,7 @@ def _rows_with_canvas(base: jax.Array, canvas: jax.Array, starts: jax.Array) -> 
 
 
 def _canvas_logits(model, rows, segment_ids, positions, starts, columns, cache, local_step,
-                   plan: Plan, speech: dict):
+                   plan: Plan, speech: dict | None = None):
   """[R, N, V] logits scoring each row's canvas positions, and the prefix cache (None without).
 
   Dream shift: canvas position j is scored by the logits at column start + j - 1. Uncached,
@@ -209,7 +209,7 @@ def _canvas_logits(model, rows, segment_ids, positions, starts, columns, cache, 
   def whole_rows(cache):
     with attention_rows("dense"):  # one prompt + canvas a row: `auto` picks for dense rows
       if cache is None:
-        logits = model(rows, segment_ids, positions, **speech)
+        logits = model(rows, segment_ids, positions, **(speech or {}))
       else:
         hidden, cache = model.prefill(rows, segment_ids, rows.shape[1])
         logits = output_logits(hidden, model.output_head())

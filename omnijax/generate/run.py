@@ -151,8 +151,8 @@ class Generator:
              "speech": speech_codes if speech_audio is None else speech_audio}
     missing = [name for name in INPUTS[task] if name != "text" and given[name] is None]
     if missing:
-      raise ValueError(f"task {task} needs {missing[0]} " +
-                       ("(codes or an audio file)" if missing[0] == "speech" else "codes"))
+      audio = " or an audio file" if missing[0] == "speech" and self.cmvn is not None else ""
+      raise ValueError(f"task {task} needs {missing[0]} codes{audio}")
     extra = [name for name, value in given.items()
              if value is not None and name not in INPUTS[task] and not (name == "text" and task == "caption")]
     if extra:

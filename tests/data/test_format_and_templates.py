@@ -179,7 +179,7 @@ def test_inspect_detects_truncation(shard_dir, capsys):
   assert f"{target}: record 0: the shard holds 0 records, the manifest lists 2" in out.err
 
 
-FEATURES = {"speech_features": FieldSpec("float32", (None, 560))}
+FEATURES = {"frame_features": FieldSpec("float32", (None, 560))}
 
 
 def _with_fields(sample, **fields):
@@ -195,7 +195,7 @@ def test_a_tokens_only_record_keeps_format_version_1_byte_for_byte():
 
 def test_record_round_trip_with_typed_fields_and_corruption():
   rng = np.random.default_rng(0)
-  fields = dict(speech_features=rng.normal(size=(7, 560)).astype(np.float32),
+  fields = dict(frame_features=rng.normal(size=(7, 560)).astype(np.float32),
                 frame_marks=np.array([3, 0, 9], np.int32), mask=np.ones((2, 2, 2), np.uint8))
   sample = Sample("asr", np.arange(10, dtype=np.int32), 4, fields)
   payload = record.encode(sample)
@@ -204,7 +204,7 @@ def test_record_round_trip_with_typed_fields_and_corruption():
   assert decoded == sample and decoded != Sample("asr", sample.tokens, 4)
   assert {name: a.dtype for name, a in decoded.fields.items()} == {
       name: a.dtype for name, a in fields.items()}
-  np.testing.assert_array_equal(decoded.fields["speech_features"], fields["speech_features"])
+  np.testing.assert_array_equal(decoded.fields["frame_features"], fields["frame_features"])
   flipped = bytearray(payload)
   flipped[-30] ^= 1  # inside the last field's data
   with pytest.raises(RecordError, match="checksum mismatch: the ids or fields are corrupted"):
@@ -238,28 +238,28 @@ def _vqa(template, word="yes"):
 def test_writer_declares_fields_and_refuses_the_wrong_ones(template, tmp_path):
   features = np.random.default_rng(1).normal(size=(9, 560)).astype(np.float32)
   with ShardWriter(tmp_path / "speech", VOCAB, LENGTHS, fields=FEATURES) as writer:
-    writer.write(_with_fields(_vqa(template), speech_features=features))
+    writer.write(_with_fields(_vqa(template), frame_features=features))
     writer.write(_vqa(template, "a red cube"))  # a declared field may be left out
     for fields, error in [
-        (dict(speech_features=features.astype(np.float16)),
-         "field 'speech_features': dtype float16, expected float32"),
-        (dict(speech_features=features[:, :80]),
-         r"field 'speech_features': shape \(9, 80\), expected \(\*, 560\)"),
-        (dict(speech_features=features[None]),
-         r"field 'speech_features': shape \(1, 9, 560\), expected \(\*, 560\)"),
+        (dict(frame_features=features.astype(np.float16)),
+         "field 'frame_features': dtype float16, expected float32"),
+        (dict(frame_features=features[:, :80]),
+         r"field 'frame_features': shape \(9, 80\), expected \(\*, 560\)"),
+        (dict(frame_features=features[None]),
+         r"field 'frame_features': shape \(1, 9, 560\), expected \(\*, 560\)"),
         (dict(pitch=features[:, 0]),
-         r"field 'pitch' is not declared for these shards \(declared: speech_features\)"),
+         r"field 'pitch' is not declared for these shards \(declared: frame_features\)"),
     ]:
       with pytest.raises(RecordError, match=f"^{error}$"):
         writer.write(_with_fields(_vqa(template), **fields))
   manifest = load_manifest(tmp_path / "speech")
   assert manifest["format_version"] == 2
-  assert manifest["fields"] == {"speech_features": {"dtype": "float32", "shape": [None, 560]}}
+  assert manifest["fields"] == {"frame_features": {"dtype": "float32", "shape": [None, 560]}}
   assert inspect_split(tmp_path / "speech")["vqa"]["records"] == 2
   # Without declarations any field is refused, and the manifest stays as before fields.
   with ShardWriter(tmp_path / "plain", VOCAB, LENGTHS) as writer:
     with pytest.raises(RecordError, match=r"declared: none"):
-      writer.write(_with_fields(_vqa(template), speech_features=features))
+      writer.write(_with_fields(_vqa(template), frame_features=features))
     writer.write(_vqa(template))
   manifest = load_manifest(tmp_path / "plain")
   assert manifest["format_version"] == 1 and "fields" not in manifest
@@ -269,20 +269,20 @@ def test_inspect_names_the_file_record_and_field(template, tmp_path, capsys):
   from array_record.python.array_record_module import ArrayRecordWriter
   from omnijax.data.shards import WRITER_OPTIONS
   out = tmp_path / "speech"
-  good = _with_fields(_vqa(template), speech_features=np.zeros((4, 560), np.float32))
+  good = _with_fields(_vqa(template), frame_features=np.zeros((4, 560), np.float32))
   with ShardWriter(out, VOCAB, LENGTHS, fields=FEATURES) as writer:
     writer.write(good)
     writer.write(good)
   # Replace the shard: its second record's features have the wrong dtype.
   target = out / "vqa-00000.array_record"
-  bad = _with_fields(good, speech_features=np.zeros((4, 560), np.float16))
+  bad = _with_fields(good, frame_features=np.zeros((4, 560), np.float16))
   shard = ArrayRecordWriter(str(target), WRITER_OPTIONS)
   for sample in (good, bad):
     shard.write(record.encode(sample))
   shard.close()
   code, out_err = _inspect(out, capsys)
   assert code == 1
-  assert out_err.err.strip().endswith(f"{target}: record 1: field 'speech_features': dtype "
+  assert out_err.err.strip().endswith(f"{target}: record 1: field 'frame_features': dtype "
                                       "float16, expected float32")
   assert len(out_err.err.strip().splitlines()) == 1
 
@@ -292,9 +292,9 @@ def test_manifest_field_declarations_are_checked(template, tmp_path):
     writer.write(_vqa(template))
   path = tmp_path / "speech" / "manifest.json"
   manifest = json.loads(path.read_text())
-  for fields, error in [({"speech_features": {"dtype": "float64", "shape": [None, 560]}},
-                         "fields.speech_features: field dtype 'float64' is not one of"),
-                        ({"speech_features": [560]}, 'fields.speech_features: expected {"dtype"')]:
+  for fields, error in [({"frame_features": {"dtype": "float64", "shape": [None, 560]}},
+                         "fields.frame_features: field dtype 'float64' is not one of"),
+                        ({"frame_features": [560]}, 'fields.frame_features: expected {"dtype"')]:
     path.write_text(json.dumps({**manifest, "fields": fields}))
     with pytest.raises(ManifestError, match=rf"manifest\.json: {error}"):
       load_manifest(tmp_path / "speech")

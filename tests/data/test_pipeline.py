@@ -235,14 +235,16 @@ def test_packing_refuses_undeclared_or_malformed_fields():
   assert set(_pack([_element(4, None, 0)], {})[0]) == set(BATCH_FIELDS) | {"dropped"}
 
 
-def test_training_refuses_shards_with_typed_fields(data_dir, tmp_path):
+def test_training_refuses_shards_with_typed_fields_it_does_not_read(data_dir, tmp_path):
+  # Continuous speech is read (tests/data/test_speech_data.py); any other field is refused.
   copy = tmp_path / "toy"
   shutil.copytree(data_dir / "train", copy / "train")
   manifest_path = copy / "train" / "manifest.json"
   manifest = json.loads(manifest_path.read_text())
-  manifest.update(format_version=2, fields={"speech_features": {"dtype": "float32",
-                                                                 "shape": [None, 560]}})
+  manifest.update(format_version=2, fields={"pitch": {"dtype": "float32", "shape": [None]},
+                                            "speech_features": {"dtype": "float32",
+                                                                "shape": [None, 560]}})
   manifest_path.write_text(json.dumps(manifest))
   with pytest.raises(ManifestError, match=r"train/manifest\.json: the records carry typed fields "
-                     r"\(speech_features\) that training does not read yet"):
+                     r"\(pitch\) that training does not read"):
     build_dataset(config(copy), VOCAB)
