@@ -44,6 +44,12 @@ def test_includes_and_overrides_merge_in_order(tmp_path):
     (["model.vocab.layout=big"], "model.vocab.layout='big'"),
     (["data.tail_pads_min=9", "data.tail_pads_max=2"], "data.tail_pads_min=9"),
     (["model"], "not of the form key=value"),
+    (["toyworld.speech_input=spoken"], "toyworld.speech_input='spoken': expected one of"),
+    (["toyworld.speech_input=continuous"], "toyworld.speech_input=continuous needs a speech "
+                                           "encoder (model.speech_encoder)"),
+    (["data.speech_clips=4"], "data.speech_clips=4 and data.speech_frames=0: both >= 1"),
+    (["data.speech_clips=4", "data.speech_frames=100"], "data.speech_clips=4: continuous speech "
+                                                        "needs a speech encoder"),
 ])
 def test_mistakes_name_the_key(overrides, message):
   with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):

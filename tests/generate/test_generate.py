@@ -176,3 +176,11 @@ def test_the_decoder_follows_the_objective_and_ar_refuses_diffusion_only_setting
       ar.decode([request], **given)
   with pytest.raises(ConfigError, match="--decoder beam: expected one of diffusion, ar"):
     Generator(None, SPEC.vocab, None, None, decoder="beam")
+
+
+def test_audio_input_is_refused_by_a_run_without_continuous_speech(generator):
+  with pytest.raises(ValueError, match=r"speech said\.wav: this run takes no continuous speech "
+                                       "input"):
+    generator.request("asr", speech_audio="said.wav")
+  with pytest.raises(ValueError, match="give speech as codes or as an audio file, not both"):
+    generator.request("asr", speech_codes=[1, 2], speech_audio="said.wav")
