@@ -22,6 +22,10 @@ INSTALL_REQUIRES = [
     "jiwer>=3.0,<5",  # word error rate (omnijax.eval.wer)
     # the speech encoder's fbank (omnijax.model.speech_frontend); FunASR's own fbank here
     "kaldi-native-fbank>=1.23,<2",
+    # continuous speech input from audio files: reading wav/flac/... (omnijax.data.audio) and
+    # polyphase resampling to 16 kHz
+    "soundfile>=0.12",
+    "scipy>=1.11",
     "rapidfuzz>=3",  # word edit distances (omnijax.eval.chance); jiwer depends on it too
 ]
 EXTRAS = {
