@@ -268,6 +268,10 @@ class ModelConfig:
   rope_theta: float = 1_000_000.0
   rms_eps: float = 1e-6
   qkv_bias: bool = True
+  # Opt-in stabiliser, not the release's architecture (Qwen2 has none): RMSNorm over head_dim on
+  # each query and key head before RoPE (as Qwen3), which bounds attention logits so a higher
+  # learning rate does not collapse attention onto single tokens.
+  qk_norm: bool = False
   tie_embeddings: bool = False
   init_std: float = 0.02
   param_dtype: str = "float32"
@@ -324,7 +328,7 @@ class ModelConfig:
     q, kv = self.num_heads * hd, self.num_kv_heads * hd
     attention = d * q + 2 * d * kv + q * d + (q + 2 * kv if self.qkv_bias else 0)
     mlp = 3 * d * self.mlp_size
-    layer = attention + mlp + 2 * d
+    layer = attention + mlp + 2 * d + (2 * hd if self.qk_norm else 0)
     heads = v * d * (1 if self.tie_embeddings else 2)
     return self.num_layers * layer + heads + d + self.speech_param_count()
 

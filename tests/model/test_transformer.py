@@ -242,3 +242,31 @@ def test_kv_cache_runs_sharded_with_the_cache_batch_and_head_sharded():
       mesh, jax.sharding.PartitionSpec(None, ("data", "fsdp"), None, "tensor", None))
   assert cache.keys.sharding.is_equivalent_to(expected, 5)
   assert cache.values.sharding.is_equivalent_to(expected, 5)
+
+
+def test_qk_norm_bounds_attention_logits_whatever_the_projection_scale():
+  """The opt-in query/key norm: one head_dim scale per norm and layer (counted), attention
+  unchanged when the q/k projections are scaled up 100x (without it, they change), and the
+  KV-cached decode still equals the full recompute."""
+  config = tiny("model.qk_norm=true", "model.scan_layers=false")
+  model = create_model(config, seed=3)
+  state = nnx.state(model, nnx.Param)
+  assert sum(leaf.size for leaf in jax.tree.leaves(state)) == config.param_count()
+  assert config.param_count() == tiny().param_count() + config.num_layers * 2 * 16
+  tokens = jnp.asarray(np.random.default_rng(3).integers(0, 512, size=(2, 10)))
+
+  def scaled_qk(model):
+    for block in model.layers:
+      for proj in (block.self_attn.q_proj, block.self_attn.k_proj):  # biases start at zero
+        proj.kernel[...] = proj.kernel[...] * 100.0
+    return model
+
+  base = np.asarray(model(tokens))
+  np.testing.assert_allclose(np.asarray(scaled_qk(create_model(config, seed=3))(tokens)), base,
+                             atol=2e-4, rtol=1e-4)
+  plain = tiny("model.scan_layers=false")
+  assert np.abs(np.asarray(scaled_qk(create_model(plain, seed=3))(tokens))
+                - np.asarray(create_model(plain, seed=3)(tokens))).max() > 1e-2
+  full = np.asarray(model(tokens, causal=True))
+  cached, _ = cached_decode(model, np.asarray(tokens), [3, 5], prompt_columns=5)
+  np.testing.assert_allclose(cached, full, atol=2e-5, rtol=1e-5)
