@@ -462,6 +462,9 @@ class EvalConfig:
       raise ConfigError(f"eval.steps={list(self.steps)}: expected positive step counts")
 
 
+LOSS_AVERAGES = ("tokens", "samples")
+
+
 @dataclasses.dataclass(frozen=True)
 class ObjectiveConfig:
   """`omni`: the release's per-token masking; `llada`: one t per sample, CE weighted by 1/t;
@@ -476,8 +479,15 @@ class ObjectiveConfig:
   # [tokens, vocab] logits are never materialised. More saves memory, fewer runs fewer (bigger)
   # lm_head matmuls; 1 is the whole vocabulary at once.
   vocab_chunks: int = 8
+  # What the loss averages over: `tokens` (every target token counts the same, as the release),
+  # or `samples` (each packed sample's loss is the mean over its own response, then samples are
+  # averaged: LLaDA's SFT estimator), so a 2-token answer weighs as much as a 66-code image.
+  average: str = "tokens"
 
   def __post_init__(self):
+    if self.average not in LOSS_AVERAGES:
+      raise ConfigError(f"train.objective.average={self.average!r}: expected one of "
+                        f"{', '.join(LOSS_AVERAGES)}")
     if self.kind not in OBJECTIVE_KINDS:
       raise ConfigError(f"train.objective.kind={self.kind!r}: expected one of "
                         f"{', '.join(OBJECTIVE_KINDS)}")
