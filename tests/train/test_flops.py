@@ -67,3 +67,29 @@ def test_speech_flops_per_row_by_hand():
   assert flops.training_flops_per_token(model, 3072, 3072e6) == \
       flops.training_flops_per_token(model, 3072) + 1e6
   assert flops.speech_flops_per_row(_speech_config("model.speech_encoder=null"), stage) == 0
+
+
+def test_mfu_counts_the_speech_encoder_when_batches_carry_speech(tmp_path):
+  from omnijax.config import CONFIG_ROOT, load_config
+  from omnijax.sharding import make_mesh
+  from omnijax.train.loop import _StepLoop
+
+  experiment = tmp_path / "speech.yaml"
+  experiment.write_text(f"defaults: [{CONFIG_ROOT / 'experiments' / 'toy.yaml'}, "
+                        "model/tiny_speech.yaml]\n")
+  config = load_config(experiment, ["data.seq_len=64", "data.global_batch_size=4",
+                                    "data.speech_frames=10", "train.peak_flops_per_device=1e12"])
+  loop = _StepLoop(config, make_mesh(config.mesh), checkpoints=None, metrics_log=None)
+  try:
+    tokens = 4 * 64 * flops.training_flops_per_token(config.model, 64)
+    speech = 4 * flops.speech_flops_per_row(config, config.train.stages["stage2"])
+    assert speech > 0
+    assert loop._step_flops("stage2", {"tokens": None}) == pytest.approx(tokens)
+    assert loop._step_flops("stage2", {"tokens": None, "speech_features": None}) == \
+        pytest.approx(tokens + speech)
+    # MFU: the steps' FLOPs over their time, against every device's peak.
+    devices = loop.mesh.devices.size
+    assert loop._mfu(tokens + speech, 2.0) == pytest.approx((tokens + speech) / 2.0 /
+                                                            (1e12 * devices))
+  finally:
+    loop.close()
