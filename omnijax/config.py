@@ -410,8 +410,16 @@ class DataConfig:
   # Grain worker processes (0 = in the training process) and local batches each keeps ready.
   num_workers: int = 0
   worker_buffer_size: int = 2
+  # Continuous speech input (model.speech_encoder set): every row's speech_features hold up to
+  # `speech_clips` clips of `speech_frames` encoder input frames, one fixed shape [rows, clips,
+  # frames, feature_size]; 500 frames are 30 s at 16 kHz through the release's front end.
+  speech_clips: int = 1
+  speech_frames: int = 500
 
   def __post_init__(self):
+    if self.speech_clips < 1 or self.speech_frames < 1:
+      raise ConfigError(f"data.speech_clips={self.speech_clips} and data.speech_frames="
+                        f"{self.speech_frames} must be >= 1")
     if self.seq_len < 2 or self.global_batch_size < 1:
       raise ConfigError("data.seq_len must be >= 2 and data.global_batch_size >= 1")
     if not 0 <= self.tail_pads_min <= self.tail_pads_max:

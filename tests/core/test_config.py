@@ -43,6 +43,7 @@ def test_includes_and_overrides_merge_in_order(tmp_path):
     (["mesh.data=-1", "mesh.fsdp=-1"], "at most one axis may be -1"),
     (["model.vocab.layout=big"], "model.vocab.layout='big'"),
     (["data.tail_pads_min=9", "data.tail_pads_max=2"], "data.tail_pads_min=9"),
+    (["data.speech_frames=0"], "data.speech_clips=1 and data.speech_frames=0 must be >= 1"),
     (["model"], "not of the form key=value"),
 ])
 def test_mistakes_name_the_key(overrides, message):
