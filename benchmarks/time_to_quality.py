@@ -14,7 +14,9 @@ covers the steps since the one before at its `tokens_per_s`, so a window lasted
 steps x global_batch_size x seq_len / tokens_per_s seconds (tokens: steps x batch x seq_len,
 pads included). Evaluation is never in it (it runs after training), checkpoint saves are (the
 main job saves too), and each stage's first window, which also compiles the stage's step, is
-counted at the stage's median seconds per step; the excess is reported as compile seconds.
+counted at the stage's median seconds per step; the excess is reported as compile seconds. A
+run whose workdir OUT/runs/NAME exists resumes there (a finished one is only evaluated); the
+window after such a restart still holds its compilation.
 
 Writes OUT/time_to_quality.json (everything), .md (a summary ready for docs/benchmarks.md, then
 each run's curve) and .png (one panel per task: quality against training seconds, one line per
