@@ -26,9 +26,8 @@ TINY_EXPERIMENT = REPO / "tests" / "train" / "tiny_experiment.yaml"
 
 def test_a_run_is_a_name_and_comma_separated_overrides_whose_values_may_hold_commas():
   assert ttq.parse_run("shipped") == ttq.RunSpec("shipped", ())
-  assert ttq.parse_run("lr1e-3:train.stages.stage1.peak_lr=1e-3, "
-                       "train.stages.stage2.peak_lr=1e-3") == ttq.RunSpec("lr1e-3", ("train.stages.stage1.peak_lr=1e-3",
-                                "train.stages.stage2.peak_lr=1e-3"))
+  rates = ("train.stages.stage1.peak_lr=1e-3", "train.stages.stage2.peak_lr=1e-3")
+  assert ttq.parse_run(f"lr1e-3:{rates[0]}, {rates[1]}") == ttq.RunSpec("lr1e-3", rates)
   assert ttq.parse_run("mix:data.mixture={t2i: 1, caption: 1},eval.steps=[4,10],model.qk_norm=true"
                        ).overrides == ("data.mixture={t2i: 1, caption: 1}", "eval.steps=[4,10]",
                                        "model.qk_norm=true")
