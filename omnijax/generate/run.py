@@ -282,13 +282,15 @@ def read_samples(split_dir: str | pathlib.Path, task: str, limit: int | None = N
 
 
 def open_run(workdir: str | pathlib.Path, *, data_dir: str | None = None,
-             split: str | None = None, batch_size: int = 16, decoder: str | None = None):
+             split: str | None = None, batch_size: int = 16, decoder: str | None = None,
+             step: int | None = None):
   """(the restored run, a Generator on its model, the split directory) for a training
-  workdir; the tokenizer and codecs come from `data_dir` (default: the run's data.dir) /
-  `split` (default: data.split), the decoder is `decoder` (default: the run's)."""
+  workdir at checkpoint `step` (default: its newest); the tokenizer and codecs come from
+  `data_dir` (default: the run's data.dir) / `split` (default: data.split), the decoder is
+  `decoder` (default: the run's)."""
   from omnijax.train.restore import restore_workdir
 
-  run = restore_workdir(workdir)
+  run = restore_workdir(workdir, step=step)
   split_dir = pathlib.Path(data_dir or run.config.data.dir) / (split or run.config.data.split)
   vocab = run.config.model.vocab.build()
   generator = Generator.for_data(run.model, vocab, split_dir, batch_size,
