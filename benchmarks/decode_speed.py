@@ -36,7 +36,8 @@ import numpy as np  # noqa: E402
 
 from omnijax.config import SAMPLER_CACHES  # noqa: E402
 from omnijax.diffusion.sampler import Plan  # noqa: E402
-from omnijax.eval.evaluate import DEFAULT, chance_quality, evaluate, parse_steps, parse_tasks  # noqa: E402
+from omnijax.eval.evaluate import (DEFAULT, chance_quality, evaluate, parse_steps,  # noqa: E402
+                                    parse_tasks)
 from omnijax.files import atomic_write_text  # noqa: E402
 from omnijax.generate import settings as settings_lib  # noqa: E402
 from omnijax.generate.run import open_run, read_samples  # noqa: E402
