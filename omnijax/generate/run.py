@@ -65,6 +65,9 @@ class Output:
   speech_codes: np.ndarray | None = None  # speech tasks: the spoken codes
   words: list[str] | None = None  # toy world: the speech decoded to words
   scene: object | None = None  # toy world: the generated image parsed back to a scene
+  # Diffusion: those of its forward passes that ran the whole rows (the others, with a cache,
+  # ran only the cached window: SampleResult.whole_row_passes); None for the ar decoder.
+  whole_row_passes: int | None = None
 
 
 class Generator:
@@ -197,9 +200,12 @@ class Generator:
         result = decode(self.model, self.vocab, [r.prompt for r in batch], settings,
                         uncond_prompts=uncond)
         seconds += result.seconds
-        for index, row, passes in zip(indices[begin:begin + self.batch_size], result.canvases,
-                                      result.forward_passes):
+        whole_rows = (result.whole_row_passes if result.whole_row_passes is not None else
+                      [None] * len(batch))
+        for index, row, passes, whole in zip(indices[begin:begin + self.batch_size],
+                                             result.canvases, result.forward_passes, whole_rows):
           outputs[index] = self.postprocess(task, row, int(passes))
+          outputs[index].whole_row_passes = None if whole is None else int(whole)
         if progress is not None:
           progress.update(1)
     return outputs, seconds
