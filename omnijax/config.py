@@ -40,8 +40,9 @@ ATTENTION_BACKENDS: tuple[str, ...] = ("xla", "pallas", "splash", "cudnn", "mosa
 TASKS: tuple[str, ...] = ("t2i", "caption", "vqa", "asr", "tts", "s2i", "svqa")
 # The sampler's confidence rules (reference §4.4), here so the CLI can list them without jax.
 SAMPLER_ALGS: tuple[str, ...] = ("maskgit_plus", "topk_margin", "entropy")
-# The sampler's KV cache modes (omnijax.diffusion.sampler): none, or the prompt's (prefix).
-SAMPLER_CACHES: tuple[str, ...] = ("none", "prefix")
+# The sampler's KV cache modes (omnijax.diffusion.sampler): none, the prompt's (prefix), or every
+# column outside the block being decoded (dual).
+SAMPLER_CACHES: tuple[str, ...] = ("none", "prefix", "dual")
 # Training objectives (omnijax.diffusion.objective.OBJECTIVES holds one object per name).
 OBJECTIVE_KINDS = ("omni", "llada", "ar")
 # How a model decodes (omnijax.generate.run.DECODERS holds one function per name): by masked
@@ -270,6 +271,10 @@ class ModelConfig:
   rope_theta: float = 1_000_000.0
   rms_eps: float = 1e-6
   qkv_bias: bool = True
+  # Opt-in stabiliser, not the release's architecture (Qwen2 has none): RMSNorm over head_dim on
+  # each query and key head before RoPE (as Qwen3), which bounds attention logits so a higher
+  # learning rate does not collapse attention onto single tokens.
+  qk_norm: bool = False
   tie_embeddings: bool = False
   init_std: float = 0.02
   param_dtype: str = "float32"
@@ -326,7 +331,7 @@ class ModelConfig:
     q, kv = self.num_heads * hd, self.num_kv_heads * hd
     attention = d * q + 2 * d * kv + q * d + (q + 2 * kv if self.qkv_bias else 0)
     mlp = 3 * d * self.mlp_size
-    layer = attention + mlp + 2 * d
+    layer = attention + mlp + 2 * d + (2 * hd if self.qk_norm else 0)
     heads = v * d * (1 if self.tie_embeddings else 2)
     return self.num_layers * layer + heads + d + self.speech_param_count()
 
@@ -408,19 +413,18 @@ class DataConfig:
   # Grain worker processes (0 = in the training process) and local batches each keeps ready.
   num_workers: int = 0
   worker_buffer_size: int = 2
-  # Continuous speech input (shards whose records carry speech clips): each packed row holds up
-  # to speech_clips clips of up to speech_frames encoder frames (the model's [K, T, F] input);
-  # 0: the shards carry none.
-  speech_clips: int = 0
-  speech_frames: int = 0
+  # Continuous speech input (model.speech_encoder set): every row's speech_features hold up to
+  # `speech_clips` clips of `speech_frames` encoder input frames, one fixed shape [rows, clips,
+  # frames, feature_size]; 500 frames are 30 s at 16 kHz through the release's front end.
+  speech_clips: int = 1
+  speech_frames: int = 500
 
   def __post_init__(self):
+    if self.speech_clips < 1 or self.speech_frames < 1:
+      raise ConfigError(f"data.speech_clips={self.speech_clips} and data.speech_frames="
+                        f"{self.speech_frames} must be >= 1")
     if self.seq_len < 2 or self.global_batch_size < 1:
       raise ConfigError("data.seq_len must be >= 2 and data.global_batch_size >= 1")
-    if min(self.speech_clips, self.speech_frames) < 0 or (
-        (self.speech_clips == 0) != (self.speech_frames == 0)):
-      raise ConfigError(f"data.speech_clips={self.speech_clips} and data.speech_frames="
-                        f"{self.speech_frames}: both >= 1 (continuous speech) or both 0")
     if not 0 <= self.tail_pads_min <= self.tail_pads_max:
       raise ConfigError(f"data.tail_pads_min={self.tail_pads_min} must be in "
                         f"[0, data.tail_pads_max={self.tail_pads_max}]")
@@ -478,6 +482,9 @@ class EvalConfig:
       raise ConfigError(f"eval.steps={list(self.steps)}: expected positive step counts")
 
 
+LOSS_AVERAGES = ("tokens", "samples")
+
+
 @dataclasses.dataclass(frozen=True)
 class ObjectiveConfig:
   """`omni`: the release's per-token masking; `llada`: one t per sample, CE weighted by 1/t;
@@ -492,8 +499,15 @@ class ObjectiveConfig:
   # [tokens, vocab] logits are never materialised. More saves memory, fewer runs fewer (bigger)
   # lm_head matmuls; 1 is the whole vocabulary at once.
   vocab_chunks: int = 8
+  # What the loss averages over: `tokens` (every target token counts the same, as the release),
+  # or `samples` (each packed sample's loss is the mean over its own response, then samples are
+  # averaged: LLaDA's SFT estimator), so a 2-token answer weighs as much as a 66-code image.
+  average: str = "tokens"
 
   def __post_init__(self):
+    if self.average not in LOSS_AVERAGES:
+      raise ConfigError(f"train.objective.average={self.average!r}: expected one of "
+                        f"{', '.join(LOSS_AVERAGES)}")
     if self.kind not in OBJECTIVE_KINDS:
       raise ConfigError(f"train.objective.kind={self.kind!r}: expected one of "
                         f"{', '.join(OBJECTIVE_KINDS)}")
@@ -625,9 +639,6 @@ class Config:
       if self.toyworld.speech_input == "continuous":
         raise ConfigError("toyworld.speech_input=continuous needs a speech encoder "
                           "(model.speech_encoder), which this model has not")
-      if self.data.speech_clips:
-        raise ConfigError(f"data.speech_clips={self.data.speech_clips}: continuous speech needs "
-                          "a speech encoder (model.speech_encoder), which this model has not")
 
 
 # --- loading ----------------------------------------------------------------------------------

@@ -30,9 +30,11 @@ RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("mlp", "tensor"),
     ("norm", None),
     # the speech encoder's other dimensions (its width, heads and FFN use the names above):
-    # stacked fbank frames (560 wide, which few mesh sizes divide), the query table's rows and
-    # the FSMN filter taps; all small
-    ("speech_features", None),
+    # stacked fbank frames (560 wide: the input block's q/k/v and the query table, a quarter of
+    # a small encoder's parameters, so FSDP-sharded like `embed`; on an fsdp axis that does not
+    # divide 560, e.g. 32, they stay whole, see logical_to_spec), the query table's rows and the
+    # FSMN filter taps (both small)
+    ("speech_features", "fsdp"),
     ("speech_queries", None),
     ("fsmn_taps", None),
     # activations
@@ -83,11 +85,19 @@ def make_mesh(config: MeshConfig, devices: Sequence[jax.Device] | None = None) -
   return jax.sharding.Mesh(grid, MESH_AXES, axis_types=axis_types)
 
 
-def logical_to_spec(names: Sequence[str | None], mesh=None) -> PartitionSpec:
-  """Logical axis names -> PartitionSpec via `RULES`; mesh axes of size 1 are dropped."""
-  spec = []
+def logical_to_spec(names: Sequence[str | None], mesh=None,
+                    shape: Sequence[int] | None = None) -> PartitionSpec:
+  """Logical axis names -> PartitionSpec via `RULES`; mesh axes of size 1 are dropped.
+
+  Given the array's `shape` (parameters), a mesh axis that does not divide its dimension (jit
+  refuses uneven input shards) moves to the largest other dimension it divides, so that e.g. the
+  encoder's 560-wide input kernels still shard on an fsdp axis of 32 or 64; with none, it stays
+  off the array.
+  """
+  spec: list[tuple[str, ...]] = []
   used: set[str] = set()
-  for name in names:
+  homeless: list[str] = []
+  for index, name in enumerate(names):
     if name is not None and name not in _RULES:
       raise KeyError(f"logical axis {name!r} has no entry in omnijax.sharding.RULES")
     target = _RULES.get(name) if name is not None else None
@@ -96,9 +106,32 @@ def logical_to_spec(names: Sequence[str | None], mesh=None) -> PartitionSpec:
       axes = tuple(a for a in axes if a in mesh.shape and mesh.shape[a] > 1)
     # A mesh axis may shard only one dimension of an array.
     axes = tuple(a for a in axes if a not in used)
+    if shape is not None and mesh is not None:
+      fitting = _dividing(axes, shape[index], mesh, ())
+      homeless += axes[len(fitting):]
+      axes = fitting
     used.update(axes)
-    spec.append(axes[0] if len(axes) == 1 else (axes or None))
-  return PartitionSpec(*spec)
+    spec.append(axes)
+  for axis in homeless:
+    if axis in used:
+      continue
+    for index in sorted(range(len(spec)), key=lambda i: -shape[i]):
+      if _dividing((axis,), shape[index], mesh, spec[index]):
+        spec[index] += (axis,)
+        used.add(axis)
+        break
+  return PartitionSpec(*(axes[0] if len(axes) == 1 else (axes or None) for axes in spec))
+
+
+def _dividing(axes: tuple[str, ...], size: int, mesh, already: tuple[str, ...]) -> tuple[str, ...]:
+  """The leading `axes` that still split `size` evenly after the mesh axes `already` on it."""
+  kept, pieces = [], math.prod(mesh.shape[axis] for axis in already)
+  for axis in axes:
+    if size % (pieces * mesh.shape[axis]):
+      break
+    kept.append(axis)
+    pieces *= mesh.shape[axis]
+  return tuple(kept)
 
 
 def shard_count(name: str, mesh) -> int:
@@ -124,9 +157,14 @@ def _logical_axes(variable: nnx.Variable) -> tuple:
   return tuple(names)
 
 
+def parameter_spec(variable: nnx.Variable, mesh) -> PartitionSpec:
+  """Where a parameter lives on `mesh`: its logical axes through `RULES`, for its shape."""
+  return logical_to_spec(_logical_axes(variable), mesh, variable.get_value().shape)
+
+
 def state_shardings(state, mesh) -> object:
   """nnx.State of Variables -> matching tree of NamedShardings on `mesh`."""
-  return jax.tree.map(lambda v: NamedSharding(mesh, logical_to_spec(_logical_axes(v), mesh)),
+  return jax.tree.map(lambda v: NamedSharding(mesh, parameter_spec(v, mesh)),
                       state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
@@ -137,8 +175,7 @@ def replicated_fraction(state, mesh) -> float:
     value = variable.get_value()
     size = int(np.prod(value.shape)) * np.dtype(value.dtype).itemsize
     total += size
-    spec = logical_to_spec(_logical_axes(variable), mesh)
-    if all(axis is None for axis in spec):
+    if all(axis is None for axis in parameter_spec(variable, mesh)):
       replicated += size
   return replicated / max(total, 1)
 
@@ -164,6 +201,6 @@ def sharding_table(state, mesh) -> list[tuple[str, tuple, tuple, PartitionSpec]]
   for path, variable in jax.tree_util.tree_leaves_with_path(
       state, is_leaf=lambda x: isinstance(x, nnx.Variable)):
     name = path_str(path)
-    axes = _logical_axes(variable)
-    rows.append((name, tuple(variable.get_value().shape), axes, logical_to_spec(axes, mesh)))
+    rows.append((name, tuple(variable.get_value().shape), _logical_axes(variable),
+                 parameter_spec(variable, mesh)))
   return rows

@@ -97,9 +97,6 @@ def speech_clips(config: DataConfig, manifest: dict, where: str) -> SpeechClips 
                                "that training does not read")
   if not fields:
     return None
-  if not config.speech_clips:
-    raise ConfigError(f"{where}: the records carry continuous speech; set data.speech_clips "
-                      "(clips a row holds) and data.speech_frames (frames a clip holds)")
   return SpeechClips(config.speech_clips, config.speech_frames,
                      fields[SPEECH_FIELDS[0]].shape[1])
 

@@ -209,9 +209,18 @@ def loss_sums(hidden: jax.Array, head: jax.Array, batch: dict, corruption: Corru
   ce = jnp.where(target_mask, ce, 0.0)
   task_one_hot = (batch["task_ids"][:, 1:, None] == jnp.arange(len(TASKS))) & target_mask[..., None]
   n_targets = jnp.sum(target_mask.astype(jnp.float32))
+  weights, denominator = corruption.weights, get_objective(config.kind).denominator(
+      batch, corruption.masked)
+  if config.average == "samples":
+    # Each sample's targets share 1 / (its response length) of the objective's weights, which
+    # then sum, over all of its response, to one per sample: the denominator counts samples.
+    response = _response(batch)
+    share = jnp.where(response, 1.0 / jnp.maximum(_per_segment(
+        response.astype(jnp.float32), batch["segment_ids"], jax.ops.segment_sum), 1.0), 0.0)
+    weights, denominator = weights * share, jnp.sum(share)
   return {
-      "loss_sum": jnp.sum(ce * corruption.weights[:, 1:]),
-      "denominator": get_objective(config.kind).denominator(batch, corruption.masked),
+      "loss_sum": jnp.sum(ce * weights[:, 1:]),
+      "denominator": denominator,
       "targets": n_targets,
       "task_loss_sum": jnp.sum(ce[..., None] * task_one_hot, axis=(0, 1)),
       "task_targets": jnp.sum(task_one_hot.astype(jnp.float32), axis=(0, 1)),

@@ -22,8 +22,13 @@ The loop ends as soon as no row has a mask left, so threshold decoding saves for
 `cache="prefix"` (Fast-dLLM's prefix cache) keeps the prompt's keys and values from a forward
 of the whole rows, made at each block's first step and every `cache_refresh` steps (0: only
 there); the steps between run only the canvas (and the prompt's last token, whose logits score
-canvas position 0) against them. Attention is bidirectional, so the cached prompt is stale by
-the tokens committed since: approximate, exact with `cache_refresh=1` (every step refreshes).
+canvas position 0) against them. `cache="dual"` (Fast-dLLM's dual cache) keeps every column's
+keys and values from that forward and runs only the current block's window between refreshes
+(and the column before it): the prompt and the canvas blocks before and after the block come
+from the cache. The window is `block_size` wide (the whole canvas without blocks, where dual is
+prefix); a last, shorter block's window ends at the canvas end, so its shape stays fixed.
+Attention is bidirectional, so the cached columns are stale by the tokens committed since:
+approximate, exact with `cache_refresh=1` (every step refreshes).
 """
 
 from __future__ import annotations
@@ -57,10 +62,13 @@ class SampleResult:
   forward_passes: np.ndarray  # per row: forward passes that decoded some of its tokens
   loop_steps: int  # batched forward passes the loop ran (the slowest row's count)
   seconds: float  # wall time of the decode itself (compilation excluded)
+  # Diffusion only, per row: those of its forward passes that ran the whole rows (uncached: all
+  # of them; cached: the refreshes; the others ran the cached window).
+  whole_row_passes: np.ndarray | None = None
 
   @classmethod
   def empty(cls) -> SampleResult:
-    return cls([], np.zeros((0,), np.int32), 0, 0.0)
+    return cls([], np.zeros((0,), np.int32), 0, 0.0, np.zeros((0,), np.int32))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +85,15 @@ class Plan:
   def of(cls, settings: DecodeSettings, vocab: Vocab) -> Plan:
     static = dataclasses.replace(settings, steps=1, seed=0, prefill=())
     return cls(static, vocab.mask_id, vocab.size)
+
+  @property
+  def window(self) -> int:
+    """The canvas positions a cached step runs: the whole canvas (prefix cache) or the widest
+    block (dual cache)."""
+    plan_blocks = self.blocks
+    if self.settings.cache != "dual" or len(plan_blocks) == 1:
+      return self.settings.canvas
+    return max(end - start for start, end in plan_blocks)
 
   @property
   def blocks(self) -> tuple[tuple[int, int], ...]:
@@ -195,14 +212,16 @@ def _rows_with_canvas(base: jax.Array, canvas: jax.Array, starts: jax.Array) -> 
 
 
 def _canvas_logits(model, rows, segment_ids, positions, starts, columns, cache, local_step,
-                   plan: Plan, speech: dict | None = None):
-  """[R, N, V] logits scoring each row's canvas positions, and the prefix cache (None without).
+                   window_start, plan: Plan, speech: dict | None = None):
+  """[R, N, V] logits scoring each row's canvas positions, the cache (None without) and whether
+  this step ran the whole rows. `speech`: the rows' continuous speech input (uncached only).
 
   Dream shift: canvas position j is scored by the logits at column start + j - 1. Uncached,
-  one forward of the whole rows. With the prefix cache, the whole rows run (and fill the cache)
-  at every block's first step and every `cache_refresh` steps; otherwise only columns start - 1
-  .. start + N - 1 (the prompt's last token and the canvas) run, against the prompt's cached
-  keys and values.
+  one forward of the whole rows. With a cache, the whole rows run (and fill the cache) at every
+  block's first step and every `cache_refresh` steps; otherwise only the window (canvas
+  positions window_start .. + plan.window - 1) and the column before it run against the cached
+  keys and values, and the positions outside the window get zero logits (never committed: the
+  window holds the current block).
   """
   settings = plan.settings
 
@@ -216,18 +235,22 @@ def _canvas_logits(model, rows, segment_ids, positions, starts, columns, cache, 
     return jnp.take_along_axis(logits, (starts[:, None] - 1 + columns)[..., None], axis=1), cache
 
   if cache is None:
-    return whole_rows(None)
+    return (*whole_rows(None), jnp.bool_(True))
 
-  def canvas_block(cache):
-    block = jnp.take_along_axis(rows, starts[:, None] - 1 + jnp.arange(columns.shape[0] + 1),
-                                axis=1)
+  def window(cache):
+    first = starts + window_start - 1  # the column before the window, per row
+    block = jnp.take_along_axis(rows, first[:, None] + jnp.arange(plan.window + 1), axis=1)
     with attention_rows("dense"):
-      hidden, cache = model.extend(block, cache, starts - 1)
-    return output_logits(hidden[:, :-1], model.output_head()), cache
+      hidden, cache = model.extend(block, cache, first)
+    logits = output_logits(hidden[:, :-1], model.output_head())
+    canvas_logits = jnp.zeros((rows.shape[0], columns.shape[0], logits.shape[-1]), logits.dtype)
+    canvas_logits = jax.lax.dynamic_update_slice_in_dim(canvas_logits, logits, window_start,
+                                                        axis=1)
+    return canvas_logits, cache
 
   period = settings.cache_refresh
   refresh = local_step % period == 0 if period > 0 else local_step == 0
-  return jax.lax.cond(refresh, whole_rows, canvas_block, cache)
+  return (*jax.lax.cond(refresh, whole_rows, window, cache), refresh)
 
 
 def _decode_loop(graphdef, params, base, segment_ids, starts, canvas, active, steps_per_block,
@@ -252,11 +275,12 @@ def _decode_loop(graphdef, params, base, segment_ids, starts, canvas, active, st
     return (block < len(plan.blocks)) & jnp.any((canvas == plan.mask_id) & active[:, None])
 
   def body(state):
-    canvas, block, local_step, passes, loop_steps, cache = state
+    canvas, block, local_step, passes, whole_row_passes, loop_steps, cache = state
     cfg_canvas = jnp.concatenate([canvas, canvas]) if plan.settings.cfg > 0 else canvas
-    logits, cache = _canvas_logits(model, _rows_with_canvas(base, cfg_canvas, starts),
-                                   segment_ids, positions, starts, columns, cache, local_step,
-                                   plan, speech)
+    window_start = jnp.minimum(block_start[block], n - plan.window)
+    logits, cache, whole_rows = _canvas_logits(
+        model, _rows_with_canvas(base, cfg_canvas, starts), segment_ids, positions, starts,
+        columns, cache, local_step, window_start, plan, speech)
     logits = logits.astype(jnp.float32)
     if plan.settings.cfg > 0:
       cond_logits, uncond_logits = logits[:batch], logits[batch:]
@@ -272,19 +296,21 @@ def _decode_loop(graphdef, params, base, segment_ids, starts, canvas, active, st
     order = jnp.argsort(-jnp.where(candidates, confidence, -jnp.inf), axis=-1, stable=True)
     rank = jnp.argsort(order, axis=-1)
     commit = candidates & (rank < k[:, None])
-    passes = passes + jnp.any(candidates, axis=-1).astype(jnp.int32)
+    decoding = jnp.any(candidates, axis=-1).astype(jnp.int32)
+    passes = passes + decoding
+    whole_row_passes = whole_row_passes + decoding * whole_rows
     canvas = jnp.where(commit, tokens, canvas)
     local_step = local_step + 1
     block_done = (local_step >= steps_per_block[block]) | ~jnp.any(masked_in_block(canvas, block))
     block = jnp.where(block_done, block + 1, block)
     local_step = jnp.where(block_done, 0, local_step)
-    return canvas, block, local_step, passes, loop_steps + 1, cache
+    return canvas, block, local_step, passes, whole_row_passes, loop_steps + 1, cache
 
-  zero = jnp.zeros((), jnp.int32)
+  zero, row_zeros = jnp.zeros((), jnp.int32), jnp.zeros((batch,), jnp.int32)
   cache = None if plan.settings.cache == "none" else model.init_cache(*base.shape)
-  state = (canvas, zero, zero, jnp.zeros((batch,), jnp.int32), zero, cache)
-  canvas, _, _, passes, loop_steps, _ = jax.lax.while_loop(cond, body, state)
-  return canvas, passes, loop_steps
+  state = (canvas, zero, zero, row_zeros, row_zeros, zero, cache)
+  canvas, _, _, passes, whole_row_passes, loop_steps, _ = jax.lax.while_loop(cond, body, state)
+  return canvas, passes, whole_row_passes, loop_steps
 
 
 _EXECUTABLES: dict = {}  # (loop, graphdef, plan, input shapes and shardings) -> compiled loop
@@ -381,9 +407,11 @@ class DecodeRows:
       seconds = time.perf_counter() - start
     return jax.device_get(outputs), seconds
 
-  def result(self, canvases, passes, loop_steps, seconds: float) -> SampleResult:
+  def result(self, canvases, passes, loop_steps, seconds: float,
+             whole_row_passes=None) -> SampleResult:
+    whole = None if whole_row_passes is None else np.asarray(whole_row_passes)[:self.batch]
     return SampleResult([np.asarray(canvases[r]).copy() for r in range(self.batch)],
-                        np.asarray(passes)[:self.batch], int(loop_steps), seconds)
+                        np.asarray(passes)[:self.batch], int(loop_steps), seconds, whole)
 
 
 def _compiled(loop, graphdef, plan, args):
@@ -399,8 +427,8 @@ def _compiled(loop, graphdef, plan, args):
   return _EXECUTABLES[key]
 
 
-# The prefix cache's prefill reads token ids only; splicing speech into it is not built.
-SPEECH_CACHE_REFUSAL = "continuous speech input decodes without the prefix cache (cache none)"
+# The caches' prefill reads token ids only; splicing speech into it is not built.
+SPEECH_CACHE_REFUSAL = "continuous speech input decodes without a KV cache (cache none)"
 # Speech clips' frames round up to this in a decode's speech input: a few shapes to compile.
 SPEECH_FRAMES_BUCKET = 32
 
@@ -448,11 +476,11 @@ def decode(model, vocab: Vocab, prompts: Sequence, settings: DecodeSettings, *,
     start_canvas[:, offset] = token
   blocks = block_plan(settings.canvas, settings.steps, settings.block_size)
   steps_per_block = jnp.asarray([block_steps for _, _, block_steps in blocks], jnp.int32)
-  (out, passes, loop_steps), seconds = rows.run(
+  (out, passes, whole_row_passes, loop_steps), seconds = rows.run(
       _decode_loop, Plan.of(settings, vocab),
       (rows.tokens, rows.segment_ids, rows.starts, start_canvas, rows.active),
       (steps_per_block, jax.random.key(settings.seed), speech_input))
-  return rows.result(out, passes, loop_steps, seconds)
+  return rows.result(out, passes, loop_steps, seconds, whole_row_passes)
 
 
 def sample_with_stats(model, vocab: Vocab, prompts: Sequence, *,
@@ -474,7 +502,8 @@ def sample(model, vocab: Vocab, prompts: Sequence, *, uncond_prompts: Sequence |
   whose confidence is above it (at least one per step; the confidence of `alg`: a probability,
   a margin, or a negative entropy), with `steps` as the ceiling; prefill: {canvas offset: token
   id} written before decoding; cache="prefix" reuses the prompt's keys and values between
-  refreshes (the module's docstring). A row's tokens never depend on the other rows at
+  refreshes, cache="dual" those of every column outside the current block (the module's
+  docstring). A row's tokens never depend on the other rows at
   temperature 0.
   """
   return sample_with_stats(model, vocab, prompts, uncond_prompts=uncond_prompts,

@@ -26,7 +26,8 @@ class DecodeSettings:
   weight (0: off); block_size > 0: semi-autoregressive blocks; threshold: commit every masked
   position more confident than it (at least one a step); prefill: (canvas offset, token id)
   pairs written before decoding (a {offset: id} mapping is accepted); seed: sampling seed;
-  cache: "none", or "prefix" (the prompt's keys and values reused between refreshes);
+  cache: "none", "prefix" (the prompt's keys and values reused between refreshes) or "dual"
+  (the keys and values of every column outside the current block reused: prompt and canvas);
   cache_refresh: with a cache, refresh it every this many steps of a block (0: only at a
   block's first step; 1: every step, the uncached result)."""
 

@@ -15,6 +15,7 @@ import pathlib
 import sys
 
 from omnijax.config import DECODERS
+from omnijax.generate.cli import add_cache_flags
 
 
 def register(subparsers) -> None:
@@ -33,6 +34,7 @@ def register(subparsers) -> None:
   parser.add_argument("--data", help="data directory (default: the run's data.dir)")
   parser.add_argument("--decoder", choices=DECODERS, help="diffusion, or ar: one token per "
                       "forward pass, no steps to sweep (default: the run's objective's)")
+  add_cache_flags(parser)
   parser.set_defaults(func=run_eval)
 
 
@@ -66,10 +68,13 @@ def _eval(args: argparse.Namespace) -> int:
 
   run, generator, split_dir = open_run(args.checkpoint, data_dir=args.data, split=args.split,
                                        batch_size=args.batch_size, decoder=args.decoder)
+  overrides = {name: value for name, value in
+               dict(cache=args.cache, cache_refresh=args.cache_refresh).items()
+               if value is not None}
   print(f"evaluating {args.checkpoint} at step {run.step} on {split_dir}", flush=True)
   run_and_write(generator, split_dir, tasks, steps, resolve(args.out), limit=args.limit,
                 meta={"checkpoint": str(args.checkpoint), "step": run.step, "split": args.split},
-                train_split=run.config.data.split)
+                train_split=run.config.data.split, overrides=overrides)
   return 0
 
 
@@ -88,24 +93,31 @@ def check_out(out: pathlib.Path) -> None:
 
 
 def run_and_write(generator, split_dir, tasks, steps, out: pathlib.Path, *, limit, meta,
-                  train_split: str) -> dict:
+                  train_split: str, overrides: dict | None = None) -> dict:
   """Evaluates, writes JSON, samples and pictures, prints the table; shared with the main job.
-  Chance baselines come from the `train_split` directory beside `split_dir`. A second
-  evaluation writing the same JSON meanwhile is refused (omnijax.files.output_lock)."""
+  Chance baselines come from the `train_split` directory beside `split_dir`; `overrides`
+  (decode settings: cache, cache_refresh) change every task's table row and are checked before
+  anything decodes. A second evaluation writing the same JSON meanwhile is refused
+  (omnijax.files.output_lock)."""
   from tqdm import tqdm
 
-  from omnijax.eval.evaluate import (batches_needed, evaluate, format_table, plot_quality,
-                                     plot_samples, samples_beside, write_json, write_samples)
+  from omnijax.eval.evaluate import (batches_needed, check_overrides, evaluate, format_table,
+                                     plot_quality, plot_samples, samples_beside, write_json,
+                                     write_samples)
   from omnijax.files import output_lock
 
+  overrides = overrides or {}
   check_out(out)
   with output_lock(out, "eval"):
+    check_overrides(generator, split_dir, tasks, steps, overrides)
     total = batches_needed(generator, split_dir, tasks, steps, limit)
     with tqdm(total=total, desc="eval", unit="batch", file=sys.stderr) as progress:
       results, kept = evaluate(generator, split_dir, tasks, steps, limit=limit,
-                               progress=progress, keep_outputs=True, train_split=train_split)
+                               progress=progress, keep_outputs=True, train_split=train_split,
+                               overrides=overrides)
     write_json(out, results, {**meta, "decoder": generator.decoder, "tasks": list(tasks),
-                              "steps": list(steps), "limit": limit, "chance_split": train_split})
+                              "steps": list(steps), "limit": limit, "chance_split": train_split,
+                              **overrides})
     write_samples(samples_beside(out), generator, kept)
     quality_png, samples_png = outputs_beside(out)
     plot_quality(results, quality_png)

@@ -73,11 +73,12 @@ def step_counts(generator: Generator, steps: Sequence[int]) -> list[int | None]:
 
 def evaluate(generator: Generator, split_dir: str | pathlib.Path, tasks: Sequence[str],
              steps: Sequence[int], *, limit: int | None = None, progress=None,
-             keep_outputs: bool = False, train_split: str | None = None) -> tuple[dict, dict]:
+             keep_outputs: bool = False, train_split: str | None = None,
+             overrides: dict | None = None) -> tuple[dict, dict]:
   """(results, kept): results[task][str(steps) | "default"] = metrics; kept[task] = the task's
   `TaskRun` when keep_outputs. With `train_split` (a split directory beside `split_dir`), each
   entry's `chance` holds the chance baseline's metrics; a missing training split is noted on
-  stderr and leaves them out."""
+  stderr and leaves them out. `overrides`: decode settings applied to every task's row."""
   results: dict = {}
   kept: dict = {}
   cells = generator.toy_spec.cells if generator.toy_spec is not None else None
@@ -98,7 +99,8 @@ def evaluate(generator: Generator, split_dir: str | pathlib.Path, tasks: Sequenc
     by_steps: dict[str, dict] = {}
     run = TaskRun(samples, references, kinds, {}, {})
     for count in step_counts(generator, steps):
-      outputs, seconds = generator.decode(requests, steps=count, progress=progress)
+      outputs, seconds = generator.decode(requests, steps=count, progress=progress,
+                                          **(overrides or {}))
       metrics = task_metrics(task, outputs, references, cells=cells, kinds=kinds)
       metrics.update(forward_passes=float(np.mean([o.forward_passes for o in outputs])),
                      seconds_per_sample=seconds / len(outputs), samples=len(outputs))
@@ -143,6 +145,15 @@ def question_kinds(generator: Generator, task: str,
       spoken = generator.toy_spec.speech.decode(parts.speech)
       kinds.append(scenes_lib.parse_question(" ".join(spoken)))
   return kinds
+
+
+def check_overrides(generator: Generator, split_dir, tasks, steps, overrides: dict) -> None:
+  """Raises the error a decode would raise for these settings (one task's first sample at each
+  step count), before anything decodes."""
+  for task in tasks:
+    requests = [generator.request_from_sample(s) for s in read_samples(split_dir, task, 1)]
+    for count in step_counts(generator, steps):
+      generator.check_settings(requests, steps=count, **overrides)
 
 
 def batches_needed(generator: Generator, split_dir, tasks, steps, limit) -> int:

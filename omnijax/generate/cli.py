@@ -48,15 +48,22 @@ def register(subparsers) -> None:
   parser.add_argument("--cfg", type=float)
   parser.add_argument("--block-size", type=int)
   parser.add_argument("--threshold", type=float)
-  parser.add_argument("--cache", choices=SAMPLER_CACHES, help="prefix: reuse the prompt's keys "
-                      "and values between refreshes (approximate; default none)")
-  parser.add_argument("--cache-refresh", type=int, help="with --cache: refresh every N steps "
-                      "of a block (default 0: at each block's first step only)")
+  add_cache_flags(parser)
   parser.add_argument("--seed", type=int)
   parser.add_argument("--batch-size", type=int, default=16)
   parser.add_argument("--data", help="data directory with the tokenizer (default: the run's "
                       "data.dir)")
   parser.set_defaults(func=run_generate)
+
+
+def add_cache_flags(parser: argparse.ArgumentParser) -> None:
+  """--cache and --cache-refresh (generate and eval)."""
+  parser.add_argument("--cache", choices=SAMPLER_CACHES, help="the diffusion sampler's KV cache: "
+                      "prefix (the prompt's keys and values) or dual (every column outside the "
+                      "block being decoded), reused between refreshes (approximate; default "
+                      "none)")
+  parser.add_argument("--cache-refresh", type=int, help="with --cache: refresh every N steps "
+                      "of a block (default 0: at each block's first step only)")
 
 
 def read_codes(value: str, what: str):

@@ -68,6 +68,9 @@ class Output:
   speech_codes: np.ndarray | None = None  # speech tasks: the spoken codes
   words: list[str] | None = None  # toy world: the speech decoded to words
   scene: object | None = None  # toy world: the generated image parsed back to a scene
+  # Diffusion: those of its forward passes that ran the whole rows (the others, with a cache,
+  # ran only the cached window: SampleResult.whole_row_passes); None for the ar decoder.
+  whole_row_passes: int | None = None
 
 
 class Generator:
@@ -228,9 +231,12 @@ class Generator:
         result = decode(self.model, self.vocab, [r.prompt for r in batch], settings,
                         uncond_prompts=uncond, **speech)
         seconds += result.seconds
-        for index, row, passes in zip(indices[begin:begin + self.batch_size], result.canvases,
-                                      result.forward_passes):
+        whole_rows = (result.whole_row_passes if result.whole_row_passes is not None else
+                      [None] * len(batch))
+        for index, row, passes, whole in zip(indices[begin:begin + self.batch_size],
+                                             result.canvases, result.forward_passes, whole_rows):
           outputs[index] = self.postprocess(task, row, int(passes))
+          outputs[index].whole_row_passes = None if whole is None else int(whole)
         if progress is not None:
           progress.update(1)
     return outputs, seconds
@@ -332,13 +338,15 @@ def read_samples(split_dir: str | pathlib.Path, task: str, limit: int | None = N
 
 
 def open_run(workdir: str | pathlib.Path, *, data_dir: str | None = None,
-             split: str | None = None, batch_size: int = 16, decoder: str | None = None):
+             split: str | None = None, batch_size: int = 16, decoder: str | None = None,
+             step: int | None = None):
   """(the restored run, a Generator on its model, the split directory) for a training
-  workdir; the tokenizer and codecs come from `data_dir` (default: the run's data.dir) /
-  `split` (default: data.split), the decoder is `decoder` (default: the run's)."""
+  workdir at checkpoint `step` (default: its newest); the tokenizer and codecs come from
+  `data_dir` (default: the run's data.dir) / `split` (default: data.split), the decoder is
+  `decoder` (default: the run's)."""
   from omnijax.train.restore import restore_workdir
 
-  run = restore_workdir(workdir)
+  run = restore_workdir(workdir, step=step)
   split_dir = pathlib.Path(data_dir or run.config.data.dir) / (split or run.config.data.split)
   vocab = run.config.model.vocab.build()
   generator = Generator.for_data(run.model, vocab, split_dir, batch_size,

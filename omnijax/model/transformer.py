@@ -109,6 +109,8 @@ class Attention(nnx.Module):
                         config=config, rngs=rngs)
     self.o_proj = Dense(self.num_heads * hd, d, ("heads", "embed"), bias=False, config=config,
                         rngs=rngs)
+    self.q_norm = RMSNorm(hd, config) if config.qk_norm else None
+    self.k_norm = RMSNorm(hd, config) if config.qk_norm else None
 
   def _project(self, x, positions):
     """q [B, L, Hq, D], k and v [B, L, Hkv, D], with RoPE applied to q and k."""
@@ -116,6 +118,8 @@ class Attention(nnx.Module):
     q = self.q_proj(x).reshape(batch, length, self.num_heads, self.head_dim)
     k = self.k_proj(x).reshape(batch, length, self.num_kv_heads, self.head_dim)
     v = self.v_proj(x).reshape(batch, length, self.num_kv_heads, self.head_dim)
+    if self.q_norm is not None:
+      q, k = self.q_norm(q), self.k_norm(k)
     q = constrain(checkpoint_name(apply_rope(q, positions, self.rope_theta), "query_proj"),
                   ("batch", "length", "act_heads", "head_dim"))
     k = constrain(checkpoint_name(apply_rope(k, positions, self.rope_theta), "key_proj"),

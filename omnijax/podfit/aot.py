@@ -23,6 +23,7 @@ import numpy as np
 
 from omnijax.config import Config, ConfigError
 from omnijax.data.pipeline import BATCH_FIELDS
+from omnijax.model.speech import SPEECH_INPUTS
 from omnijax.podfit.memory import analytic_minimum
 from omnijax.sharding import make_mesh
 from omnijax.train import flops
@@ -136,6 +137,11 @@ class CompileReport:
   compile_seconds: float
   custom_calls: int
   error: str | None = None
+  # The speech encoder's and projector's share (0 without an encoder): their parameters and
+  # training state per chip (a frozen encoder: parameters only), their analytic FLOPs.
+  speech_params_per_chip: int = 0
+  speech_state_bytes_per_chip: int = 0
+  speech_tflops_per_chip_per_step: float = 0.0
 
   @property
   def ratio_to_analytic_min(self) -> float:
@@ -158,12 +164,37 @@ class CompileReport:
             f"{self.analytic_min_bytes_per_chip / GIB:.2f} GiB; {self.params_per_chip:,} "
             f"parameters and {self.tflops_per_chip_per_step:.2f} TFLOP per chip per step"
             f"{step_time}; compiled in {self.compile_seconds:.1f} s, "
-            f"{self.custom_calls} Mosaic kernel calls")
+            f"{self.custom_calls} Mosaic kernel calls{self._describe_speech()}")
+
+  def _describe_speech(self) -> str:
+    if not self.speech_params_per_chip:
+      return ""
+    return (f"; speech encoder + projector: {self.speech_params_per_chip:,} parameters and "
+            f"{self.speech_state_bytes_per_chip / GIB:.2f} GiB of state per chip, "
+            f"{self.speech_tflops_per_chip_per_step:.2f} TFLOP per chip per step "
+            f"({self.speech_tflops_per_chip_per_step / self.tflops_per_chip_per_step:.1%})")
 
 
 def _per_chip_bytes(tree) -> int:
   return sum(math.prod(x.sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
              for x in jax.tree.leaves(tree))
+
+
+def abstract_batch(config: Config, sharding) -> dict:
+  """The train step's batch as sharded ShapeDtypeStructs: the packed rows' fields and, for a
+  model with a speech encoder, its speech inputs (features [rows, data.speech_clips,
+  data.speech_frames, feature_size] fp32 as the front end writes them, lengths [rows, clips])."""
+  rows = config.data.global_batch_size
+  batch = {name: jax.ShapeDtypeStruct((rows, config.data.seq_len), np.int32, sharding=sharding)
+           for name in BATCH_FIELDS}
+  encoder = config.model.speech_encoder
+  if encoder is not None:
+    clips = (rows, config.data.speech_clips)
+    features, lengths = SPEECH_INPUTS
+    batch[features] = jax.ShapeDtypeStruct(
+        (*clips, config.data.speech_frames, encoder.feature_size), np.float32, sharding=sharding)
+    batch[lengths] = jax.ShapeDtypeStruct(clips, np.int32, sharding=sharding)
+  return batch
 
 
 def compile_train_step(config: Config, stage: str | None = None) -> tuple[CompileReport, object]:
@@ -174,9 +205,7 @@ def compile_train_step(config: Config, stage: str | None = None) -> tuple[Compil
   devices = topology_devices(config)
   mesh = make_mesh(config.mesh, devices)
   program = build_train_program(config, stage, mesh=mesh)
-  shape = (config.data.global_batch_size, config.data.seq_len)
-  batch = {name: jax.ShapeDtypeStruct(shape, np.int32, sharding=program.batch_sharding)
-           for name in BATCH_FIELDS}
+  batch = abstract_batch(config, program.batch_sharding)
   abstract_state = program.abstract_state()
   kind = devices[0].device_kind
   hbm = HBM_BYTES_BY_DEVICE_KIND.get(kind)
@@ -196,8 +225,10 @@ def compile_train_step(config: Config, stage: str | None = None) -> tuple[Compil
       raise
   seconds = time.perf_counter() - start
   analytic = analytic_minimum(config, mesh, program.stage)
-  tflops = shape[0] * shape[1] / len(devices) * flops.training_flops_per_token(
-      config.model, config.data.seq_len) / 1e12
+  rows_per_chip = config.data.global_batch_size / len(devices)
+  speech_flops = flops.speech_flops_per_row(config, config.train.stages[program.stage])
+  tflops = rows_per_chip * config.data.seq_len * flops.training_flops_per_token(
+      config.model, config.data.seq_len, speech_flops) / 1e12
   peak_flops = flops.PEAK_FLOPS_BY_DEVICE_KIND.get(kind)
   common = dict(
       topology=config.topology.name, device_kind=kind, chips=len(devices), mesh=dict(mesh.shape),
@@ -206,7 +237,9 @@ def compile_train_step(config: Config, stage: str | None = None) -> tuple[Compil
       analytic_activation_bytes_per_chip=analytic.activation_bytes,
       params_per_chip=analytic.params_per_chip, tflops_per_chip_per_step=tflops,
       predicted_step_seconds=tflops * 1e12 / peak_flops if peak_flops else None,
-      compile_seconds=seconds)
+      compile_seconds=seconds, speech_params_per_chip=analytic.speech_params_per_chip,
+      speech_state_bytes_per_chip=analytic.speech_state_bytes,
+      speech_tflops_per_chip_per_step=rows_per_chip * speech_flops / 1e12)
   if oom is not None:
     arguments = _per_chip_bytes((abstract_state, batch))
     peak = (oom.total_bytes if oom.total_bytes is not None else

@@ -54,11 +54,19 @@ def kept_per_token(model: ModelConfig, tensor: int) -> float:
   return kept[model.remat]
 
 
+# The continuous speech input's modules (omnijax.model.transformer's attribute names).
+SPEECH_MODULES = ("speech_encoder", "speech_projector")
+
+
 @dataclasses.dataclass(frozen=True)
 class AnalyticMemory:
   params_per_chip: int  # parameter elements stored on one chip
   state_bytes: int  # parameters + gradients + optimizer moments, per chip
   activation_bytes: int  # what the remat policy keeps for one micro-batch, per chip
+  # the speech encoder's and projector's share of the first two (0 without an encoder); the
+  # frozen encoder's forward keeps nothing for a backward pass, so no activations are kept
+  speech_params_per_chip: int = 0
+  speech_state_bytes: int = 0
 
   @property
   def total_bytes(self) -> int:
@@ -69,17 +77,21 @@ def analytic_minimum(config: Config, mesh, stage: str) -> AnalyticMemory:
   """The analytic minimum (module docstring) of `stage`'s train step on `mesh`."""
   layout = StateLayout.create(config, mesh)
   labels = layout.trainable(config.train.stages[stage])
-  params_per_chip = state_bytes = 0
-  for value, sharding, label in zip(jax.tree.leaves(layout.abstract_params),
-                                    jax.tree.leaves(layout.param_shardings),
-                                    jax.tree.leaves(labels)):
+  params_per_chip = state_bytes = speech_params = speech_bytes = 0
+  for (path, value), sharding, label in zip(
+      jax.tree_util.tree_leaves_with_path(layout.abstract_params),
+      jax.tree.leaves(layout.param_shardings), jax.tree.leaves(labels)):
     elements = math.prod(sharding.shard_shape(value.shape))
     copies = 1 + (TRAINABLE_STATE_COPIES if label == "train" else 0)
     params_per_chip += elements
     state_bytes += elements * np.dtype(value.dtype).itemsize * copies
+    if path[0].key in SPEECH_MODULES:
+      speech_params += elements
+      speech_bytes += elements * np.dtype(value.dtype).itemsize * copies
   micro_batch = config.data.global_batch_size // config.train.grad_accum_steps
   rows_per_chip = micro_batch / shard_count("batch", mesh)
   activations = (config.model.num_layers * rows_per_chip * config.data.seq_len *
                  kept_per_token(config.model, mesh.shape.get("tensor", 1)) *
                  np.dtype(config.model.compute_dtype).itemsize)
-  return AnalyticMemory(int(params_per_chip), int(state_bytes), int(activations))
+  return AnalyticMemory(int(params_per_chip), int(state_bytes), int(activations),
+                        int(speech_params), int(speech_bytes))

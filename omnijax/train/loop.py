@@ -328,20 +328,22 @@ class _StepLoop:
     self.last_record: dict = {}
     self.peak_flops, self.peak_source = flops_lib.peak_flops_per_device(
         config.train.peak_flops_per_device)
-    self.flops_per_token = flops_lib.training_flops_per_token(config.model, config.data.seq_len)
     self.tokens_per_step = config.data.global_batch_size * config.data.seq_len
-    self.run_tokens, self.run_seconds = 0, 0.0
+    self._flops_per_step: dict[tuple[str, bool], float] = {}
+    self.run_tokens, self.run_flops, self.run_seconds = 0, 0.0, 0.0
 
   def run(self, program, data: Batches, data_config: DataConfig, progress: Progress,
           stage_stop: int) -> bool:
     """Steps until `stage_stop`; True when the run must stop (SIGTERM)."""
     train = self.config.train
-    window_start, window_tokens = time.perf_counter(), 0
+    window_start, window_tokens, window_flops = time.perf_counter(), 0, 0.0
     with jax.set_mesh(self.mesh):
       while progress.step < stage_stop:
-        progress.state, metrics = program.step(progress.state, next(data))
+        batch = next(data)
+        progress.state, metrics = program.step(progress.state, batch)
         progress.step += 1
         window_tokens += self.tokens_per_step
+        window_flops += self._step_flops(progress.stage, batch)
         self.metrics_log.advance()
         stopping = self.stop.agreed()
         must_save = progress.step % train.checkpoint_every == 0 or progress.step == stage_stop
@@ -349,10 +351,11 @@ class _StepLoop:
           # Fetching the metrics waits for the steps dispatched so far: time them after it.
           host = jax.device_get(metrics)
           elapsed = time.perf_counter() - window_start
-          self._log(host, progress, window_tokens, elapsed)
+          self._log(host, progress, window_tokens, window_flops, elapsed)
           self.run_tokens, self.run_seconds = self.run_tokens + window_tokens, \
               self.run_seconds + elapsed
-          window_start, window_tokens = time.perf_counter(), 0
+          self.run_flops += window_flops
+          window_start, window_tokens, window_flops = time.perf_counter(), 0, 0.0
         if must_save or stopping:
           self._save(progress, data, data_config)
         if stopping:
@@ -360,14 +363,26 @@ class _StepLoop:
           return True
     return False
 
-  def _mfu(self, tokens_per_s: float) -> float:
-    return tokens_per_s * self.flops_per_token / (self.peak_flops * self.mesh.devices.size)
+  def _step_flops(self, stage: str, batch: dict) -> float:
+    """Analytic FLOPs of one step: the backbone's, and the speech encoder's and projector's when
+    the batch carries speech inputs (whether they train depends on the stage)."""
+    key = (stage, "speech_features" in batch)
+    if key not in self._flops_per_step:
+      speech = (flops_lib.speech_flops_per_row(self.config, self.config.train.stages[stage])
+                if key[1] else 0.0)
+      self._flops_per_step[key] = self.tokens_per_step * flops_lib.training_flops_per_token(
+          self.config.model, self.config.data.seq_len, speech)
+    return self._flops_per_step[key]
 
-  def _log(self, host: dict, progress: Progress, tokens: int, seconds: float) -> None:
+  def _mfu(self, flops: float, seconds: float) -> float:
+    return flops / seconds / (self.peak_flops * self.mesh.devices.size)
+
+  def _log(self, host: dict, progress: Progress, tokens: int, flops: float,
+           seconds: float) -> None:
     _check_healthy(host, progress.step, progress.stage, self.checkpoints)
     tokens_per_s = tokens / seconds
     self.last_record = step_record(progress.step, progress.stage, host, tokens_per_s,
-                                   self._mfu(tokens_per_s))
+                                   self._mfu(flops, seconds))
     self.metrics_log.log(self.last_record)
 
   def _save(self, progress: Progress, data: Batches, data_config: DataConfig) -> None:
@@ -382,7 +397,8 @@ class _StepLoop:
     if not self.run_seconds:
       return f"no steps run (peak: {self.peak_source})"
     tokens_per_s = self.run_tokens / self.run_seconds
-    return (f"{tokens_per_s:,.0f} tokens/s, MFU {self._mfu(tokens_per_s):.2%} of "
+    mfu = self._mfu(self.run_flops, self.run_seconds)
+    return (f"{tokens_per_s:,.0f} tokens/s, MFU {mfu:.2%} of "
             f"{self.peak_flops / 1e9:.1f} GFLOP/s per device ({self.peak_source})")
 
   def close(self) -> None:

@@ -367,8 +367,9 @@ def _hf_tensors(model: Transformer, config: ModelConfig, dtype):
 def to_hf(model: Transformer, config: ModelConfig, path: str | os.PathLike,
           dtype: str = "float32", max_shard_bytes: int = 4 << 30) -> list[pathlib.Path]:
   """Writes config.json + safetensors shards (+ index); files appear atomically by rename."""
-  if not config.qkv_bias:
-    raise CheckpointError("export needs model.qkv_bias=true: Qwen2 always has q/k/v biases")
+  if not config.qkv_bias or config.qk_norm:
+    raise CheckpointError("export needs the release's attention (model.qkv_bias=true, "
+                          "model.qk_norm=false): Qwen2 has q/k/v biases and no query/key norms")
   np_dtype = {"float32": np.float32, "bfloat16": jax.numpy.bfloat16,
               "float16": np.float16}.get(dtype)
   if np_dtype is None:

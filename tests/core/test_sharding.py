@@ -89,6 +89,23 @@ def test_rules_drop_axes_of_size_one_and_never_reuse_an_axis():
     sharding.logical_to_spec(("nonsense",))
 
 
+def test_an_axis_that_does_not_divide_its_dimension_moves_to_one_it_divides():
+  mesh = jax.sharding.AbstractMesh((1, 32, 2), ("data", "fsdp", "tensor"))
+  # 560 is not a multiple of 32: fsdp moves to the largest dimension it divides.
+  assert sharding.logical_to_spec(("speech_features", "heads"), mesh, (560, 512)) == P(
+      None, ("tensor", "fsdp"))
+  assert sharding.logical_to_spec(("speech_features", "heads"), mesh, (560, 64)) == P(
+      None, ("tensor", "fsdp"))
+  assert sharding.logical_to_spec(("layers", "speech_features", "mlp"), mesh,
+                                  (64, 560, 6)) == P("fsdp", None, "tensor")
+  # With no dimension it divides, the axis stays off the array; divisible shapes are unchanged.
+  assert sharding.logical_to_spec(("speech_queries", "speech_features"), mesh, (16, 560)) == P(
+      None, None)
+  assert sharding.logical_to_spec(("embed", "mlp"), mesh, (64, 128)) == P("fsdp", "tensor")
+  # Without a shape (activations) the table alone decides.
+  assert sharding.logical_to_spec(("speech_features",), mesh) == P("fsdp")
+
+
 def test_replication_check_fails_when_too_much_is_replicated():
   mesh = sharding.make_mesh(MeshConfig(1, 8, 1))
   _, state = nnx.split(create_model(tiny_config(), mesh))

@@ -270,3 +270,36 @@ def test_ar_never_targets_a_sample_s_first_token():
   c = objective.corrupt(dict(batch, response_mask=jnp.asarray(response)),
                         ObjectiveConfig(kind="ar"), vocab, seed=0, step=jnp.int32(0))
   np.testing.assert_array_equal(c.masked, batch["response_mask"] > 0)
+
+
+@pytest.mark.parametrize("kind", ["omni", "llada", "ar"])
+def test_sample_average_weighs_every_sample_the_same_whatever_its_response_length(kind):
+  """`average: samples`: the loss is the mean over packed samples of each one's weighted CE
+  summed over its targets and divided by its response length (LLaDA's SFT estimator), computed
+  here sample by sample; `tokens` divides by the objective's own denominator instead."""
+  batch = dict(packed_batch(rows=4, length=96))
+  response = np.asarray(batch["response_mask"]).copy()
+  response[:, 8 + 2:28] = 0  # the first sample of each row answers in 2 tokens, the others in 20
+  batch["response_mask"] = jnp.asarray(response)
+  config = ObjectiveConfig(kind=kind, vocab_chunks=1, average="samples")
+  c = objective.corrupt(batch, config, VOCAB, seed=0, step=jnp.int32(3))
+  hidden = jax.random.normal(jax.random.key(0), (4, 96, 16))
+  head = jax.random.normal(jax.random.key(1), (16, VOCAB.size))
+  sums = objective.loss_sums(hidden, head, batch, c, config)
+  tokens, masked, weights = np.asarray(batch["tokens"]), np.asarray(c.masked), np.asarray(c.weights)
+  log_probs = np.asarray(jax.nn.log_softmax(hidden @ head, axis=-1))
+  segments = np.asarray(batch["segment_ids"])
+  per_sample = []
+  for b in range(4):
+    for s in (1, 2, 3):
+      where = (segments[b] == s) & masked[b]
+      ce = sum(-log_probs[b, j - 1, tokens[b, j]] * weights[b, j] for j in np.flatnonzero(where))
+      per_sample.append(ce / ((segments[b] == s) & (response[b] > 0)).sum())
+  assert float(sums["denominator"]) == pytest.approx(12)
+  np.testing.assert_allclose(sums["loss_sum"] / sums["denominator"], np.mean(per_sample),
+                             rtol=1e-5)
+  tokens_config = dataclasses.replace(config, average="tokens")
+  by_token = objective.loss_sums(hidden, head, batch, c, tokens_config)
+  assert float(by_token["denominator"]) != pytest.approx(12)
+  with pytest.raises(Exception, match="train.objective.average='words'"):
+    ObjectiveConfig(average="words")

@@ -369,22 +369,56 @@ def test_runs_sharded_on_a_mesh_with_the_same_tokens(tiny):
   got = sample(sharded, vocab, prompts, canvas=10, steps=4, alg="topk_margin")
   for a, b in zip(expected, got):
     np.testing.assert_array_equal(a, b)
+  # The dual cache's window, at a different column in each row, on the sharded cache.
+  dual = dict(canvas=10, steps=6, block_size=4, cache="dual")
+  for a, b in zip(sample(model, vocab, prompts, **dual), sample(sharded, vocab, prompts, **dual)):
+    np.testing.assert_array_equal(a, b)
 
 
-def test_prefix_cache_refreshed_every_step_equals_no_cache(tiny):
+@pytest.mark.slow
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+def test_a_cache_refreshed_every_step_equals_no_cache(tiny, cache):
   _, model, vocab = tiny
   rng = np.random.default_rng(5)
   prompts = [rng.integers(0, vocab.text_size, n).astype(np.int32) for n in (3, 17, 9)]
   uncond = [p[:2] for p in prompts]
   for settings in (dict(canvas=12, steps=6),
+                   dict(canvas=12, steps=8, block_size=5),  # blocks 5, 5 and a shorter 2
+                   dict(canvas=12, steps=8, block_size=4, threshold=0.3),
+                   dict(canvas=12, steps=6, block_size=6, cfg=1.0),
                    dict(canvas=12, steps=8, alg="entropy", block_size=4, cfg=1.0,
                         repeat_penalty=1.3, threshold=0.3)):
     uncached = sample_with_stats(model, vocab, prompts, uncond_prompts=uncond, **settings)
-    cached = sample_with_stats(model, vocab, prompts, uncond_prompts=uncond, cache="prefix",
+    cached = sample_with_stats(model, vocab, prompts, uncond_prompts=uncond, cache=cache,
                                cache_refresh=1, **settings)
     for a, b in zip(uncached.canvases, cached.canvases):
       np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(uncached.forward_passes, cached.forward_passes)
+    np.testing.assert_array_equal(cached.whole_row_passes, cached.forward_passes)
+    np.testing.assert_array_equal(uncached.whole_row_passes, uncached.forward_passes)
+
+
+def _cached_step_logits(model, vocab, prompts, canvas, settings, block):
+  """(whole rows' canvas logits filling the cache, `_canvas_logits` of a cached step at `block`
+  on the rows with `canvas` (callable: canvas -> logits), the window's first canvas position)."""
+  rows = sampler_lib.DecodeRows.build(model, vocab, prompts, settings, None)
+  plan = sampler_lib.Plan.of(settings, vocab)
+  start, _ = plan.blocks[block]
+  window_start = min(start, settings.canvas - plan.window)
+  positions = jnp.broadcast_to(jnp.arange(rows.tokens.shape[1]), rows.tokens.shape)
+
+  def logits(canvas, cache, step):
+    tokens = rows.tokens.copy()
+    for row, row_start in enumerate(rows.starts):
+      tokens[row, row_start:row_start + settings.canvas] = canvas[row]
+    return sampler_lib._canvas_logits(
+        model, jnp.asarray(tokens), jnp.asarray(rows.segment_ids), positions,
+        jnp.asarray(rows.starts), jnp.arange(settings.canvas), cache, jnp.int32(step),
+        jnp.int32(window_start), plan)
+
+  whole, cache, refreshed = logits(canvas, model.init_cache(*rows.tokens.shape), 0)
+  assert refreshed  # a block's first step fills the cache
+  return whole, (lambda other: logits(other, cache, 1)), window_start
 
 
 def test_a_cached_step_on_the_canvas_the_cache_was_filled_with_equals_the_whole_rows(tiny):
@@ -394,37 +428,81 @@ def test_a_cached_step_on_the_canvas_the_cache_was_filled_with_equals_the_whole_
   rng = np.random.default_rng(7)
   prompts = [rng.integers(0, vocab.text_size, n).astype(np.int32) for n in (3, 17, 9)]
   settings = DecodeSettings(canvas=10, steps=4, cache="prefix")
-  rows = sampler_lib.DecodeRows.build(model, vocab, prompts, settings, None)
   canvas = rng.integers(0, vocab.size, (3, 10)).astype(np.int32)
-  tokens = rows.tokens.copy()
-  for row, start in enumerate(rows.starts):
-    tokens[row, start:start + 10] = canvas[row]
-  positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-  plan = sampler_lib.Plan.of(settings, vocab)
-  logits = lambda cache, step: sampler_lib._canvas_logits(
-      model, jnp.asarray(tokens), jnp.asarray(rows.segment_ids), positions,
-      jnp.asarray(rows.starts), jnp.arange(10), cache, jnp.int32(step), plan)
-  whole, cache = logits(model.init_cache(*tokens.shape), 0)  # a block's first step: refresh
-  cached, _ = logits(cache, 1)
+  whole, cached_step, _ = _cached_step_logits(model, vocab, prompts, canvas, settings, 0)
+  cached, _, refreshed = cached_step(canvas)
+  assert not refreshed
   np.testing.assert_allclose(cached, whole, atol=2e-4, rtol=1e-4)
   np.testing.assert_array_equal(np.argmax(cached, -1), np.argmax(whole, -1))
-  uncached, _ = logits(None, 1)
-  np.testing.assert_allclose(uncached, whole, atol=2e-4, rtol=1e-4)
 
 
-def test_prefix_cache_between_refreshes_keeps_rows_independent(tiny):
+@pytest.mark.parametrize("block", [0, 1, 2])  # first, middle, last (shorter, window clamped)
+def test_a_dual_cached_step_runs_the_block_against_every_other_column_cached(tiny, block):
+  # canvas 10 in blocks of 4: (0, 4), (4, 8), (8, 10); the window is 4 wide, the last one
+  # starts at 6. Between refreshes the window's logits come from its tokens, the token before it
+  # (whose logits score the window's first position: a finished block's, unchanged) and the
+  # cache alone: tokens changed elsewhere since the refresh leave them as the whole rows scored
+  # them then, and positions outside the window are never scored.
+  _, model, vocab = tiny
+  rng = np.random.default_rng(8)
+  prompts = [rng.integers(0, vocab.text_size, n).astype(np.int32) for n in (3, 17, 9)]
+  settings = DecodeSettings(canvas=10, steps=10, block_size=4, cache="dual")
+  canvas = rng.integers(0, vocab.size, (3, 10)).astype(np.int32)
+  whole, cached_step, window_start = _cached_step_logits(model, vocab, prompts, canvas,
+                                                         settings, block)
+  assert window_start == (0, 4, 6)[block]
+  window = slice(window_start, window_start + 4)
+  changed_outside = rng.integers(0, vocab.size, (3, 10)).astype(np.int32)
+  kept = slice(max(window_start - 1, 0), window_start + 4)
+  changed_outside[:, kept] = canvas[:, kept]
+  cached, _, refreshed = cached_step(changed_outside)
+  assert not refreshed
+  np.testing.assert_allclose(cached[:, window], whole[:, window], atol=2e-4, rtol=1e-4)
+  np.testing.assert_array_equal(np.asarray(cached)[:, :window_start], 0)
+  np.testing.assert_array_equal(np.asarray(cached)[:, window_start + 4:], 0)
+  # A token changed inside the window does change the window's logits (it runs fresh).
+  changed_inside = canvas.copy()
+  changed_inside[:, window_start + 1] = (canvas[:, window_start + 1] + 1) % vocab.text_size
+  assert not np.allclose(cached_step(changed_inside)[0][:, window], whole[:, window], atol=1e-3)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+def test_a_cache_between_refreshes_keeps_rows_independent(tiny, cache):
   _, model, vocab = tiny
   rng = np.random.default_rng(6)
   prompts = [rng.integers(0, vocab.text_size, n).astype(np.int32) for n in (3, 17, 9)]
-  settings = dict(canvas=12, steps=12, block_size=6, cache="prefix")
-  batch = sample(model, vocab, prompts, **settings)
-  for row in range(3):
-    np.testing.assert_array_equal(sample(model, vocab, prompts[row:row + 1], **settings)[0],
-                                  batch[row])
-  # The steps between refreshes read the prompt's stale keys: on this random model some token
-  # differs from the uncached decode (were every step a refresh, none would).
+  uncond = [p[:2] for p in prompts]
+  for settings in (dict(canvas=12, steps=12, block_size=6, cache=cache),
+                   dict(canvas=12, steps=8, block_size=4, cache=cache, cfg=1.0, threshold=0.3,
+                        repeat_penalty=1.3)):
+    batch = sample(model, vocab, prompts, uncond_prompts=uncond, **settings)
+    for row in range(3):
+      alone = sample(model, vocab, prompts[row:row + 1], uncond_prompts=uncond[row:row + 1],
+                     **settings)[0]
+      np.testing.assert_array_equal(alone, batch[row])
+  # The steps between refreshes read stale keys: on this random model some token differs from
+  # the uncached decode (were every step a refresh, none would).
   uncached = sample(model, vocab, prompts, canvas=12, steps=12, block_size=6)
-  assert any((a != b).any() for a, b in zip(batch, uncached))
+  assert any((a != b).any() for a, b in zip(
+      sample(model, vocab, prompts, canvas=12, steps=12, block_size=6, cache=cache), uncached))
+
+
+def test_dual_cache_reads_the_other_blocks_stale_and_refreshes_as_told(tiny):
+  _, model, vocab = tiny
+  rng = np.random.default_rng(9)
+  prompts = [rng.integers(0, vocab.text_size, n).astype(np.int32) for n in (3, 17, 9)]
+  settings = dict(canvas=12, steps=12, block_size=4)  # 3 blocks of 4 steps, one token a step
+  prefix = sample_with_stats(model, vocab, prompts, cache="prefix", **settings)
+  dual = sample_with_stats(model, vocab, prompts, cache="dual", **settings)
+  # Between refreshes only the current block's tokens change; the prefix cache recomputes the
+  # other blocks' keys and values (which attend to them), the dual cache keeps the refresh's.
+  assert any((a != b).any() for a, b in zip(prefix.canvases, dual.canvases))
+  np.testing.assert_array_equal(dual.forward_passes, 12)
+  np.testing.assert_array_equal(dual.whole_row_passes, 3)  # each block's first step
+  every_other = sample_with_stats(model, vocab, prompts, cache="dual", cache_refresh=2,
+                                  **settings)
+  np.testing.assert_array_equal(every_other.whole_row_passes, 6)  # local steps 0 and 2
 
 
 def test_bad_arguments_fail_with_one_clear_message(tiny):

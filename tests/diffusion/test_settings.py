@@ -22,7 +22,7 @@ from omnijax.diffusion.settings import DecodeSettings
     (dict(block_size=-4), "block_size=-4 must be an integer >= 0"),
     (dict(threshold=float("nan")), "threshold=nan must be finite"),
     (dict(prefill={8: 3}), r"prefill offset 8 is outside the canvas \[0, 8\)"),
-    (dict(cache="dual"), r"cache='dual' is not one of \('none', 'prefix'\)"),
+    (dict(cache="block"), r"cache='block' is not one of \('none', 'prefix', 'dual'\)"),
     (dict(cache_refresh=-1), "cache_refresh=-1 must be an integer >= 0"),
 ])
 def test_each_bad_setting_is_refused_naming_it(changes, message):

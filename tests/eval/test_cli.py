@@ -229,6 +229,31 @@ def test_eval_on_the_validation_split_writes_samples_named_after_its_json(traine
   assert prompt != template.readable(read_samples(data / "heldout", "caption", 1)[0].prompt)
 
 
+def test_eval_takes_the_cache_flags_and_the_dual_cache_refreshed_every_step_is_exact(trained,
+                                                                                    tmp_path):
+  workdir, _ = trained
+  samples = {}
+  for name, flags in (("plain", []), ("dual", ["--cache", "dual", "--cache-refresh", 1])):
+    done = omnijax("eval", "--checkpoint", workdir, "--tasks", "t2i,tts", "--steps", 3,
+                   "--limit", 2, *flags, "--out", tmp_path / f"{name}.json")
+    assert done.returncode == 0, done.stderr
+    samples[name] = [json.loads(line) for line in
+                     (tmp_path / f"{name}_samples.jsonl").read_text().splitlines()]
+  assert [r["output"] for r in samples["dual"]] == [r["output"] for r in samples["plain"]]
+  meta = json.loads((tmp_path / "dual.json").read_text())["meta"]
+  assert (meta["cache"], meta["cache_refresh"]) == ("dual", 1)
+  # The settings reach every task's decode, checked before anything decodes; the ar decoder
+  # has no cache.
+  for flags, message in ((["--cache-refresh", -1], "cache_refresh=-1 must be an integer >= 0"),
+                         (["--decoder", "ar", "--cache", "dual"],
+                          "--cache: the ar decoder makes one token per forward pass")):
+    done = omnijax("eval", "--checkpoint", workdir, "--tasks", "t2i", "--steps", 3, "--limit", 1,
+                   *flags, "--out", tmp_path / "refused.json")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert message in done.stderr
+    assert not (tmp_path / "refused.json").exists()
+
+
 @pytest.fixture(scope="module")
 def trained_ar(trained, tmp_path_factory):
   """The tiny experiment trained with the autoregressive objective, the main job's eval on."""

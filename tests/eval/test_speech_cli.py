@@ -64,12 +64,12 @@ def test_generate_asr_from_a_wav_and_from_input_jsonl(trained):
   assert done.returncode == 0, done.stderr
   listed = json.loads((root / "listed" / "results.jsonl").read_text())
   assert listed["canvas"] == result["canvas"]
-  # The prefix cache cannot take continuous speech: one line, before decoding.
+  # The KV caches cannot take continuous speech: one line, before decoding.
   done = omnijax("generate", "--checkpoint", workdir, "--task", "asr", "--speech",
                  root / "said.wav", "--cache", "prefix", "--out", root / "cached")
   assert done.returncode == 2
   assert done.stderr.strip().splitlines()[-1] == (
-      "omnijax generate: continuous speech input decodes without the prefix cache (cache none)")
+      "omnijax generate: continuous speech input decodes without a KV cache (cache none)")
 
 
 @pytest.mark.slow

@@ -153,16 +153,42 @@ def test_every_parameter_has_a_logical_axis_per_dimension_with_a_rule():
 def test_release_encoder_shards_like_the_backbone():
   mesh = make_mesh(MeshConfig(data=1, fsdp=4, tensor=2))
   _, state = abstract_module(lambda rngs: SpeechEncoder(SpeechEncoderConfig(), rngs))
-  # Width on fsdp, heads and FFN on tensor; what stays whole is norms, queries and the 560-wide
-  # input dimension's share.
+  # Width and the 560-wide input on fsdp, heads and FFN on tensor; what stays whole is norms,
+  # biases and the FSMN taps' share.
   assert replicated_fraction(state, mesh) < 0.002
   shardings = state_shardings(state, mesh)
   spec = lambda *path: shardings[path[0]][path[1]][path[2]][path[3]].spec
   assert spec("blocks", "self_attn", "linear_q", "kernel") == P(None, "fsdp", "tensor")
   assert spec("blocks", "feed_forward", "w_2", "kernel") == P(None, "tensor", "fsdp")
-  assert spec("input_block", "self_attn", "linear_k", "kernel") == P(None, "tensor")
+  assert spec("input_block", "self_attn", "linear_k", "kernel") == P("fsdp", "tensor")
   assert shardings["tp_blocks"]["self_attn"]["fsmn"].spec == P(None, None, "tensor")
-  assert shardings["queries"].spec == P(None, None)
+  assert shardings["queries"].spec == P(None, "fsdp")
+
+
+# The tiny encoder's parameters above this size: its input block's q/k/v (560 x 64), the query
+# table (16 x 560), the blocks' stacked kernels; below it only norms, biases and FSMN taps.
+LARGE_TINY_PARAMETER = 4096
+
+
+@pytest.mark.parametrize("fsdp", [8, 32])
+def test_tiny_encoder_shards_every_large_parameter(tiny_speech_model, fsdp):
+  # Until the 560-wide input dimension had an fsdp rule, a quarter of the tiny encoder's
+  # parameters (its input block's q/k/v and the query table) were whole on every chip at fsdp 8.
+  # fsdp 32 does not divide 560: the input kernels shard their 64-wide output instead.
+  mesh = jax.sharding.AbstractMesh((1, fsdp, 1), ("data", "fsdp", "tensor"))
+  _, state = abstract_module(lambda rngs: SpeechEncoder(tiny_speech_model().speech_encoder, rngs))
+  shardings = state_shardings(state, mesh)
+  is_variable = lambda x: isinstance(x, nnx.Variable)
+  leaves = jax.tree_util.tree_leaves_with_path(state, is_leaf=is_variable)
+  for (path, variable), sharding in zip(leaves, jax.tree.leaves(shardings)):
+    shape = variable.get_value().shape
+    if np.prod(shape) > LARGE_TINY_PARAMETER and path[0].key != "queries":
+      assert "fsdp" in jax.tree.leaves(tuple(sharding.spec)), (path, shape, sharding.spec)
+  assert replicated_fraction(state, mesh) < (0.025 if fsdp == 8 else 0.06)
+  input_kernel = shardings["input_block"]["self_attn"]["linear_q"]["kernel"].spec
+  assert input_kernel == (P("fsdp", None) if fsdp == 8 else P(None, "fsdp"))
+  # 16 query rows split over no fsdp axis of 32, nor their 560 columns: whole at fsdp 32 only.
+  assert shardings["queries"].spec == (P(None, "fsdp") if fsdp == 8 else P(None, None))
 
 
 def test_sharded_encoder_computes_what_the_single_device_one_does(tiny_encoder):

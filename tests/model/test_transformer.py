@@ -228,6 +228,38 @@ def test_kv_cache_decoding_equals_the_full_causal_recompute_token_for_token(atte
   assert np.abs(np.asarray(model(jnp.asarray(tokens))) - cached).max() > 1e-3
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("attention", ["xla", "pallas"])
+def test_a_bidirectional_block_inside_the_cache_replaces_its_slots_and_reads_the_rest(attention):
+  # The sampler's dual cache: a block in the middle of each row (at its own offset) attends,
+  # in both directions, to every cached column and to its own fresh keys and values.
+  tokens = np.random.default_rng(9).integers(0, 512, size=(2, 12))
+  segments = jnp.asarray([[1] * 12, [1] * 10 + [0] * 2])
+  offsets, width = np.asarray([3, 5]), 4
+  inside = (np.arange(12) >= offsets[:, None]) & (np.arange(12) < offsets[:, None] + width)
+  changed = np.where(inside, (tokens + 7) % 512, tokens)
+  extend = nnx.jit(lambda m, t, c, o: m.extend(t, c, o))
+  for layers, rows in ((2, tokens), (1, changed)):
+    # Two layers: the block's tokens unchanged, so it is the full forward's. One layer: a
+    # column's keys and values depend on its own token only, so the cache filled from `tokens`
+    # is the full forward's of `changed` outside the block, which must come from the cache.
+    model = create_model(tiny(f"model.num_layers={layers}", f"model.attention={attention}"),
+                         seed=9)
+    _, cache = nnx.jit(lambda m, t, s: m.prefill(t, s, 12))(model, jnp.asarray(tokens), segments)
+    block = jnp.asarray(rows[inside].reshape(2, width))
+    hidden, written = extend(model, block, cache, jnp.asarray(offsets, jnp.int32))
+    full = np.asarray(model.hidden_states(jnp.asarray(rows), segments))
+    np.testing.assert_allclose(hidden, full[inside].reshape(2, width, -1), atol=2e-5, rtol=1e-5)
+    np.testing.assert_array_equal(written.segment_ids, segments)
+  # The block's slots hold its own keys (those a prefill of `changed` writes, one layer), the
+  # other slots the cached ones.
+  _, changed_cache = nnx.jit(lambda m, t, s: m.prefill(t, s, 12))(model, jnp.asarray(changed),
+                                                                  segments)
+  np.testing.assert_allclose(written.keys, np.where(inside[None, :, :, None, None],
+                                                    changed_cache.keys, cache.keys), atol=1e-6)
+  assert np.abs(np.asarray(changed_cache.keys) - cache.keys)[:, inside].min() > 0
+
+
 def test_kv_cache_runs_sharded_with_the_cache_batch_and_head_sharded():
   config = tiny()
   tokens = np.random.default_rng(8).integers(0, 512, size=(4, 10))
@@ -242,3 +274,31 @@ def test_kv_cache_runs_sharded_with_the_cache_batch_and_head_sharded():
       mesh, jax.sharding.PartitionSpec(None, ("data", "fsdp"), None, "tensor", None))
   assert cache.keys.sharding.is_equivalent_to(expected, 5)
   assert cache.values.sharding.is_equivalent_to(expected, 5)
+
+
+def test_qk_norm_bounds_attention_logits_whatever_the_projection_scale():
+  """The opt-in query/key norm: one head_dim scale per norm and layer (counted), attention
+  unchanged when the q/k projections are scaled up 100x (without it, they change), and the
+  KV-cached decode still equals the full recompute."""
+  config = tiny("model.qk_norm=true", "model.scan_layers=false")
+  model = create_model(config, seed=3)
+  state = nnx.state(model, nnx.Param)
+  assert sum(leaf.size for leaf in jax.tree.leaves(state)) == config.param_count()
+  assert config.param_count() == tiny().param_count() + config.num_layers * 2 * 16
+  tokens = jnp.asarray(np.random.default_rng(3).integers(0, 512, size=(2, 10)))
+
+  def scaled_qk(model):
+    for block in model.layers:
+      for proj in (block.self_attn.q_proj, block.self_attn.k_proj):  # biases start at zero
+        proj.kernel[...] = proj.kernel[...] * 100.0
+    return model
+
+  base = np.asarray(model(tokens))
+  np.testing.assert_allclose(np.asarray(scaled_qk(create_model(config, seed=3))(tokens)), base,
+                             atol=2e-4, rtol=1e-4)
+  plain = tiny("model.scan_layers=false")
+  assert np.abs(np.asarray(scaled_qk(create_model(plain, seed=3))(tokens))
+                - np.asarray(create_model(plain, seed=3)(tokens))).max() > 1e-2
+  full = np.asarray(model(tokens, causal=True))
+  cached, _ = cached_decode(model, np.asarray(tokens), [3, 5], prompt_columns=5)
+  np.testing.assert_allclose(cached, full, atol=2e-5, rtol=1e-5)

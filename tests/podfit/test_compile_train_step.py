@@ -2,16 +2,21 @@
 topologies on this CPU-only machine (needs libtpu; CI installs it), and reports whether it fits."""
 
 import json
+import math
 import pathlib
 import subprocess
 import sys
 
+import jax
 import pytest
+from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from omnijax.config import ConfigError, load_config
 from omnijax.data.pipeline import BATCH_FIELDS
+from omnijax.model.build import abstract_model
 from omnijax.podfit.aot import DOES_NOT_FIT_EXIT, GIB, compile_train_step, out_of_memory
+from omnijax.train import flops
 
 TINY = pathlib.Path(__file__).parents[1] / "train" / "tiny_experiment.yaml"
 
@@ -152,3 +157,37 @@ def test_only_hbm_exhaustion_counts_as_out_of_memory():
   assert out_of_memory(RuntimeError("RESOURCE_EXHAUSTED: Ran out of memory in memory space vmem. "
                                     "Used 256.00M of 128.00M vmem")) is None
   assert out_of_memory(ValueError("bad block shape")) is None
+
+
+@pytest.mark.libtpu
+def test_speech_batches_compile_with_the_encoder_and_report_its_share(tmp_path):
+  experiment = tmp_path / "experiment.yaml"
+  experiment.write_text(f"defaults: [{TINY}, model/speech/tiny.yaml, topology/v5e-8.yaml]\n")
+  config = load_config(experiment, ["data.global_batch_size=8", "data.speech_clips=2",
+                                    "data.speech_frames=20"])
+  report, compiled = compile_train_step(config, stage="3")
+  # The batch carries two clips of 20 frames of 560 features per row, split over the batch axes
+  # like the tokens, and the step runs the encoder on them (behind its no-clip lax.cond).
+  (state_shardings, batch_shardings), _ = compiled.input_shardings
+  features = batch_shardings["speech_features"]
+  assert features.shard_shape((8, 2, 20, 560)) == (2, 2, 20, 560)
+  assert batch_shardings["speech_lengths"].shard_shape((8, 2)) == (2, 2)
+  assert "conditional" in compiled.as_text()
+  # The encoder's share: its parameters (frozen: 4 bytes each, no gradient or moments) and the
+  # projector's (trained: 16 bytes each), as the rules table shards them on this mesh.
+  _, abstract = abstract_model(config.model)
+  shapes = nnx.to_pure_dict(abstract)
+  encoder, projector = (sum(math.prod(sharding.shard_shape(value.shape)) for value, sharding in zip(
+      jax.tree.leaves(shapes[module]), jax.tree.leaves(state_shardings.params[module])))
+      for module in ("speech_encoder", "speech_projector"))
+  assert report.speech_params_per_chip == encoder + projector
+  assert report.speech_state_bytes_per_chip == 4 * encoder + 16 * projector
+  # Every large encoder parameter is sharded: well under the whole encoder on each chip.
+  assert encoder < 0.3 * config.model.speech_encoder.param_count()
+  # One row per chip: its speech FLOPs beside its 192 tokens'.
+  assert report.speech_tflops_per_chip_per_step == pytest.approx(
+      flops.speech_flops_per_row(config, config.train.stages["stage3"]) / 1e12)
+  assert report.tflops_per_chip_per_step == pytest.approx(
+      192 * flops.training_flops_per_token(config.model, 192) / 1e12
+      + report.speech_tflops_per_chip_per_step)
+  assert report.fits and "; speech encoder + projector: " in report.describe()

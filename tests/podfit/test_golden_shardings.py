@@ -3,6 +3,7 @@ a change is caught until `omnijax shardings --update` regenerates the goldens on
 
 import json
 
+import jax
 import pytest
 
 from omnijax import sharding
@@ -40,3 +41,24 @@ def test_a_rules_change_fails_until_the_golden_is_regenerated(monkeypatch, tmp_p
   written = json.loads(golden.golden_path(name, tmp_path).read_text())
   assert written["params"]["layers/mlp/up_proj/kernel"]["spec"] == [None, "fsdp", None]
   assert golden.check_or_update(["nope"], tmp_path, update=False) == 2
+
+
+@pytest.mark.parametrize("name", ["omni7b_speech_stage3_v5p-128", "omni7b_speech_stage3_v5e-16"])
+def test_speech_goldens_hold_every_encoder_and_projector_parameter(name):
+  from flax import nnx
+
+  from omnijax.model.build import abstract_model
+
+  golden_params = json.loads(golden.golden_path(name).read_text())["params"]
+  _, abstract = abstract_model(EXPERIMENTS[name].model)
+  speech = {sharding.path_str(path) for path, _ in jax.tree_util.tree_leaves_with_path(
+      nnx.to_pure_dict(abstract)) if path[0].key in ("speech_encoder", "speech_projector")}
+  # 17 per block kind (input, stacked, tp: 2 norms, q/k/v/out, FSMN, FFN), the query table, 2
+  # norms; the projector's norm and 2 kernels.
+  assert len(speech) == 3 * 17 + 1 + 2 * 2 + 4 and speech <= set(golden_params)
+  # The 560-wide input kernels and the query table shard over fsdp (560 = 16 x 35), heads over
+  # tensor where there is one.
+  tensor = EXPERIMENTS[name].mesh.tensor
+  input_kernel = golden_params["speech_encoder/input_block/self_attn/linear_q/kernel"]
+  assert input_kernel["per_chip_shape"] == [35, 512 // tensor]
+  assert golden_params["speech_encoder/queries"]["spec"] == [None, "fsdp"]

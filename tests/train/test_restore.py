@@ -56,6 +56,19 @@ def test_restore_defaults_to_the_run_mesh_and_picks_a_step(trained):
     restore_workdir(workdir, step=7)
 
 
+def test_open_run_generates_with_the_checkpoint_at_the_step_asked(trained, toy_data):
+  from omnijax.generate.run import open_run
+
+  workdir, saved = trained
+  run, generator, split_dir = open_run(workdir, data_dir=str(toy_data), split="validation", step=2)
+  assert run.step == 2 and generator.model is run.model and split_dir == toy_data / "validation"
+  at_2 = jax.tree.leaves(_params(restore_workdir(workdir, step=2).model))
+  for got, want in zip(jax.tree.leaves(_params(generator.model)), at_2):
+    np.testing.assert_array_equal(got, want)
+  assert any(not np.array_equal(a, b) for a, b in zip(at_2, jax.tree.leaves(saved)))
+  assert open_run(workdir, data_dir=str(toy_data))[0].step == 3  # default: the newest
+
+
 def test_restore_skips_an_unreadable_checkpoint_and_changes_nothing(trained, tmp_path):
   workdir, _ = trained
   copy = tmp_path / "run"
