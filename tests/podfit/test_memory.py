@@ -13,7 +13,8 @@ TINY = pathlib.Path(__file__).parents[1] / "train" / "tiny_experiment.yaml"
 
 
 def test_state_is_divided_over_shards_and_frozen_parameters_carry_no_optimizer_state():
-  # tiny: d 64, 4 heads x 16, 2 kv heads, mlp 128, 2 layers, 1152 embedding rows (padded), untied.
+  # tiny: d 64, 4 heads x 16, 2 kv heads, mlp 128, 2 layers, 1152 embedding rows (padded), untied,
+  # with the toy recipe's query/key norms (16 each).
   config = load_config(TINY, ["train.grad_accum_steps=2",
                               "train.stages.stage2.trainable=[layers/mlp/.*]"])
   mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2), jax.devices()[:8])
@@ -21,7 +22,7 @@ def test_state_is_divided_over_shards_and_frozen_parameters_carry_no_optimizer_s
   d, f, v, layers = 64, 128, 1152, 2
   # Matrices are split over fsdp x tensor (4); biases over tensor (2); norms are replicated.
   matrices = v * d * 2 + layers * (d * 64 + 2 * d * 32 + 64 * d + 3 * d * f)
-  biases, norms = layers * (64 + 2 * 32), layers * 2 * d + d
+  biases, norms = layers * (64 + 2 * 32), layers * 2 * d + d + layers * 2 * 16
   per_chip = matrices / 4 + biases / 2 + norms
   assert full.params_per_chip == per_chip == config.model.param_count() - 3 * (matrices / 4) - (
       biases / 2)
