@@ -130,9 +130,11 @@ class _DropClosedLoopTracebacks(io.TextIOBase):
 
 def _quiet_background_failures() -> None:
   """A failed background checkpoint save is reported once, in one line, by the main thread."""
-  # Orbax logs the failure with its traceback before raising it in the main thread; its
-  # warnings still show.
-  logging.getLogger("absl").addFilter(lambda record: record.levelno < logging.ERROR)
+  # Orbax logs the failure with its traceback before raising it in the main thread, and its
+  # write tasks' exceptions reach asyncio's "Task exception was never retrieved" when they are
+  # collected (timing-dependent); warnings still show.
+  for logger in ("absl", "asyncio"):
+    logging.getLogger(logger).addFilter(lambda record: record.levelno < logging.ERROR)
   sys.stderr = _DropClosedLoopTracebacks(sys.stderr)
 
 

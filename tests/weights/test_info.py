@@ -27,10 +27,10 @@ def test_info_lists_the_speech_encoder_and_projector_with_their_sharding(capsys)
   assert speech["speech_encoder/blocks/self_attn/linear_q/kernel"] == (
       "(2, 64, 64)", "('layers', 'embed', 'heads')", "P(None, 'fsdp', 'tensor')")
   assert speech["speech_encoder/input_block/self_attn/linear_q/kernel"] == (
-      "(560, 64)", "('speech_features', 'heads')", "P(None, 'tensor')")
+      "(560, 64)", "('speech_features', 'heads')", "P('fsdp', 'tensor')")
   assert speech["speech_projector/linear_in/kernel"] == (
       "(64, 64)", "('embed', 'mlp')", "P('fsdp', 'tensor')")
-  assert speech["speech_encoder/queries"][2] == "P(None, None)"
+  assert speech["speech_encoder/queries"][2] == "P(None, 'fsdp')"  # [4, 560]: the input width
   assert (f"{model.param_count():,} parameters" in out
           and f"{model.speech_param_count():,} in the speech encoder and projector" in out)
   assert "speech encoder: 560-d input, 3 + 2 SANM blocks" in out
