@@ -50,8 +50,7 @@ def with_image_of(sample: Sample, donor: Sample, vocab) -> np.ndarray | None:
   return tokens
 
 
-def response_scores(model, tokens: np.ndarray, response_start: int, masked: np.ndarray,
-                    vocab) -> tuple[float, float]:
+def response_scores(model, tokens: np.ndarray, masked: np.ndarray, vocab) -> tuple[float, float]:
   """(mean NLL, argmax accuracy) of the true tokens at the `masked` columns, the inputs there
   replaced by <|mask|>; the hidden state at column j - 1 scores column j (the Dream shift)."""
   inputs = np.where(masked, vocab.mask_id, tokens)
@@ -78,8 +77,8 @@ def reliance(model, vocab, samples: list[Sample], mask_fraction: float, seed: in
     masked = np.zeros(len(sample.tokens), bool)
     chosen = rng.choice(length, max(1, round(mask_fraction * length)), replace=False)
     masked[sample.response_start + chosen] = True
-    own.append(response_scores(model, sample.tokens, sample.response_start, masked, vocab))
-    swapped.append(response_scores(model, other, sample.response_start, masked, vocab))
+    own.append(response_scores(model, sample.tokens, masked, vocab))
+    swapped.append(response_scores(model, other, masked, vocab))
   if not own:
     raise ValueError("no two samples with their images in the same columns to swap")
   own_nll, own_acc = np.mean(own, axis=0)

@@ -209,15 +209,16 @@ def loss_sums(hidden: jax.Array, head: jax.Array, batch: dict, corruption: Corru
   ce = jnp.where(target_mask, ce, 0.0)
   task_one_hot = (batch["task_ids"][:, 1:, None] == jnp.arange(len(TASKS))) & target_mask[..., None]
   n_targets = jnp.sum(target_mask.astype(jnp.float32))
-  weights, denominator = corruption.weights, get_objective(config.kind).denominator(
-      batch, corruption.masked)
   if config.average == "samples":
-    # Each sample's targets share 1 / (its response length) of the objective's weights, which
-    # then sum, over all of its response, to one per sample: the denominator counts samples.
+    # Each target's weight is divided by its sample's response length, so a sample's loss is a
+    # mean over its own response; the shares sum to one per sample: the denominator counts them.
     response = _response(batch)
     share = jnp.where(response, 1.0 / jnp.maximum(_per_segment(
         response.astype(jnp.float32), batch["segment_ids"], jax.ops.segment_sum), 1.0), 0.0)
-    weights, denominator = weights * share, jnp.sum(share)
+    weights, denominator = corruption.weights * share, jnp.sum(share)
+  else:
+    weights = corruption.weights
+    denominator = get_objective(config.kind).denominator(batch, corruption.masked)
   return {
       "loss_sum": jnp.sum(ce * weights[:, 1:]),
       "denominator": denominator,
