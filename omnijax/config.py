@@ -483,6 +483,7 @@ class EvalConfig:
 
 
 LOSS_AVERAGES = ("tokens", "samples")
+MASK_SCHEDULES = ("uniform", "cosine")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -503,8 +504,16 @@ class ObjectiveConfig:
   # or `samples` (each packed sample's loss is the mean over its own response, then samples are
   # averaged: LLaDA's SFT estimator), so a 2-token answer weighs as much as a 66-code image.
   average: str = "tokens"
+  # How the masking level t is drawn: `uniform` (t ~ U(0, 1), the release and LLaDA) or
+  # `cosine` (t = cos(pi/2 r), r ~ U(0, 1), MaskGIT's schedule): nearly fully masked canvases,
+  # where the answer can come only from the prompt, are drawn 2.9x as often (P(t > 0.9) = 0.29
+  # against 0.10), fewer of the nearly whole ones that a response's own tokens fill in.
+  mask_schedule: str = "uniform"
 
   def __post_init__(self):
+    if self.mask_schedule not in MASK_SCHEDULES:
+      raise ConfigError(f"train.objective.mask_schedule={self.mask_schedule!r}: expected one of "
+                        f"{', '.join(MASK_SCHEDULES)}")
     if self.average not in LOSS_AVERAGES:
       raise ConfigError(f"train.objective.average={self.average!r}: expected one of "
                         f"{', '.join(LOSS_AVERAGES)}")
@@ -517,10 +526,17 @@ class ObjectiveConfig:
       raise ConfigError("train.objective.eps must lie in (0, 1) and pad_mask_ratio in (0, 1]")
 
 
+OPTIMIZER_KINDS = ("adamw", "muon")
+
+
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
-  """AdamW with global-norm clipping (release: beta2 0.95, no weight decay, clip 1.0)."""
+  """AdamW with global-norm clipping (release: beta2 0.95, no weight decay, clip 1.0), or Muon
+  (`kind: muon`, optax.contrib): the projections' kernels step along their orthogonalised
+  momentum, scaled to AdamW's update size so that the same learning rates apply; embeddings,
+  lm_head, norms and biases stay on AdamW with these settings."""
 
+  kind: str = "adamw"
   b1: float = 0.9
   b2: float = 0.95
   eps: float = 1e-8
@@ -528,6 +544,9 @@ class OptimizerConfig:
   clip_norm: float = 1.0
 
   def __post_init__(self):
+    if self.kind not in OPTIMIZER_KINDS:
+      raise ConfigError(f"train.optimizer.kind={self.kind!r}: expected one of "
+                        f"{', '.join(OPTIMIZER_KINDS)}")
     if not (0 <= self.b1 < 1 and 0 <= self.b2 < 1):
       raise ConfigError(f"train.optimizer.b1={self.b1} and b2={self.b2} must lie in [0, 1)")
     if self.eps <= 0 or self.weight_decay < 0 or self.clip_norm <= 0:

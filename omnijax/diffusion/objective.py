@@ -7,8 +7,10 @@ threshold thr_j = (1 - eps) t_j + eps; token j is masked iff u_j <= thr_j, tail 
 (`<|endoftext|>`) iff u_j <= pad_mask_ratio * thr_j. Unweighted cross-entropy over masked tokens.
 `llada`: one t per packed sample (all its response tokens share thr), CE weighted by 1 / thr,
 summed and divided by the number of response tokens.
-Both: prompt tokens are never masked, every sample with a response gets at least one masked
-target, and the Dream shift scores token j with the logits at j - 1.
+Both: t is uniform, or drawn from MaskGIT's cosine schedule (`mask_schedule: cosine`), which
+favours nearly fully masked responses (the loss is then a reweighted bound, not LLaDA's own);
+prompt tokens are never masked, every sample with a response gets at least one masked target,
+and the Dream shift scores token j with the logits at j - 1.
 `ar` (the autoregressive baseline on the same backbone): nothing is masked; every response token
 (tail pads included, as the diffusion objectives supervise them) is a target of weight 1, scored
 by the logits at j - 1 under segment-causal attention: next-token prediction. Mean CE over them.
@@ -25,7 +27,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from omnijax.config import OBJECTIVE_KINDS, ConfigError, ObjectiveConfig
+from omnijax.config import MASK_SCHEDULES, OBJECTIVE_KINDS, ConfigError, ObjectiveConfig
 from omnijax.data.tasks import TASKS
 from omnijax.diffusion.cross_entropy import token_cross_entropy
 from omnijax.vocab import Vocab
@@ -47,6 +49,11 @@ def _row_uniforms(seed: int, step: jax.Array, row_ids: jax.Array, length: int):
     return jax.random.uniform(key_t, (length,)), jax.random.uniform(key_u, (length,))
 
   return jax.vmap(one_row)(row_ids)
+
+
+# A uniform draw r -> the masking level t.
+_MASK_LEVELS = {"uniform": lambda r: r, "cosine": lambda r: jnp.cos(0.5 * jnp.pi * r)}
+assert tuple(_MASK_LEVELS) == MASK_SCHEDULES, (tuple(_MASK_LEVELS), MASK_SCHEDULES)
 
 
 def _per_segment(values: jax.Array, segment_ids: jax.Array, reduce) -> jax.Array:
@@ -98,7 +105,8 @@ class MaskedDiffusion(Objective):
     tokens, segment_ids = batch["tokens"], batch["segment_ids"]
     response = _response(batch)
     length = tokens.shape[1]
-    t, u = _row_uniforms(seed, step, row_offset + jnp.arange(tokens.shape[0]), length)
+    r, u = _row_uniforms(seed, step, row_offset + jnp.arange(tokens.shape[0]), length)
+    t = _MASK_LEVELS[config.mask_schedule](r)
     threshold = self.thresholds(t, tokens, response, segment_ids, config, vocab)
     masked = response & (u <= threshold)
     # At least one target per sample: where none was drawn, mask the response token that came

@@ -1,4 +1,5 @@
-"""Learning-rate schedules across stages and the AdamW optimizer with per-stage freezing."""
+"""Learning-rate schedules across stages and the optimizer (AdamW or Muon) with per-stage
+freezing."""
 
 from __future__ import annotations
 
@@ -69,14 +70,44 @@ def trainable_labels(params: nnx.State, stage: StageConfig) -> nnx.State:
   return jax.tree_util.tree_map_with_path(label, params)
 
 
+# Muon's momentum (Keller Jordan's and optax's default), and the RMS its orthogonalised updates
+# are scaled to: Moonlight's 0.2, about AdamW's own update RMS, so one learning rate serves both.
+MUON_MOMENTUM, MUON_UPDATE_RMS = 0.95, 0.2
+
+
+def muon_dimensions(params) -> object:
+  """Per parameter: the (reduction, output) axes Muon orthogonalises over, None for AdamW.
+
+  Projection kernels are [in, out], or [layers, in, out] when the layers are scanned (the
+  leading axis is then a batch of matrices); embeddings and lm_head are lookups and a readout,
+  not hidden matrices, and stay on AdamW as in Muon's own recipe."""
+  def dimensions(path, leaf):
+    name = path_str(path)
+    if name.rsplit("/", 1)[-1] == "kernel" and leaf.ndim in (2, 3):
+      return optax.contrib.MuonDimensionNumbers(leaf.ndim - 2, leaf.ndim - 1)
+    return None
+
+  return jax.tree_util.tree_map_with_path(dimensions, params)
+
+
 def make_optimizer(config: OptimizerConfig, labels) -> optax.GradientTransformation:
-  """AdamW direction without the learning rate (applied by the step from the global schedule).
+  """The optimizer's direction without the learning rate (applied by the step from the global
+  schedule).
 
   Clipping sees only the trainable gradients; frozen parameters get zero updates and no state.
   """
-  adamw = optax.chain(
-      optax.clip_by_global_norm(config.clip_norm),
-      optax.scale_by_adam(b1=config.b1, b2=config.b2, eps=config.eps),
-      optax.add_decayed_weights(config.weight_decay),
-  )
-  return optax.multi_transform({"train": adamw, "frozen": optax.set_to_zero()}, labels)
+  if config.kind == "muon":
+    # optax's muon with a unit rate returns -direction (it applies the rate's sign flip).
+    direction = optax.chain(
+        optax.contrib.muon(1.0, beta=MUON_MOMENTUM, eps=config.eps,
+                           weight_decay=config.weight_decay, adam_b1=config.b1,
+                           adam_b2=config.b2, adam_weight_decay=config.weight_decay,
+                           muon_weight_dimension_numbers=muon_dimensions,
+                           consistent_rms=MUON_UPDATE_RMS),
+        optax.scale(-1.0))
+  else:
+    direction = optax.chain(
+        optax.scale_by_adam(b1=config.b1, b2=config.b2, eps=config.eps),
+        optax.add_decayed_weights(config.weight_decay))
+  trained = optax.chain(optax.clip_by_global_norm(config.clip_norm), direction)
+  return optax.multi_transform({"train": trained, "frozen": optax.set_to_zero()}, labels)

@@ -303,3 +303,34 @@ def test_sample_average_weighs_every_sample_the_same_whatever_its_response_lengt
   assert float(by_token["denominator"]) != pytest.approx(12)
   with pytest.raises(Exception, match="train.objective.average='words'"):
     ObjectiveConfig(average="words")
+
+
+@pytest.mark.parametrize("kind", ["omni", "llada"])
+def test_cosine_schedule_draws_masking_levels_from_maskgit_s_distribution(kind):
+  # P(t > x) = (2/pi) arccos(x) under t = cos(pi/2 r): 0.287 above 0.9 (uniform: 0.1),
+  # and the mean level is 2/pi. llada: one level per sample, read back from its 1/t weight;
+  # omni: one per token, seen through the masked fraction of the non-pad response tokens.
+  batch = packed_batch(rows=256)
+  response = (np.asarray(batch["response_mask"]) > 0) & (np.asarray(batch["tokens"]) != VOCAB.pad_id)
+  levels = {}
+  for schedule in ("uniform", "cosine"):
+    config = ObjectiveConfig(kind=kind, mask_schedule=schedule)
+    c = objective.corrupt(batch, config, VOCAB, seed=0, step=jnp.int32(0))
+    if kind == "llada":
+      weights, seg = np.asarray(c.weights), np.asarray(batch["segment_ids"])
+      levels[schedule] = np.array([
+          1.0 / weights[r][(seg[r] == s) & (weights[r] > 0)][0]
+          for r in range(256) for s in (1, 2, 3)])
+    else:
+      levels[schedule] = np.asarray(c.masked)[response]
+  if kind == "llada":
+    assert abs((levels["cosine"] > 0.9).mean() - 2 / np.pi * np.arccos(0.9)) < 0.03
+    assert abs((levels["uniform"] > 0.9).mean() - 0.1) < 0.03
+  assert abs(levels["cosine"].mean() - 2 / np.pi) < 0.02
+  assert abs(levels["uniform"].mean() - 0.5) < 0.02
+
+
+def test_an_unknown_mask_schedule_is_refused_naming_the_key():
+  from omnijax.config import ConfigError
+  with pytest.raises(ConfigError, match="train.objective.mask_schedule='linear'"):
+    ObjectiveConfig(mask_schedule="linear")

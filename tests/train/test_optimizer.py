@@ -69,3 +69,39 @@ def test_the_three_stages_add_tasks_in_the_published_order():
   assert tasks[0] == {"t2i", "caption", "vqa"}
   assert tasks[1] == tasks[0] | {"asr", "tts"}
   assert tasks[2] == tasks[1] | {"s2i", "svqa"}
+
+
+def test_muon_orthogonalises_each_layer_s_kernels_and_leaves_the_rest_to_adamw():
+  model = create_model(load_config(CONFIG_ROOT / "model" / "tiny.yaml").model)  # scanned layers
+  params = nnx.to_pure_dict(nnx.state(model))
+  labels = optimizer.trainable_labels(params, StageConfig())
+  tx = optimizer.make_optimizer(
+      load_config(None, ["train.optimizer.kind=muon", "train.optimizer.clip_norm=1e9"])
+      .train.optimizer, labels)
+  keys = iter(jax.random.split(jax.random.key(0), 1000))
+  grads = jax.tree.map(lambda p: jax.random.normal(next(keys), p.shape), params)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  updates = {path_str(p): u for p, u in jax.tree_util.tree_leaves_with_path(updates)}
+  grads = {path_str(p): g for p, g in jax.tree_util.tree_leaves_with_path(grads)}
+  kernel = updates["layers/mlp/up_proj/kernel"]
+  assert kernel.ndim == 3  # [layers, in, out]
+  for layer in range(kernel.shape[0]):
+    # Orthogonalised: the singular values of a random gradient's update lie close together
+    # (Newton-Schulz's five steps leave them within about [0.7, 1.2]); a raw gradient's spread.
+    singular = jnp.linalg.svd(kernel[layer], compute_uv=False)
+    raw = jnp.linalg.svd(grads["layers/mlp/up_proj/kernel"][layer], compute_uv=False)
+    assert float(singular.max() / singular.min()) < 2.0 < float(raw.max() / raw.min())
+    # Scaled to AdamW's update size.
+    assert float(jnp.sqrt(jnp.mean(kernel[layer] ** 2))) == pytest.approx(
+        optimizer.MUON_UPDATE_RMS, rel=0.3)
+  # Embeddings, lm_head, norms: (Nesterov) Adam's first step, the same size for every element
+  # and the gradient's sign.
+  for name in ("embed_tokens", "lm_head", "norm/scale"):
+    magnitude = jnp.abs(updates[name])
+    assert float(magnitude.max() - magnitude.min()) < 2e-2 * float(magnitude.max())  # eps aside
+    assert bool((jnp.sign(updates[name]) == jnp.sign(grads[name])).all())
+
+
+def test_an_unknown_optimizer_is_refused_naming_the_key():
+  with pytest.raises(ConfigError, match="train.optimizer.kind='sgd'"):
+    load_config(None, ["train.optimizer.kind=sgd"])

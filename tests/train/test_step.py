@@ -79,6 +79,19 @@ def test_sharded_step_equals_single_device(toy_data, shape):
   assert _max_diff(single_params, sharded_params) <= 1e-5
 
 
+def test_sharded_muon_step_equals_single_device(toy_data):
+  # Newton-Schulz runs on fsdp- and tensor-sharded kernels: the collectives XLA inserts must
+  # give the single device's update.
+  config = tiny_config(toy_data, "train.optimizer.kind=muon")
+  batch = one_batch(config)
+  single_params, single = run_step(config, batch, steps=2)
+  sharded_params, sharded = run_step(config, batch, mesh=make_mesh(MeshConfig(1, 4, 2)), steps=2)
+  assert abs(single[1]["loss"] - sharded[1]["loss"]) <= 1e-5
+  assert _max_diff(single_params, sharded_params) <= 1e-5
+  start = create_model(config.model, seed=0)
+  assert _max_diff(single_params, nnx.to_pure_dict(nnx.state(start))) > 1e-3  # it moved
+
+
 def test_pallas_attention_train_step_equals_xla(toy_data):
   config = tiny_config(toy_data, "data.seq_len=128", "data.global_batch_size=4")
   batch = one_batch(config)
