@@ -4,7 +4,10 @@ what an output means wherever the toy world's grammar can read it.
 t2i, s2i: the generated image parsed back to a scene; caption on the toy world: the caption
 parsed back to a scene with the world's grammar (`parse_caption`; text outside the grammar is
 no scene). Both: exact-scene accuracy, object F1 and object accuracy; captions keep their WER
-as a secondary figure (off the toy world, their only one). asr: WER. vqa: exact match and, on
+as a secondary figure (off the toy world, their only one). asr: WER, and on the toy world the
+transcript parsed back to a scene (exact scene, object F1 and accuracy, well-formed: secondary
+figures that show whether the content words were heard, which WER hides behind the template's
+words). tts: WER of the spoken words, and the same scene figures of those words. vqa: exact match and, on
 the toy world, the accuracy per question kind (count, position, colour, shape) and how many
 answers name a value of the kind asked. svqa: the same for the text answer, plus the spoken
 answer's exact match and WER. tts: WER of the spoken words.
@@ -62,6 +65,21 @@ def caption_scenes(outputs: Sequence, references: Sequence, cells: int) -> tuple
   return [parse_caption(o.text, cells) for o in outputs], reference_scenes(references, cells)
 
 
+def transcript_scenes(hypotheses: Sequence[str], references: Sequence[str],
+                      cells: int | None) -> dict[str, float]:
+  """Scene figures of transcripts (ASR text, TTS's spoken words) that speak a caption: exact
+  scene, object F1 and accuracy, and the fraction that are captions at all; {} off the toy
+  world."""
+  if cells is None:
+    return {}
+  generated = [parse_caption(text, cells) for text in hypotheses]
+  expected = [parse_caption(text, cells) for text in references]
+  if any(scene is None for scene in expected):
+    return {}  # transcripts of other speech (not the toy world's descriptions)
+  well_formed = sum(scene is not None for scene in generated) / len(generated)
+  return {**scene_scores(generated, expected), "well_formed": well_formed}
+
+
 def answer_scores(references: Sequence[str], hypotheses: Sequence[str],
                   kinds: Sequence[str | None], cells: int) -> tuple[dict[str, float], float]:
   """({kind: accuracy on the questions of that kind (the value the answer names against the
@@ -107,14 +125,17 @@ def task_metrics(task: str, outputs: Sequence, references: Sequence, *, cells: i
     return {**scores, "well_formed": well_formed, "wer": error, "quality": scores["exact_scene"]}
   if task == "asr":
     error = wer([r.text for r in references], [o.text for o in outputs])
-    return {"wer": error, "quality": 1.0 - error}
+    heard = transcript_scenes([o.text for o in outputs], [r.text for r in references], cells)
+    return {**heard, "wer": error, "quality": 1.0 - error}
   if task == "vqa":
     accuracy = exact_match([r.text for r in references], [o.text for o in outputs])
     by_kind = _by_kind(references, outputs, kinds, cells, "")
     return {"accuracy": accuracy, **by_kind, "quality": accuracy}
   if task == "tts":
     error = wer([_words(r) for r in references], [_words(o) for o in outputs])
-    return {"wer": error, "quality": 1.0 - error}
+    spoken = transcript_scenes([_words(o) for o in outputs], [_words(r) for r in references],
+                               cells)
+    return {**spoken, "wer": error, "quality": 1.0 - error}
   if task == "svqa":
     accuracy = exact_match([r.text for r in references], [o.text for o in outputs])
     spoken = exact_match([_words(r) for r in references], [_words(o) for o in outputs])

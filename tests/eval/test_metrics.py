@@ -111,6 +111,26 @@ def test_a_caption_scores_what_it_means_not_its_words(world_outputs):
     task_metrics("caption", outputs[:1], [_with_text(references[0], "a cat")], cells=2)
 
 
+def test_transcripts_are_also_read_back_as_scenes(world_outputs):
+  """ASR text and TTS's spoken words with the template right and the colours wrong score well
+  on WER, and their scene figures show that the content was not heard."""
+  _, by_task, _ = world_outputs
+  for task in ("asr", "tts"):
+    references = by_task[task][:2]
+    spoken = [" ".join(r.words) if task == "tts" else r.text for r in references]
+    wrong = [text.replace("red", "cyan").replace("blue", "red").replace("cyan", "blue")
+             .replace("green", "yellow") for text in spoken]
+    assert wrong != spoken
+    outputs = [dataclasses.replace(r, words=text.split(), text="") if task == "tts" else
+               _with_text(r, text) for r, text in zip(references, wrong)]
+    changed = [a != b for a, b in zip(wrong, spoken)]
+    metrics = task_metrics(task, outputs, references, cells=2)
+    assert metrics["quality"] > 0.75 and metrics["well_formed"] == 1.0
+    assert metrics["exact_scene"] == pytest.approx(1 - sum(changed) / 2)
+    assert metrics["object_f1"] < 1.0
+    assert set(task_metrics(task, outputs, references)) == {"wer", "quality"}  # no grammar
+
+
 def test_answers_are_scored_per_question_kind(world_outputs):
   _, by_task, kinds = world_outputs
   references, asked = by_task["vqa"], kinds["vqa"]
