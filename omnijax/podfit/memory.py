@@ -2,12 +2,13 @@
 `omnijax scaling` and docs/pod_fit.md hold the compiled peak against.
 
     analytic minimum per chip =
-        sum over parameters p of  bytes(p) x (1 + [p trainable] x 3) / shards(p)
+        sum over parameters p of  bytes(p) x (1 + [p trainable] x (1 + moments(p))) / shards(p)
       + num_layers x rows per chip x seq_len x kept(remat policy) x bytes(compute dtype)
 
 The first line is the training state: the fp32 parameter, its fp32 gradient (under gradient
-accumulation that buffer is the accumulator) and AdamW's two fp32 moments, each divided over the
-chips its PartitionSpec shards it on (frozen parameters have neither gradient nor moments). The
+accumulation that buffer is the accumulator) and the optimizer's fp32 moments (AdamW's two; Muon's
+one momentum for the matrices it orthogonalises), each divided over the chips its PartitionSpec
+shards it on (frozen parameters have neither gradient nor moments). The
 second is what the backward pass cannot recompute: per layer and token, the values the remat
 policy saves (`kept_per_token`), for one micro-batch of `rows per chip` rows. Everything above
 this — one layer's recomputed activations, the loss's logits chunk, gradients in flight,
@@ -23,12 +24,9 @@ import jax
 import numpy as np
 
 from omnijax.config import Config, ModelConfig
+from omnijax.train.optimizer import moment_buffers
 from omnijax.train.state import StateLayout
 from omnijax.sharding import shard_count
-
-# fp32 gradient + AdamW's mu and nu, per trainable parameter, in units of the parameter's bytes.
-TRAINABLE_STATE_COPIES = 3
-
 
 def kept_per_token(model: ModelConfig, tensor: int) -> float:
   """Values per token and layer that `model.remat` saves for the backward pass, per chip.
@@ -78,11 +76,12 @@ def analytic_minimum(config: Config, mesh, stage: str) -> AnalyticMemory:
   layout = StateLayout.create(config, mesh)
   labels = layout.trainable(config.train.stages[stage])
   params_per_chip = state_bytes = speech_params = speech_bytes = 0
-  for (path, value), sharding, label in zip(
+  moments = moment_buffers(config.train.optimizer, layout.abstract_params)
+  for (path, value), sharding, label, moment_count in zip(
       jax.tree_util.tree_leaves_with_path(layout.abstract_params),
-      jax.tree.leaves(layout.param_shardings), jax.tree.leaves(labels)):
+      jax.tree.leaves(layout.param_shardings), jax.tree.leaves(labels), jax.tree.leaves(moments)):
     elements = math.prod(sharding.shard_shape(value.shape))
-    copies = 1 + (TRAINABLE_STATE_COPIES if label == "train" else 0)
+    copies = 1 + (1 + moment_count if label == "train" else 0)  # + gradient and moments
     params_per_chip += elements
     state_bytes += elements * np.dtype(value.dtype).itemsize * copies
     if path[0].key in SPEECH_MODULES:

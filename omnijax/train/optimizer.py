@@ -90,6 +90,15 @@ def muon_dimensions(params) -> object:
   return jax.tree_util.tree_map_with_path(dimensions, params)
 
 
+def moment_buffers(config: OptimizerConfig, params) -> object:
+  """Per parameter, how many parameter-sized buffers the optimizer keeps for it when it is
+  trained: AdamW's two moments, or Muon's one momentum for the matrices it orthogonalises."""
+  if config.kind != "muon":
+    return jax.tree.map(lambda _: 2, params)
+  return jax.tree.map(lambda leaf, dimensions: 2 if dimensions is None else 1, params,
+                      muon_dimensions(params), is_leaf=lambda x: x is None)
+
+
 def make_optimizer(config: OptimizerConfig, labels) -> optax.GradientTransformation:
   """The optimizer's direction without the learning rate (applied by the step from the global
   schedule).

@@ -26,9 +26,17 @@ def test_state_is_divided_over_shards_and_frozen_parameters_carry_no_optimizer_s
   per_chip = matrices / 4 + biases / 2 + norms
   assert full.params_per_chip == per_chip == config.model.param_count() - 3 * (matrices / 4) - (
       biases / 2)
-  assert full.state_bytes == 16 * per_chip
+  # The toy recipe's Muon keeps one fp32 momentum for each projection kernel (parameter,
+  # gradient, momentum: 12 bytes) and AdamW's two moments for the rest (16 bytes).
+  assert config.train.optimizer.kind == "muon"
+  kernels = layers * (d * 64 + 2 * d * 32 + 64 * d + 3 * d * f) / 4
+  assert full.state_bytes == 16 * (per_chip - kernels) + 12 * kernels
   mlp = layers * 3 * d * f / 4
-  assert partial.state_bytes == 4 * per_chip + 12 * mlp
+  assert partial.state_bytes == 4 * per_chip + 8 * mlp
+  adamw = load_config(TINY, ["train.grad_accum_steps=2", "train.optimizer.kind=adamw",
+                             "train.stages.stage2.trainable=[layers/mlp/.*]"])
+  assert analytic_minimum(adamw, mesh, "stage1").state_bytes == 16 * per_chip
+  assert analytic_minimum(adamw, mesh, "stage2").state_bytes == 4 * per_chip + 12 * mlp
   # Full remat keeps each layer's input: 8 rows / 2 micro-batches / 4 batch shards = 1 row per chip.
   assert config.model.remat == "none" and config.model.compute_dtype == "float32"
   # No remat keeps, per token and layer with tensor 2: the input (64), q/k/v (64 + 32 + 32) / 2,
