@@ -7,10 +7,10 @@ no scene). Both: exact-scene accuracy, object F1 and object accuracy; captions k
 as a secondary figure (off the toy world, their only one). asr: WER, and on the toy world the
 transcript parsed back to a scene (exact scene, object F1 and accuracy, well-formed: secondary
 figures that show whether the content words were heard, which WER hides behind the template's
-words). tts: WER of the spoken words, and the same scene figures of those words. vqa: exact match and, on
-the toy world, the accuracy per question kind (count, position, colour, shape) and how many
-answers name a value of the kind asked. svqa: the same for the text answer, plus the spoken
-answer's exact match and WER. tts: WER of the spoken words.
+words). tts: WER of the spoken words, and the same scene figures of those words. vqa: exact
+match and, on the toy world, the accuracy per question kind (count, position, colour, shape) and
+how many answers name a value of the kind asked. svqa: the same for the text answer, plus the
+spoken answer's exact match and WER.
 
 `quality` is each task's headline, at most 1: exact-scene accuracy (t2i, s2i, toy captions),
 exact match (vqa), 1 - WER (asr, tts, captions off the toy world; insertions can make it

@@ -311,7 +311,8 @@ def test_cosine_schedule_draws_masking_levels_from_maskgit_s_distribution(kind):
   # and the mean level is 2/pi. llada: one level per sample, read back from its 1/t weight;
   # omni: one per token, seen through the masked fraction of the non-pad response tokens.
   batch = packed_batch(rows=256)
-  response = (np.asarray(batch["response_mask"]) > 0) & (np.asarray(batch["tokens"]) != VOCAB.pad_id)
+  tokens = np.asarray(batch["tokens"])
+  response = (np.asarray(batch["response_mask"]) > 0) & (tokens != VOCAB.pad_id)
   levels = {}
   for schedule in ("uniform", "cosine"):
     config = ObjectiveConfig(kind=kind, mask_schedule=schedule)

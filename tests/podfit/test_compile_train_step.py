@@ -174,14 +174,22 @@ def test_speech_batches_compile_with_the_encoder_and_report_its_share(tmp_path):
   assert batch_shardings["speech_lengths"].shard_shape((8, 2)) == (2, 2)
   assert "conditional" in compiled.as_text()
   # The encoder's share: its parameters (frozen: 4 bytes each, no gradient or moments) and the
-  # projector's (trained: 16 bytes each), as the rules table shards them on this mesh.
+  # projector's (trained: parameter, gradient and the toy recipe's Muon momentum, 12 bytes, for
+  # its kernels; AdamW's two moments, 16 bytes, for its norm), as the rules table shards them.
   _, abstract = abstract_model(config.model)
   shapes = nnx.to_pure_dict(abstract)
-  encoder, projector = (sum(math.prod(sharding.shard_shape(value.shape)) for value, sharding in zip(
-      jax.tree.leaves(shapes[module]), jax.tree.leaves(state_shardings.params[module])))
-      for module in ("speech_encoder", "speech_projector"))
+
+  def per_chip(module, kernels):
+    return sum(math.prod(sharding.shard_shape(value.shape)) for (path, value), sharding in zip(
+        jax.tree_util.tree_leaves_with_path(shapes[module]),
+        jax.tree.leaves(state_shardings.params[module]))
+        if kernels is None or (jax.tree_util.keystr(path).endswith("['kernel']") == kernels))
+
+  encoder, projector = per_chip("speech_encoder", None), per_chip("speech_projector", None)
+  assert config.train.optimizer.kind == "muon"
   assert report.speech_params_per_chip == encoder + projector
-  assert report.speech_state_bytes_per_chip == 4 * encoder + 16 * projector
+  kernels, others = per_chip("speech_projector", True), per_chip("speech_projector", False)
+  assert report.speech_state_bytes_per_chip == 4 * encoder + 12 * kernels + 16 * others
   # Every large encoder parameter is sharded: well under the whole encoder on each chip.
   assert encoder < 0.3 * config.model.speech_encoder.param_count()
   # One row per chip: its speech FLOPs beside its 192 tokens'.
