@@ -28,6 +28,7 @@ from omnijax.train.optimizer import moment_buffers
 from omnijax.train.state import StateLayout
 from omnijax.sharding import shard_count
 
+
 def kept_per_token(model: ModelConfig, tensor: int) -> float:
   """Values per token and layer that `model.remat` saves for the backward pass, per chip.
 
