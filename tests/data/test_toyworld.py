@@ -13,7 +13,7 @@ from omnijax.data.toyworld import scenes as scenes_lib
 from omnijax.data.toyworld.images import ImageCodebook
 from omnijax.data.toyworld.prepare import prepare
 from omnijax.data.toyworld.speech import SpeechCodebook
-from omnijax.data.toyworld.world import SPLITS, ToyWorldSpec, build, split_scenes
+from omnijax.data.toyworld.world import ASSISTANT_SPEAKER, SPLITS, ToyWorldSpec, build, split_scenes
 
 SPEC = ToyWorldSpec(n=30, seed=3, grid=8)
 
@@ -136,6 +136,44 @@ def test_speech_round_trip_every_speaker():
     codes = speech.encode(words, speaker, rng)
     assert codes.min() >= speaker * speech.units and codes.max() < (speaker + 1) * speech.units
     assert speech.decode(codes) == words
+
+
+def test_steady_voice_holds_each_unit_for_its_own_length():
+  lexicon = scenes_lib.lexicon(2)
+  speech = SpeechCodebook(lexicon, 256)
+  words = list(np.random.default_rng(1).choice(lexicon, size=20))
+  steady = speech.encode(words, 2, None)
+  np.testing.assert_array_equal(steady, speech.encode(words, 2, None))
+  assert speech.decode(steady) == words
+  np.testing.assert_array_equal(speech.encode(words, 0, None), steady - 2 * speech.units)
+  # Every run of a unit lasts that unit's one length, wherever it is said ...
+  runs = collections.defaultdict(set)
+  starts = np.flatnonzero(np.r_[True, steady[1:] != steady[:-1]])
+  for begin, end in zip(starts, [*starts[1:], len(steady)]):
+    runs[int(steady[begin])].add(int(end - begin))
+  assert all(len(lengths) == 1 for lengths in runs.values())
+  assert set().union(*runs.values()) <= {1, 2, 3} and len(set().union(*runs.values())) > 1
+  # ... while a user's pace varies from one utterance to the next.
+  rng = np.random.default_rng(0)
+  assert not np.array_equal(speech.encode(words, 2, rng), speech.encode(words, 2, rng))
+
+
+def test_the_assistant_speaks_in_one_steady_voice_users_in_many():
+  world = build(SPEC)
+  spec, vocab = world.spec, world.spec.vocab
+  speech_of = lambda tokens: vocab.speech_codes(  # noqa: E731
+      tokens[(tokens >= vocab.speech_offset) & (tokens < vocab.image_offset)])
+  user_speakers = set()
+  for sample in world.samples["train"]:
+    if sample.task not in ("tts", "svqa", "asr", "s2i"):
+      continue
+    if sample.task in ("tts", "svqa"):
+      spoken = speech_of(sample.response)
+      np.testing.assert_array_equal(
+          spoken, spec.speech.encode(spec.speech.decode(spoken), ASSISTANT_SPEAKER, None))
+    if sample.task != "tts":
+      user_speakers |= set((speech_of(sample.prompt) // spec.speech.units).tolist())
+  assert user_speakers == set(range(spec.speech.speakers))
 
 
 def test_tokenizer_fills_text_ids_and_places_specials():

@@ -1,9 +1,11 @@
 """Words as speech-code sequences with speaker variation and duration jitter, and the decoder.
 
 Each speaker owns a block of `units` codes. A word is an onset unit unique to it followed by one
-or two body units; every unit lasts 1-3 frames. Onsets and bodies come from disjoint unit sets
-and no word repeats a unit back to back, so collapsing repeats and cutting at onsets recovers the
-words exactly, whoever speaks.
+or two body units; every unit lasts 1-3 frames: drawn afresh for each utterance (a user's
+speech), or each unit's own fixed length (a steady voice: the assistant's, so what it says is a
+function of the text, as a TTS voice's prosody is). Onsets and bodies come from disjoint unit
+sets and no word repeats a unit back to back, so collapsing repeats and cutting at onsets
+recovers the words exactly, whoever speaks.
 
 For continuous speech input the codes are also rendered as waveforms (`render`): each unit a
 short tone at its own pitch (units spaced evenly on the mel scale, so each lands in its own
@@ -51,9 +53,11 @@ class SpeechCodebook:
       body = rng.choice(self.body_units, size=1 + len(word) % 2, replace=False) + len(words)
       self._units[word] = (onset, *body.tolist())
     self._onset_words = dict(enumerate(words))
+    self._steady_frames = rng.integers(1, MAX_FRAMES_PER_UNIT + 1, size=self.units)
 
-  def encode(self, words: list[str], speaker: int, rng: np.random.Generator) -> np.ndarray:
-    """Words -> int32 speech codes of one speaker, each unit held for 1-3 frames."""
+  def encode(self, words: list[str], speaker: int, rng: np.random.Generator | None) -> np.ndarray:
+    """Words -> int32 speech codes of one speaker, each unit held for 1-3 frames: drawn from
+    `rng`, or with rng None each unit's own steady length."""
     if not 0 <= speaker < self.speakers:
       raise ValueError(f"speaker {speaker} outside [0, {self.speakers})")
     units = []
@@ -61,7 +65,8 @@ class SpeechCodebook:
       if word not in self._units:
         raise ValueError(f"the toy world has no pronunciation for {word!r}")
       units += self._units[word]
-    frames = rng.integers(1, MAX_FRAMES_PER_UNIT + 1, size=len(units))
+    frames = (self._steady_frames[units] if rng is None else
+              rng.integers(1, MAX_FRAMES_PER_UNIT + 1, size=len(units)))
     return (np.repeat(units, frames) + speaker * self.units).astype(np.int32)
 
   def decode(self, codes) -> list[str]:

@@ -29,6 +29,7 @@ from omnijax.vocab import Vocab
 # reported figures, never tuned on. No scene is in two splits.
 SPLITS = ("train", "validation", "heldout")
 _MAX_DRAWS_PER_SCENE = 50
+ASSISTANT_SPEAKER = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,8 +160,14 @@ def _apportion(total: int, sizes: list[int]) -> list[int]:
 
 def conversations(scene: Scene, spec: ToyWorldSpec, rng: np.random.Generator) -> list[tuple]:
   """One (task, messages, image_codes, speech_codes) per task, in `TASKS` order."""
-  def say(text):
-    return spec.speech.encode(scenes_lib.spoken_words(text), int(rng.integers(spec.speech.speakers)), rng)
+  def say(text):  # a user: any of the world's speakers, at an uneven pace
+    return spec.speech.encode(scenes_lib.spoken_words(text), int(rng.integers(spec.speech.speakers)),
+                              rng)
+
+  def answer_aloud(text):
+    # The assistant speaks in one steady voice, as the release's does (GLM-4-Voice codes voiced
+    # by one speaker): its speech is a function of the text alone.
+    return spec.speech.encode(scenes_lib.spoken_words(text), ASSISTANT_SPEAKER, None)
 
   def ask(task, text=None, answer=IMAGE):
     return [*request_messages(task, text), {"role": "assistant", "content": answer}]
@@ -175,9 +182,10 @@ def conversations(scene: Scene, spec: ToyWorldSpec, rng: np.random.Generator) ->
       "vqa": (ask("vqa", question, answer), [image()], []),
       "asr": (ask("asr", answer=" ".join(scenes_lib.spoken_words(description))), [],
               [say(description)]),
-      "tts": (ask("tts", description, AUDIO), [], [say(description)]),
+      "tts": (ask("tts", description, AUDIO), [], [answer_aloud(description)]),
       "s2i": (ask("s2i"), [image()], [say(description)]),
-      "svqa": (ask("svqa", answer=f"{answer}\n{AUDIO}"), [image()], [say(question), say(answer)]),
+      "svqa": (ask("svqa", answer=f"{answer}\n{AUDIO}"), [image()],
+               [say(question), answer_aloud(answer)]),
   }
   return [(task, *by_task[task]) for task in tasks.TASKS]
 
