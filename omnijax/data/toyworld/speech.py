@@ -46,7 +46,8 @@ class SpeechCodebook:
     if self.body_units < 2:
       raise ValueError(f"{n_speech_codes} speech codes cannot hold {len(words)} words for "
                        f"{speakers} speakers (need more than {speakers * (len(words) + 1)})")
-    # A fixed, seed-independent pronunciation per word: one model of the world across datasets.
+    # A fixed, seed-independent pronunciation per word and length per unit of the steady voice:
+    # one model of the world across datasets.
     rng = np.random.default_rng(0)
     self._units = {}
     for onset, word in enumerate(words):
