@@ -108,7 +108,6 @@ def test_the_main_jobs_canvases_hold_its_longest_responses_and_one_pad():
       lengths, asr_per_prompt_token=lengths.asr_per_prompt_token - 0.01,
       tts_per_text_token=lengths.tts_per_text_token - 0.5), spec)
   pad = config.data.tail_pads_min
-  assert pad == 1
   longest, tighter_fits = {}, {"asr": True, "tts": True}
   for number, sample in enumerate(world.samples["train"]):
     task, response = sample.task, len(sample.response)
