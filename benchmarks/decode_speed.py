@@ -170,8 +170,8 @@ def output_flops(generator, setup: Setup, request, output, block_size: int,
   window = request.canvas
   if setup.decoder == "diffusion":
     settings = settings_lib.decode_settings(
-        request.task, request.canvas, generator.vocab, steps=setup.steps,
-        **decode_overrides(setup, block_size, cache_refresh))
+        request.task, request.canvas, generator.vocab, lengths=generator.lengths,
+        steps=setup.steps, **decode_overrides(setup, block_size, cache_refresh))
     if settings.cfg > 0:
       prompt_lengths.append(len(request.uncond))
     window = Plan.of(settings, generator.vocab).window

@@ -263,7 +263,8 @@ class Generator:
         flag = "--" + given[0].replace("_", "-")
         raise ValueError(f"{flag}: the ar decoder makes one token per forward pass, so the "
                          f"diffusion setting {given[0]} does not apply; leave it out")
-    return settings_lib.decode_settings(task, canvas, self.vocab, steps=steps, **overrides)
+    return settings_lib.decode_settings(task, canvas, self.vocab, lengths=self.lengths, steps=steps,
+                                        **overrides)
 
   def batches(self, requests: Sequence[Request]) -> int:
     """How many batches `decode` runs (for a progress bar's total)."""

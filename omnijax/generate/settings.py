@@ -30,6 +30,9 @@ class Lengths:
   svqa: int = 128
   asr_per_prompt_token: float = 0.2  # evaluate_asr.py: int(0.2 x prompt length)
   tts_per_text_token: float = 3.5  # evaluate_libritts.py: int(3.5 x text BPE tokens)
+  # A spoken answer's <|begin_of_audio|> is prefilled at floor(svqa_audio_at x canvas), leaving
+  # the first part for the text answer (reference §4.6); None leaves its place to the model.
+  svqa_audio_at: float | None = 0.2
 
   @classmethod
   def toy_world(cls, spec) -> Lengths:
@@ -45,9 +48,16 @@ class Lengths:
     TTS 8) cost the long config's model 11 points on captions, 14 on ASR and 27 on TTS
     (docs/benchmarks.md, "Toy canvases"). The assistant's steady voice speaks 4.0-5.4 codes
     per BPE token (GLM-4-Voice: about 3.5), and the TTS response adds its audio and turn
-    markers; ASR transcripts hold 15-22 % as many tokens as the ASR prompt."""
+    markers; ASR transcripts hold 15-22 % as many tokens as the ASR prompt.
+
+    A spoken answer's `<|begin_of_audio|>` is not prefilled: the toy world's text answers are
+    one or two words (2-3 tokens with their newline) and training puts the audio right after
+    them, so the release's 20 % (index 4 of 20) sat one or two places late and the speech that
+    followed began one code in, as if the prefilled token were its first: a two-word answer
+    lost its first word (validation speech WER 67.8 % prefilled, 45.6 % placed by the model,
+    the same model; docs/benchmarks.md)."""
     return cls(image_codes=spec.images.codes_per_image, caption=28, vqa=8, svqa=20,
-               asr_per_prompt_token=0.24, tts_per_text_token=6.0)
+               asr_per_prompt_token=0.24, tts_per_text_token=6.0, svqa_audio_at=None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +68,7 @@ class TaskSettings:
   repeat_penalty: float = 1.0
   position_penalty: float = 1.0
   cfg: float = 0.0
-  boa_at: float | None = None  # prefill <|begin_of_audio|> at floor(boa_at x canvas)
+  spoken_answer: bool = False  # text then speech: prefill <|begin_of_audio|> (Lengths)
 
 
 # The release's `entropy-penalty` is alg `entropy` with its repetition penalty.
@@ -66,7 +76,8 @@ TABLE: dict[str, TaskSettings] = {
     "t2i": TaskSettings("image", "canvas", "entropy", repeat_penalty=1.2, position_penalty=2.0),
     "s2i": TaskSettings("image", "canvas", "entropy", repeat_penalty=1.5, position_penalty=2.0,
                         cfg=2.0),
-    "svqa": TaskSettings("svqa", "canvas", "entropy", repeat_penalty=1.2, boa_at=0.2),
+    "svqa": TaskSettings("svqa", "canvas", "entropy", repeat_penalty=1.2,
+                         spoken_answer=True),
     "vqa": TaskSettings("vqa", "canvas", "entropy"),
     "caption": TaskSettings("caption", "canvas", "entropy"),
     "tts": TaskSettings("tts", "half", "entropy", repeat_penalty=1.2),
@@ -92,18 +103,18 @@ def default_steps(task: str, canvas: int) -> int:
   return canvas if TABLE[task].steps == "canvas" else max(1, canvas // 2)
 
 
-def decode_settings(task: str, canvas: int, vocab, *, steps: int | None = None,
-                    **overrides) -> DecodeSettings:
-  """The decode settings of `task` at `canvas`; `overrides` (any `DecodeSettings` field) whose
-  value is None keep the table's value."""
+def decode_settings(task: str, canvas: int, vocab, *, lengths: Lengths = Lengths(),
+                    steps: int | None = None, **overrides) -> DecodeSettings:
+  """The decode settings of `task` at `canvas` (its prefill placed by `lengths`); `overrides`
+  (any `DecodeSettings` field) whose value is None keep the table's value."""
   settings = TABLE[task]
   if steps is not None and steps < 1:
     raise ConfigError(f"--steps {steps}: expected >= 1 (leave it out for the task's default)")
   seed = overrides.get("seed")
   if seed is not None and not -2**63 <= seed < 2**63:  # jax.random.key takes an int64
     raise ConfigError(f"--seed {clip(str(seed))}: expected an integer within [-2**63, 2**63)")
-  prefill = ({math.floor(settings.boa_at * canvas): vocab.begin_audio_id}
-             if settings.boa_at is not None else ())
+  prefill = ({math.floor(lengths.svqa_audio_at * canvas): vocab.begin_audio_id}
+             if settings.spoken_answer and lengths.svqa_audio_at is not None else ())
   table = DecodeSettings(canvas=canvas, steps=default_steps(task, canvas), alg=settings.alg,
                          top_p=TOP_P, top_k=TOP_K, repeat_penalty=settings.repeat_penalty,
                          position_penalty=settings.position_penalty, cfg=settings.cfg,

@@ -109,8 +109,11 @@ def test_the_main_jobs_canvases_hold_its_longest_responses_and_one_pad():
       tts_per_text_token=lengths.tts_per_text_token - 0.5), spec)
   pad = config.data.tail_pads_min
   longest, tighter_fits = {}, {"asr": True, "tts": True}
+  audio_begins = set()
   for number, sample in enumerate(world.samples["train"]):
     task, response = sample.task, len(sample.response)
+    if task == "svqa":
+      audio_begins.add(list(sample.response).index(spec.vocab.begin_audio_id))
     room = 0 if task in ("t2i", "s2i") else pad  # images have one length: no pad tells it
     assert generator.request_from_sample(sample).canvas >= response + room, (task, number)
     assert generator.rule_canvas(task, sample.prompt) >= response + room, (task, number)
@@ -121,6 +124,11 @@ def test_the_main_jobs_canvases_hold_its_longest_responses_and_one_pad():
   assert lengths.image_codes + 4 == longest["t2i"] == longest["s2i"]
   assert lengths.vqa - longest["vqa"] <= config.data.tail_pads_max  # the release's 8
   assert tighter_fits == {"asr": False, "tts": False}
+  # Spoken answers: the audio begins right after a one- or two-word text answer, before the
+  # release's prefill at 20 % of the canvas, so the toy world leaves its place to the model.
+  release_at = settings.decode_settings("svqa", lengths.svqa, spec.vocab).prefill[0][0]
+  assert max(audio_begins) < release_at and len(audio_begins) > 1
+  assert settings.decode_settings("svqa", lengths.svqa, spec.vocab, lengths=lengths).prefill == ()
 
 
 def test_postprocessing_recovers_the_ground_truth(world, generator):
