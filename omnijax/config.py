@@ -437,6 +437,10 @@ class DataConfig:
       raise ConfigError("data.num_workers must be >= 0 and data.worker_buffer_size >= 1")
     if not self.split or "/" in self.split:
       raise ConfigError(f"data.split={self.split!r} must name one subdirectory of data.dir")
+    # Grain shuffles each task's records with the 32-bit seed `seed * len(TASKS) + task`.
+    if not 0 <= self.seed < 2**32 // len(TASKS):
+      raise ConfigError(f"data.seed={self.seed}: expected an integer in [0, "
+                        f"{2**32 // len(TASKS)}) (the pipeline's 32-bit shuffle seeds derive from it)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -459,6 +463,8 @@ class ToyWorldConfig:
     if self.speech_input not in SPEECH_INPUT_KINDS:
       raise ConfigError(f"toyworld.speech_input={self.speech_input!r}: expected one of "
                         f"{SPEECH_INPUT_KINDS}")
+    if self.seed < 0:  # numpy's seed sequences take non-negative integers
+      raise ConfigError(f"toyworld.seed={self.seed}: expected an integer >= 0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -618,6 +624,9 @@ class TrainConfig:
   stages: dict[str, StageConfig] = dataclasses.field(default_factory=dict)
 
   def __post_init__(self):
+    if not -2**63 <= self.seed < 2**63:  # jax.random.key takes an int64
+      raise ConfigError(f"train.seed={clip(str(self.seed))}: expected an integer within "
+                        "[-2**63, 2**63)")
     if self.grad_accum_steps < 1:
       raise ConfigError(f"train.grad_accum_steps={self.grad_accum_steps} must be >= 1")
     if self.grad_accum_reduction not in ("token_mean", "sum_of_means"):

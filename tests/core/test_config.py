@@ -44,6 +44,13 @@ def test_includes_and_overrides_merge_in_order(tmp_path):
     (["model.vocab.layout=big"], "model.vocab.layout='big'"),
     (["data.tail_pads_min=9", "data.tail_pads_max=2"], "data.tail_pads_min=9"),
     (["data.speech_frames=0"], "data.speech_clips=1 and data.speech_frames=0 must be >= 1"),
+    # Seeds numpy, Grain or jax.random.key would refuse mid-run with a bare OverflowError or
+    # ValueError after the workdir was made.
+    (["train.seed=100000000000000000000000"], "train.seed=100000000000000000000000: expected an "
+                                               "integer within .-2.*63, 2.*63.$"),
+    (["data.seed=-5"], "data.seed=-5: expected an integer in .0, 613566756."),
+    (["data.seed=613566756"], "data.seed=613566756: expected an integer in .0, 613566756."),
+    (["toyworld.seed=-1"], "toyworld.seed=-1: expected an integer >= 0"),
     (["model"], "not of the form key=value"),
     (["toyworld.speech_input=spoken"], "toyworld.speech_input='spoken': expected one of"),
     (["toyworld.speech_input=continuous"], "toyworld.speech_input=continuous needs a speech "
@@ -52,6 +59,12 @@ def test_includes_and_overrides_merge_in_order(tmp_path):
 def test_mistakes_name_the_key(overrides, message):
   with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
     load_config(CONFIG_ROOT / "model" / "tiny.yaml", overrides)
+
+
+def test_seeds_at_the_edges_of_their_ranges_are_taken():
+  config = load_config(CONFIG_ROOT / "model" / "tiny.yaml",
+                       ["train.seed=-9223372036854775808", "data.seed=613566755", "toyworld.seed=0"])
+  assert (config.train.seed, config.data.seed) == (-2**63, 613566755)
 
 
 def test_mesh_must_match_the_device_count():

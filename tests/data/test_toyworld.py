@@ -75,6 +75,11 @@ def test_a_prefix_of_the_held_out_split_is_a_fair_sample():
     assert abs(number - expected) <= 3 * expected ** 0.5 + 1, (count, number, expected)
 
 
+def test_a_negative_seed_is_refused_before_any_draw():
+  with pytest.raises(ValueError, match="seed=-1: expected an integer >= 0"):
+    ToyWorldSpec(n=10, seed=-1)
+
+
 def test_split_sizes_leave_every_split_a_scene():
   assert ToyWorldSpec(n=3).split_sizes == {"train": 1, "validation": 1, "heldout": 1}
   assert ToyWorldSpec(n=2000).split_sizes == {"train": 1700, "validation": 100, "heldout": 200}

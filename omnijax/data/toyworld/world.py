@@ -53,6 +53,8 @@ class ToyWorldSpec:
   def __post_init__(self):
     if self.speech_input not in SPEECH_INPUT_KINDS:
       raise ValueError(f"speech_input={self.speech_input!r}: expected one of {SPEECH_INPUT_KINDS}")
+    if self.seed < 0:  # numpy's seed sequences take non-negative integers
+      raise ValueError(f"seed={self.seed}: expected an integer >= 0")
     if self.n < len(SPLITS):
       raise ValueError(f"n={self.n}: the toy world needs at least {len(SPLITS)} scenes (one per "
                        "split)")
