@@ -54,6 +54,13 @@ class ConfigError(ValueError):
   """A config value is missing, unknown or inconsistent; the message names the key."""
 
 
+def check_seed(seed: int, label: str) -> None:
+  """Refuses a seed `jax.random.key` cannot take (it takes an int64); `label` names where it came
+  from (`train.seed=N`, `--seed N`)."""
+  if not -2**63 <= seed < 2**63:
+    raise ConfigError(f"{label}: expected an integer within [-2**63, 2**63)")
+
+
 # --- reading YAML -------------------------------------------------------------------------------
 
 # YAML aliases stand for whole subtrees: a document whose aliases expand past this many nodes
@@ -624,9 +631,7 @@ class TrainConfig:
   stages: dict[str, StageConfig] = dataclasses.field(default_factory=dict)
 
   def __post_init__(self):
-    if not -2**63 <= self.seed < 2**63:  # jax.random.key takes an int64
-      raise ConfigError(f"train.seed={clip(str(self.seed))}: expected an integer within "
-                        "[-2**63, 2**63)")
+    check_seed(self.seed, f"train.seed={clip(str(self.seed))}")
     if self.grad_accum_steps < 1:
       raise ConfigError(f"train.grad_accum_steps={self.grad_accum_steps} must be >= 1")
     if self.grad_accum_reduction not in ("token_mean", "sum_of_means"):

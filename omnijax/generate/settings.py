@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from omnijax.config import ConfigError
+from omnijax.config import ConfigError, check_seed
 from omnijax.messages import clip
 from omnijax.data.tasks import TASKS
 from omnijax.diffusion.settings import DecodeSettings
@@ -111,8 +111,8 @@ def decode_settings(task: str, canvas: int, vocab, *, lengths: Lengths = Lengths
   if steps is not None and steps < 1:
     raise ConfigError(f"--steps {steps}: expected >= 1 (leave it out for the task's default)")
   seed = overrides.get("seed")
-  if seed is not None and not -2**63 <= seed < 2**63:  # jax.random.key takes an int64
-    raise ConfigError(f"--seed {clip(str(seed))}: expected an integer within [-2**63, 2**63)")
+  if seed is not None:
+    check_seed(seed, f"--seed {clip(str(seed))}")
   prefill = ({math.floor(lengths.svqa_audio_at * canvas): vocab.begin_audio_id}
              if settings.spoken_answer and lengths.svqa_audio_at is not None else ())
   table = DecodeSettings(canvas=canvas, steps=default_steps(task, canvas), alg=settings.alg,
