@@ -522,11 +522,23 @@ class ObjectiveConfig:
   # where the answer can come only from the prompt, are drawn 2.9x as often (P(t > 0.9) = 0.29
   # against 0.10), fewer of the nearly whole ones that a response's own tokens fill in.
   mask_schedule: str = "uniform"
+  # Per-task exceptions to `mask_schedule` ({task: schedule}). A response whose tokens repeat
+  # each other (an image's codes, speech's held frames) is learned from its prompt only where
+  # nearly all of it is masked, since any visible token gives its neighbours away; uniform
+  # draws mask all 16 codes of a toy-world image cell with probability 1/17, cosine's 0.20.
+  task_mask_schedules: dict[str, str] = dataclasses.field(default_factory=dict)
 
   def __post_init__(self):
     if self.mask_schedule not in MASK_SCHEDULES:
       raise ConfigError(f"train.objective.mask_schedule={self.mask_schedule!r}: expected one of "
                         f"{', '.join(MASK_SCHEDULES)}")
+    for task, schedule in self.task_mask_schedules.items():
+      if task not in TASKS:
+        raise ConfigError(f"train.objective.task_mask_schedules.{task}: unknown task; known "
+                          f"tasks: {', '.join(TASKS)}")
+      if schedule not in MASK_SCHEDULES:
+        raise ConfigError(f"train.objective.task_mask_schedules.{task}={schedule!r}: expected "
+                          f"one of {', '.join(MASK_SCHEDULES)}")
     if self.average not in LOSS_AVERAGES:
       raise ConfigError(f"train.objective.average={self.average!r}: expected one of "
                         f"{', '.join(LOSS_AVERAGES)}")

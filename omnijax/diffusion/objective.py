@@ -8,7 +8,8 @@ threshold thr_j = (1 - eps) t_j + eps; token j is masked iff u_j <= thr_j, tail 
 `llada`: one t per packed sample (all its response tokens share thr), CE weighted by 1 / thr,
 summed and divided by the number of response tokens.
 Both: t is uniform, or drawn from MaskGIT's cosine schedule (`mask_schedule: cosine`), which
-favours nearly fully masked responses (the loss is then a reweighted bound, not LLaDA's own);
+favours nearly fully masked responses (the loss is then a reweighted bound, not LLaDA's own),
+for every task or for those named in `task_mask_schedules`;
 prompt tokens are never masked, every sample with a response gets at least one masked target,
 and the Dream shift scores token j with the logits at j - 1.
 `ar` (the autoregressive baseline on the same backbone): nothing is masked; every response token
@@ -54,6 +55,15 @@ def _row_uniforms(seed: int, step: jax.Array, row_ids: jax.Array, length: int):
 # A uniform draw r -> the masking level t.
 _MASK_LEVELS = {"uniform": lambda r: r, "cosine": lambda r: jnp.cos(0.5 * jnp.pi * r)}
 assert tuple(_MASK_LEVELS) == MASK_SCHEDULES, (tuple(_MASK_LEVELS), MASK_SCHEDULES)
+
+
+def _mask_levels(r: jax.Array, task_ids: jax.Array, config: ObjectiveConfig) -> jax.Array:
+  """[B, L] masking levels from uniform draws: each position's task's schedule
+  (`task_mask_schedules`), `mask_schedule` for the other tasks."""
+  levels = _MASK_LEVELS[config.mask_schedule](r)
+  for task, schedule in config.task_mask_schedules.items():
+    levels = jnp.where(task_ids == TASKS.index(task), _MASK_LEVELS[schedule](r), levels)
+  return levels
 
 
 def _per_segment(values: jax.Array, segment_ids: jax.Array, reduce) -> jax.Array:
@@ -106,7 +116,7 @@ class MaskedDiffusion(Objective):
     response = _response(batch)
     length = tokens.shape[1]
     r, u = _row_uniforms(seed, step, row_offset + jnp.arange(tokens.shape[0]), length)
-    t = _MASK_LEVELS[config.mask_schedule](r)
+    t = _mask_levels(r, batch["task_ids"], config)
     threshold = self.thresholds(t, tokens, response, segment_ids, config, vocab)
     masked = response & (u <= threshold)
     # At least one target per sample: where none was drawn, mask the response token that came

@@ -331,7 +331,35 @@ def test_cosine_schedule_draws_masking_levels_from_maskgit_s_distribution(kind):
   assert abs(levels["uniform"].mean() - 0.5) < 0.02
 
 
+def test_task_mask_schedules_draw_the_named_tasks_levels_from_their_own_schedule():
+  # packed_batch's segments 1, 2, 3 are tasks 0, 1, 2 (t2i, caption, vqa): t2i's samples follow
+  # cosine (mean level 2/pi), the others the default uniform (mean 1/2), in the same batch.
+  batch = packed_batch(rows=256)
+  config = ObjectiveConfig(kind="llada", task_mask_schedules={"t2i": "cosine"})
+  c = objective.corrupt(batch, config, VOCAB, seed=0, step=jnp.int32(0))
+  weights, seg = np.asarray(c.weights), np.asarray(batch["segment_ids"])
+  levels = {s: np.array([1.0 / weights[r][(seg[r] == s) & (weights[r] > 0)][0] for r in range(256)])
+            for s in (1, 2, 3)}
+  assert abs(levels[1].mean() - 2 / np.pi) < 0.03
+  assert abs((levels[1] > 0.9).mean() - 2 / np.pi * np.arccos(0.9)) < 0.05
+  for s in (2, 3):
+    assert abs(levels[s].mean() - 0.5) < 0.03
+  # The same draws: a task's level is its schedule applied to the draw uniform would have used.
+  uniform = objective.corrupt(batch, ObjectiveConfig(kind="llada"), VOCAB, seed=0,
+                              step=jnp.int32(0))
+  uniform_weights = np.asarray(uniform.weights)
+  uniform_levels = np.array([1.0 / uniform_weights[r][(seg[r] == 1) & (uniform_weights[r] > 0)][0]
+                             for r in range(256)])
+  eps = config.eps
+  draws = (uniform_levels - eps) / (1 - eps)
+  np.testing.assert_allclose(levels[1], (1 - eps) * np.cos(np.pi / 2 * draws) + eps, atol=1e-4)
+
+
 def test_an_unknown_mask_schedule_is_refused_naming_the_key():
   from omnijax.config import ConfigError
   with pytest.raises(ConfigError, match="train.objective.mask_schedule='linear'"):
     ObjectiveConfig(mask_schedule="linear")
+  with pytest.raises(ConfigError, match="train.objective.task_mask_schedules.s2i='linear'"):
+    ObjectiveConfig(task_mask_schedules={"s2i": "linear"})
+  with pytest.raises(ConfigError, match="train.objective.task_mask_schedules.img: unknown task"):
+    ObjectiveConfig(task_mask_schedules={"img": "cosine"})
