@@ -168,15 +168,15 @@ def output_flops(generator, setup: Setup, request, output, block_size: int,
   model_config = generator.model.config
   prompt_lengths = [len(request.prompt)]
   window = request.canvas
-  if setup.decoder == "diffusion":
-    settings = settings_lib.decode_settings(
-        request.task, request.canvas, generator.vocab, lengths=generator.lengths,
-        steps=setup.steps, **decode_overrides(setup, block_size, cache_refresh))
-    if settings.cfg > 0:
-      prompt_lengths.append(len(request.uncond))
-    window = Plan.of(settings, generator.vocab).window
-  elif settings_lib.TABLE[request.task].cfg > 0:
+  diffusion = setup.decoder == "diffusion"
+  settings = settings_lib.decode_settings(
+      request.task, request.canvas, generator.vocab, constants=generator.constants,
+      **(dict(steps=setup.steps, **decode_overrides(setup, block_size, cache_refresh))
+         if diffusion else {}))
+  if settings.cfg > 0:
     prompt_lengths.append(len(request.uncond))
+  if diffusion:
+    window = Plan.of(settings, generator.vocab).window
   return sample_flops(model_config, setup, prompt_lengths, request.canvas,
                       output.forward_passes, output.whole_row_passes, window)
 

@@ -58,7 +58,7 @@ def main() -> None:
   model, vocab = run.model, generator.vocab
   samples = read_samples(split_dir, "t2i", args.samples)
   prompts = [s.prompt for s in samples]
-  canvas = settings.canvas_length("t2i", generator.lengths, prompt_tokens=0, text_tokens=0)
+  canvas = settings.canvas_length("t2i", generator.constants, prompt_tokens=0, text_tokens=0)
   print(f"model: {run.config.model.name} ({args.checkpoint}, step {run.step}); "
         f"{jax.default_backend()}, {jax.device_count()} device(s); t2i canvas {canvas}")
 

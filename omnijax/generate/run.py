@@ -74,18 +74,18 @@ class Output:
 
 
 class Generator:
-  """A model with its vocabulary, chat template, canvas constants and decoder (and the toy
+  """A model with its vocabulary, chat template, decode constants and decoder (and the toy
   world's codecs when the data is the toy world)."""
 
   def __init__(self, model, vocab: Vocab, template: ChatTemplate,
-               lengths: settings_lib.Lengths, toy_spec=None, batch_size: int = 16,
+               constants: settings_lib.DecodeConstants, toy_spec=None, batch_size: int = 16,
                decoder: str = "diffusion", cmvn=None):
     if batch_size < 1:
       raise ConfigError(f"--batch-size {batch_size}: expected >= 1")
     if decoder not in DECODERS:
       raise ConfigError(f"--decoder {decoder}: expected one of {', '.join(DECODERS)}")
     self.model, self.vocab, self.template = model, vocab, template
-    self.lengths, self.toy_spec, self.batch_size = lengths, toy_spec, batch_size
+    self.constants, self.toy_spec, self.batch_size = constants, toy_spec, batch_size
     self.decoder = decoder
     # The CMVN statistics the data's speech features were made with: continuous speech input
     # is computed with them and the model's front end (None: the data has none).
@@ -107,9 +107,9 @@ class Generator:
                                  "does not exist")
     template = ChatTemplate.from_file(str(tokenizer), vocab, shards.image_lengths_of(manifest))
     spec = ToyWorldSpec(**manifest["toyworld"]) if "toyworld" in manifest else None
-    lengths = (settings_lib.Lengths.toy_world(spec) if spec else
-               settings_lib.Lengths(image_codes=template.image_lengths.generated))
-    return cls(model, vocab, template, lengths, spec, batch_size, decoder,
+    constants = (settings_lib.DecodeConstants.toy_world(spec) if spec else
+                 settings_lib.DecodeConstants(image_codes=template.image_lengths.generated))
+    return cls(model, vocab, template, constants, spec, batch_size, decoder,
                _speech_cmvn(model, split_dir, manifest))
 
   # --- requests ---------------------------------------------------------------------------------
@@ -129,7 +129,7 @@ class Generator:
 
   def rule_canvas(self, task: str, prompt: np.ndarray) -> int:
     """The task's canvas rule for `prompt`, before rounding up to `CANVAS_BUCKET`."""
-    return settings_lib.canvas_length(task, self.lengths, prompt_tokens=len(prompt),
+    return settings_lib.canvas_length(task, self.constants, prompt_tokens=len(prompt),
                                       text_tokens=self._text_tokens(prompt)
                                       if task == "tts" else 0)
 
@@ -263,8 +263,8 @@ class Generator:
         flag = "--" + given[0].replace("_", "-")
         raise ValueError(f"{flag}: the ar decoder makes one token per forward pass, so the "
                          f"diffusion setting {given[0]} does not apply; leave it out")
-    return settings_lib.decode_settings(task, canvas, self.vocab, lengths=self.lengths, steps=steps,
-                                        **overrides)
+    return settings_lib.decode_settings(task, canvas, self.vocab, constants=self.constants,
+                                        steps=steps, **overrides)
 
   def batches(self, requests: Sequence[Request]) -> int:
     """How many batches `decode` runs (for a progress bar's total)."""
@@ -285,7 +285,7 @@ class Generator:
         out.speech_codes = parts.speech
     out.text = self.template.tokenizer.decode(parts.text.tolist()).strip()
     if task in IMAGE_TASKS:
-      out.image_codes = image_grid(parts.image, self.lengths.image_codes,
+      out.image_codes = image_grid(parts.image, self.constants.image_codes,
                                    self.vocab.n_image_codes)
     if self.toy_spec is not None:
       if out.speech_codes is not None:

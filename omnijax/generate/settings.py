@@ -1,8 +1,9 @@
 """Per-task decode settings: one table following the release's (reference §4.8).
 
 Canvas lengths follow the release's rules; the constants behind them (codes per image, speech
-codes per text token, ...) belong to the codecs, so they live in `Lengths`: the release's values
-by default, the toy world's derived from its spec. Every value can be overridden per call.
+codes per text token, ...) belong to the codecs, and whether guidance applies to how the model
+was trained, so they live in `DecodeConstants`: the release's values by default, the toy world's
+derived from its spec. Every value can be overridden per call.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ TOP_P, TOP_K = 0.9, 50
 
 
 @dataclasses.dataclass(frozen=True)
-class Lengths:
-  """The constants the canvas rules need; defaults are the release's."""
+class DecodeConstants:
+  """What the table's rules take from the data and the model's training; defaults are the
+  release's."""
 
   image_codes: int = 256  # generated image: 16 x 16 MAGVIT-v2 codes
   caption: int = 64  # the VQA demo's canvas (captions are long answers)
@@ -33,9 +35,13 @@ class Lengths:
   # A spoken answer's <|begin_of_audio|> is prefilled at floor(svqa_audio_at x canvas), leaving
   # the first part for the text answer (reference §4.6); None leaves its place to the model.
   svqa_audio_at: float | None = 0.2
+  # Whether the table's classifier-free guidance applies (the release's s2i: cfg 2). Guidance
+  # contrasts the prompt with the task's unconditional one (an empty user turn), so it needs a
+  # model trained on such prompts too; one that never saw them answers it with noise.
+  guidance: bool = True
 
   @classmethod
-  def toy_world(cls, spec) -> Lengths:
+  def toy_world(cls, spec) -> DecodeConstants:
     """Canvases that hold the longest response of the toy world's training split and one tail
     pad after it (VQA keeps the release's 8: its responses, at most 4 tokens, end within the
     tail pads).
@@ -55,9 +61,14 @@ class Lengths:
     them, so the release's 20 % (index 4 of 20) sat one or two places late and the speech that
     followed began one code in, as if the prefilled token were its first: a two-word answer
     lost its first word (validation speech WER 67.8 % prefilled, 45.6 % placed by the model,
-    the same model; docs/benchmarks.md)."""
+    the same model; docs/benchmarks.md).
+
+    No guidance: the toy world has no unconditional prompts to train on, and with the release's
+    cfg 2 a model that draws 84 % of validation scenes from speech drew 12.5 % (docs/benchmarks.md,
+    "Fifth round")."""
     return cls(image_codes=spec.images.codes_per_image, caption=28, vqa=8, svqa=20,
-               asr_per_prompt_token=0.24, tts_per_text_token=6.0, svqa_audio_at=None)
+               asr_per_prompt_token=0.24, tts_per_text_token=6.0, svqa_audio_at=None,
+               guidance=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,7 +79,7 @@ class TaskSettings:
   repeat_penalty: float = 1.0
   position_penalty: float = 1.0
   cfg: float = 0.0
-  spoken_answer: bool = False  # text then speech: prefill <|begin_of_audio|> (Lengths)
+  spoken_answer: bool = False  # text then speech: prefill <|begin_of_audio|> (DecodeConstants)
 
 
 # The release's `entropy-penalty` is alg `entropy` with its repetition penalty.
@@ -86,37 +97,40 @@ TABLE: dict[str, TaskSettings] = {
 assert set(TABLE) == set(TASKS), sorted(set(TASKS) ^ set(TABLE))
 
 
-def canvas_length(task: str, lengths: Lengths, *, prompt_tokens: int, text_tokens: int) -> int:
+def canvas_length(task: str, constants: DecodeConstants, *, prompt_tokens: int,
+                  text_tokens: int) -> int:
   """The canvas for one input: `prompt_tokens` is the whole prompt's length, `text_tokens` the
   BPE tokens of the text to speak (tts)."""
   rule = TABLE[task].canvas
   if rule == "image":
-    return lengths.image_codes + 4  # <|begin_of_image|> codes <|end_of_image|> <|im_end|> \n
+    return constants.image_codes + 4  # <|begin_of_image|> codes <|end_of_image|> <|im_end|> \n
   if rule == "asr":
-    return max(8, int(lengths.asr_per_prompt_token * prompt_tokens))
+    return max(8, int(constants.asr_per_prompt_token * prompt_tokens))
   if rule == "tts":
-    return max(8, int(lengths.tts_per_text_token * text_tokens))
-  return getattr(lengths, rule)
+    return max(8, int(constants.tts_per_text_token * text_tokens))
+  return getattr(constants, rule)
 
 
 def default_steps(task: str, canvas: int) -> int:
   return canvas if TABLE[task].steps == "canvas" else max(1, canvas // 2)
 
 
-def decode_settings(task: str, canvas: int, vocab, *, lengths: Lengths = Lengths(),
-                    steps: int | None = None, **overrides) -> DecodeSettings:
-  """The decode settings of `task` at `canvas` (its prefill placed by `lengths`); `overrides`
-  (any `DecodeSettings` field) whose value is None keep the table's value."""
+def decode_settings(task: str, canvas: int, vocab, *,
+                    constants: DecodeConstants = DecodeConstants(), steps: int | None = None,
+                    **overrides) -> DecodeSettings:
+  """The decode settings of `task` at `canvas` (its prefill and guidance as `constants` say);
+  `overrides` (any `DecodeSettings` field) whose value is None keep the table's value."""
   settings = TABLE[task]
   if steps is not None and steps < 1:
     raise ConfigError(f"--steps {steps}: expected >= 1 (leave it out for the task's default)")
   seed = overrides.get("seed")
   if seed is not None:
     check_seed(seed, f"--seed {clip(str(seed))}")
-  prefill = ({math.floor(lengths.svqa_audio_at * canvas): vocab.begin_audio_id}
-             if settings.spoken_answer and lengths.svqa_audio_at is not None else ())
+  prefill = ({math.floor(constants.svqa_audio_at * canvas): vocab.begin_audio_id}
+             if settings.spoken_answer and constants.svqa_audio_at is not None else ())
   table = DecodeSettings(canvas=canvas, steps=default_steps(task, canvas), alg=settings.alg,
                          top_p=TOP_P, top_k=TOP_K, repeat_penalty=settings.repeat_penalty,
-                         position_penalty=settings.position_penalty, cfg=settings.cfg,
+                         position_penalty=settings.position_penalty,
+                         cfg=settings.cfg if constants.guidance else 0.0,
                          prefill=prefill)
   return table.replace(steps=steps, **overrides)

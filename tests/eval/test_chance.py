@@ -67,7 +67,7 @@ def toy_chance():
   spec = ToyWorldSpec(n=400, seed=0, grid=8)
   world = build(spec)
   template = ChatTemplate(world.tokenizer, spec.vocab, spec.image_lengths)
-  generator = Generator(None, spec.vocab, template, settings.Lengths.toy_world(spec), spec)
+  generator = Generator(None, spec.vocab, template, settings.DecodeConstants.toy_world(spec), spec)
   found = {}
   for task in ("t2i", "caption", "vqa", "asr", "svqa"):
     per_split = []

@@ -50,7 +50,7 @@ def world_outputs():
   spec = ToyWorldSpec(n=300, seed=0, grid=8)
   world = build(spec)
   template = ChatTemplate(world.tokenizer, spec.vocab, spec.image_lengths)
-  generator = Generator(None, spec.vocab, template, settings.Lengths.toy_world(spec), spec)
+  generator = Generator(None, spec.vocab, template, settings.DecodeConstants.toy_world(spec), spec)
   samples, references = {}, {}
   for sample in world.samples["heldout"]:
     samples.setdefault(sample.task, []).append(sample)

@@ -26,12 +26,12 @@ def world():
 @pytest.fixture(scope="module")
 def generator(world):
   template = ChatTemplate(world.tokenizer, SPEC.vocab, SPEC.image_lengths)
-  return Generator(None, SPEC.vocab, template, settings.Lengths.toy_world(SPEC), SPEC)
+  return Generator(None, SPEC.vocab, template, settings.DecodeConstants.toy_world(SPEC), SPEC)
 
 
 def test_table_follows_the_release():
   vocab = SPEC.vocab
-  release = settings.Lengths()
+  release = settings.DecodeConstants()
   assert settings.canvas_length("t2i", release, prompt_tokens=30, text_tokens=0) == 260
   assert settings.default_steps("t2i", 260) == 260  # one token per step
   assert settings.canvas_length("asr", release, prompt_tokens=500, text_tokens=0) == 100
@@ -46,9 +46,12 @@ def test_table_follows_the_release():
   assert (decode.steps, decode.threshold) == (16, 0.9)
   with pytest.raises(ValueError, match="unknown decode setting 'temprature'"):
     settings.decode_settings("t2i", 68, vocab, temprature=1.0)
-  # The toy world's image is 8 x 8 codes.
-  assert settings.canvas_length("t2i", settings.Lengths.toy_world(SPEC), prompt_tokens=1,
-                                text_tokens=0) == 68
+  # The toy world's image is 8 x 8 codes, and its model is trained without the unconditional
+  # prompts guidance contrasts with: s2i decodes unguided, unless asked.
+  toy = settings.DecodeConstants.toy_world(SPEC)
+  assert settings.canvas_length("t2i", toy, prompt_tokens=1, text_tokens=0) == 68
+  assert settings.decode_settings("s2i", 68, vocab, constants=toy).cfg == 0.0
+  assert settings.decode_settings("s2i", 68, vocab, constants=toy, cfg=2.0).cfg == 2.0
 
 
 def media(prompt, vocab):
@@ -101,7 +104,7 @@ def test_the_main_jobs_canvases_hold_its_longest_responses_and_one_pad_as_traine
   spec = ToyWorldSpec(n=toy.scenes, seed=toy.seed, grid=toy.grid, cells=toy.cells)
   world = build(spec)
   template = ChatTemplate(world.tokenizer, spec.vocab, spec.image_lengths)
-  lengths = settings.Lengths.toy_world(spec)
+  lengths = settings.DecodeConstants.toy_world(spec)
   generator = Generator(None, spec.vocab, template, lengths, spec)
   # The rules a hundredth of a code a prompt token (ASR) and half a code a text token (TTS)
   # shorter must each leave some response without its pad.
@@ -129,7 +132,7 @@ def test_the_main_jobs_canvases_hold_its_longest_responses_and_one_pad_as_traine
   # release's prefill at 20 % of the canvas, so the toy world leaves its place to the model.
   release_at = settings.decode_settings("svqa", lengths.svqa, spec.vocab).prefill[0][0]
   assert max(audio_begins) < release_at and len(audio_begins) > 1
-  assert settings.decode_settings("svqa", lengths.svqa, spec.vocab, lengths=lengths).prefill == ()
+  assert settings.decode_settings("svqa", lengths.svqa, spec.vocab, constants=lengths).prefill == ()
 
 
 def test_postprocessing_recovers_the_ground_truth(world, generator):
@@ -177,7 +180,7 @@ def test_the_decoder_follows_the_objective_and_ar_refuses_diffusion_only_setting
   assert run_decoder(load_config(CONFIG_ROOT / "experiments" / "toy.yaml",
                                  ["train.objective.kind=ar"])) == "ar"
   assert DECODE == {"diffusion": sampler.decode, "ar": ar_decode.decode}
-  ar = Generator(None, SPEC.vocab, generator.template, generator.lengths, SPEC, decoder="ar")
+  ar = Generator(None, SPEC.vocab, generator.template, generator.constants, SPEC, decoder="ar")
   request = generator.request("t2i", text="there is a red circle at the top left")
   for given, flag in ((dict(steps=4), "--steps"), (dict(threshold=0.9), "--threshold"),
                       (dict(position_penalty=2.0), "--position-penalty"),
