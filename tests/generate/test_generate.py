@@ -104,13 +104,13 @@ def test_the_main_jobs_canvases_hold_its_longest_responses_and_one_pad_as_traine
   spec = ToyWorldSpec(n=toy.scenes, seed=toy.seed, grid=toy.grid, cells=toy.cells)
   world = build(spec)
   template = ChatTemplate(world.tokenizer, spec.vocab, spec.image_lengths)
-  lengths = settings.DecodeConstants.toy_world(spec)
-  generator = Generator(None, spec.vocab, template, lengths, spec)
+  constants = settings.DecodeConstants.toy_world(spec)
+  generator = Generator(None, spec.vocab, template, constants, spec)
   # The rules a hundredth of a code a prompt token (ASR) and half a code a text token (TTS)
   # shorter must each leave some response without its pad.
   tighter = Generator(None, spec.vocab, template, dataclasses.replace(
-      lengths, asr_per_prompt_token=lengths.asr_per_prompt_token - 0.01,
-      tts_per_text_token=lengths.tts_per_text_token - 0.5), spec)
+      constants, asr_per_prompt_token=constants.asr_per_prompt_token - 0.01,
+      tts_per_text_token=constants.tts_per_text_token - 0.5), spec)
   pad = config.data.tail_pads_min
   longest, tighter_fits = {}, {"asr": True, "tts": True}
   audio_begins = set()
@@ -124,15 +124,16 @@ def test_the_main_jobs_canvases_hold_its_longest_responses_and_one_pad_as_traine
     longest[task] = max(longest.get(task, 0), response)
     if task in tighter_fits:
       tighter_fits[task] &= tighter.rule_canvas(task, sample.prompt) >= response + pad
-  assert (lengths.caption, lengths.svqa) == (longest["caption"] + pad, longest["svqa"] + pad)
-  assert lengths.image_codes + 4 == longest["t2i"] == longest["s2i"]
-  assert lengths.vqa - longest["vqa"] <= config.data.tail_pads_max  # the release's 8
+  assert (constants.caption, constants.svqa) == (longest["caption"] + pad, longest["svqa"] + pad)
+  assert constants.image_codes + 4 == longest["t2i"] == longest["s2i"]
+  assert constants.vqa - longest["vqa"] <= config.data.tail_pads_max  # the release's 8
   assert tighter_fits == {"asr": False, "tts": False}
   # Spoken answers: the audio begins right after a one- or two-word text answer, before the
   # release's prefill at 20 % of the canvas, so the toy world leaves its place to the model.
-  release_at = settings.decode_settings("svqa", lengths.svqa, spec.vocab).prefill[0][0]
+  release_at = settings.decode_settings("svqa", constants.svqa, spec.vocab).prefill[0][0]
   assert max(audio_begins) < release_at and len(audio_begins) > 1
-  assert settings.decode_settings("svqa", lengths.svqa, spec.vocab, constants=lengths).prefill == ()
+  assert settings.decode_settings("svqa", constants.svqa, spec.vocab,
+                                  constants=constants).prefill == ()
 
 
 def test_postprocessing_recovers_the_ground_truth(world, generator):
