@@ -54,6 +54,12 @@ class ConfigError(ValueError):
   """A config value is missing, unknown or inconsistent; the message names the key."""
 
 
+def check_task(task: str, key: str) -> None:
+  """A config key naming a task must name one of `TASKS`."""
+  if task not in TASKS:
+    raise ConfigError(f"{key}: unknown task; known tasks: {', '.join(TASKS)}")
+
+
 def check_seed(seed: int, label: str) -> None:
   """Refuses a seed `jax.random.key` cannot take (it takes an int64); `label` names where it came
   from (`train.seed=N`, `--seed N`)."""
@@ -436,8 +442,7 @@ class DataConfig:
       raise ConfigError(f"data.tail_pads_min={self.tail_pads_min} must be in "
                         f"[0, data.tail_pads_max={self.tail_pads_max}]")
     for task, weight in self.mixture.items():
-      if task not in TASKS:
-        raise ConfigError(f"data.mixture.{task}: unknown task; known tasks: {', '.join(TASKS)}")
+      check_task(task, f"data.mixture.{task}")
       if weight < 0:
         raise ConfigError(f"data.mixture.{task}={weight} must be >= 0")
     if self.num_workers < 0 or self.worker_buffer_size < 1:
@@ -533,9 +538,7 @@ class ObjectiveConfig:
       raise ConfigError(f"train.objective.mask_schedule={self.mask_schedule!r}: expected one of "
                         f"{', '.join(MASK_SCHEDULES)}")
     for task, schedule in self.task_mask_schedules.items():
-      if task not in TASKS:
-        raise ConfigError(f"train.objective.task_mask_schedules.{task}: unknown task; known "
-                          f"tasks: {', '.join(TASKS)}")
+      check_task(task, f"train.objective.task_mask_schedules.{task}")
       if schedule not in MASK_SCHEDULES:
         raise ConfigError(f"train.objective.task_mask_schedules.{task}={schedule!r}: expected "
                           f"one of {', '.join(MASK_SCHEDULES)}")
@@ -615,8 +618,7 @@ class StageConfig:
       except re.error as e:
         raise ConfigError(f"trainable pattern {pattern!r} is not a valid regex: {e}") from None
     for task, weight in self.mixture.items():
-      if task not in TASKS:
-        raise ConfigError(f"mixture.{task}: unknown task; known tasks: {', '.join(TASKS)}")
+      check_task(task, f"mixture.{task}")
       if weight < 0:
         raise ConfigError(f"mixture.{task}={weight} must be >= 0")
 
