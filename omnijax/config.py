@@ -532,6 +532,12 @@ class ObjectiveConfig:
   # nearly all of it is masked, since any visible token gives its neighbours away; uniform
   # draws mask all 16 codes of a toy-world image cell with probability 1/17, cosine's 0.20.
   task_mask_schedules: dict[str, str] = dataclasses.field(default_factory=dict)
+  # Per-task factors on the loss ({task: weight}, 1 for the tasks not named): every target of
+  # the task has its weight multiplied, the denominator unchanged. Unlike a mixture weight it
+  # takes no batch slots from the other tasks: with `average: samples` a 2-token VQA answer
+  # followed by 1-16 tail pads is about a tenth of its sample's weight, a caption's words two
+  # thirds of theirs.
+  task_loss_weights: dict[str, float] = dataclasses.field(default_factory=dict)
 
   def __post_init__(self):
     if self.mask_schedule not in MASK_SCHEDULES:
@@ -542,6 +548,10 @@ class ObjectiveConfig:
       if schedule not in MASK_SCHEDULES:
         raise ConfigError(f"train.objective.task_mask_schedules.{task}={schedule!r}: expected "
                           f"one of {', '.join(MASK_SCHEDULES)}")
+    for task, weight in self.task_loss_weights.items():
+      check_task(task, f"train.objective.task_loss_weights.{task}")
+      if not weight >= 0:
+        raise ConfigError(f"train.objective.task_loss_weights.{task}={weight} must be >= 0")
     if self.average not in LOSS_AVERAGES:
       raise ConfigError(f"train.objective.average={self.average!r}: expected one of "
                         f"{', '.join(LOSS_AVERAGES)}")

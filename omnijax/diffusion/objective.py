@@ -9,7 +9,8 @@ threshold thr_j = (1 - eps) t_j + eps; token j is masked iff u_j <= thr_j, tail 
 summed and divided by the number of response tokens.
 Both: t is uniform, or drawn from MaskGIT's cosine schedule (`mask_schedule: cosine`), which
 favours nearly fully masked responses (the loss is then a reweighted bound, not LLaDA's own),
-for every task or for those named in `task_mask_schedules`;
+for every task or for those named in `task_mask_schedules`; `task_loss_weights` scales the named
+tasks' terms of the loss;
 prompt tokens are never masked, every sample with a response gets at least one masked target,
 and the Dream shift scores token j with the logits at j - 1.
 `ar` (the autoregressive baseline on the same backbone): nothing is masked; every response token
@@ -64,6 +65,14 @@ def _mask_levels(r: jax.Array, task_ids: jax.Array, config: ObjectiveConfig) -> 
   for task, schedule in config.task_mask_schedules.items():
     levels = jnp.where(task_ids == TASKS.index(task), _MASK_LEVELS[schedule](r), levels)
   return levels
+
+
+def _task_loss_factors(task_ids: jax.Array, config: ObjectiveConfig) -> jax.Array:
+  """[B, L] each position's task's `task_loss_weights` factor (1 for tasks not named)."""
+  factors = jnp.ones(task_ids.shape, jnp.float32)
+  for task, weight in config.task_loss_weights.items():
+    factors = jnp.where(task_ids == TASKS.index(task), jnp.float32(weight), factors)
+  return factors
 
 
 def _per_segment(values: jax.Array, segment_ids: jax.Array, reduce) -> jax.Array:
@@ -237,6 +246,7 @@ def loss_sums(hidden: jax.Array, head: jax.Array, batch: dict, corruption: Corru
   else:
     weights = corruption.weights
     denominator = get_objective(config.kind).denominator(batch, corruption.masked)
+  weights = weights * _task_loss_factors(batch["task_ids"], config)
   return {
       "loss_sum": jnp.sum(ce * weights[:, 1:]),
       "denominator": denominator,

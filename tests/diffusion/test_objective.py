@@ -355,6 +355,31 @@ def test_task_mask_schedules_draw_the_named_tasks_levels_from_their_own_schedule
   np.testing.assert_allclose(levels[1], (1 - eps) * np.cos(np.pi / 2 * draws) + eps, atol=1e-4)
 
 
+@pytest.mark.parametrize("average", ["tokens", "samples"])
+def test_task_loss_weights_scale_only_the_named_tasks_terms(average):
+  # packed_batch's segments 1, 2, 3 are t2i, caption, vqa. The loss is linear in each task's
+  # factor: vqa at 3 adds twice vqa's own terms (read off with vqa at 0), the rest unchanged.
+  batch = packed_batch(rows=4, length=96)
+  hidden = jax.random.normal(jax.random.key(0), (4, 96, 16))
+  head = jax.random.normal(jax.random.key(1), (16, VOCAB.size))
+
+  def sums(weights):
+    config = ObjectiveConfig(kind="llada", vocab_chunks=1, average=average,
+                             task_loss_weights=weights)
+    c = objective.corrupt(batch, config, VOCAB, seed=0, step=jnp.int32(0))
+    return objective.loss_sums(hidden, head, batch, c, config)
+
+  plain, without_vqa, vqa_tripled = sums({}), sums({"vqa": 0.0}), sums({"vqa": 3.0})
+  vqa_terms = float(plain["loss_sum"] - without_vqa["loss_sum"])
+  assert vqa_terms > 0
+  np.testing.assert_allclose(float(vqa_tripled["loss_sum"]),
+                             float(plain["loss_sum"]) + 2 * vqa_terms, rtol=1e-5)
+  assert float(sums({"t2i": 1.0})["loss_sum"]) == float(plain["loss_sum"])
+  for other in (without_vqa, vqa_tripled):
+    assert float(other["denominator"]) == float(plain["denominator"])
+    np.testing.assert_array_equal(other["task_loss_sum"], plain["task_loss_sum"])
+
+
 def test_an_unknown_mask_schedule_is_refused_naming_the_key():
   from omnijax.config import ConfigError
   with pytest.raises(ConfigError, match="train.objective.mask_schedule='linear'"):
@@ -363,3 +388,7 @@ def test_an_unknown_mask_schedule_is_refused_naming_the_key():
     ObjectiveConfig(task_mask_schedules={"s2i": "linear"})
   with pytest.raises(ConfigError, match="train.objective.task_mask_schedules.img: unknown task"):
     ObjectiveConfig(task_mask_schedules={"img": "cosine"})
+  with pytest.raises(ConfigError, match=r"train.objective.task_loss_weights.vqa=-1.0 must be >= 0"):
+    ObjectiveConfig(task_loss_weights={"vqa": -1.0})
+  with pytest.raises(ConfigError, match="train.objective.task_loss_weights.img: unknown task"):
+    ObjectiveConfig(task_loss_weights={"img": 2.0})
