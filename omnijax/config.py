@@ -422,6 +422,11 @@ class DataConfig:
   mixture: dict[str, float] = dataclasses.field(default_factory=dict)
   tail_pads_min: int = 1
   tail_pads_max: int = 16
+  # Per-task exceptions to tail_pads_max ({task: most pads}). A task decoded on a canvas with
+  # more room after its response than tail_pads_max (toy TTS: up to 33 positions, since the
+  # canvas must hold the slowest speech) otherwise decodes positions training never showed as
+  # pads, and fills them with more speech.
+  task_tail_pads_max: dict[str, int] = dataclasses.field(default_factory=dict)
   seed: int = 0
   # Grain worker processes (0 = in the training process) and local batches each keeps ready.
   num_workers: int = 0
@@ -441,6 +446,11 @@ class DataConfig:
     if not 0 <= self.tail_pads_min <= self.tail_pads_max:
       raise ConfigError(f"data.tail_pads_min={self.tail_pads_min} must be in "
                         f"[0, data.tail_pads_max={self.tail_pads_max}]")
+    for task, most in self.task_tail_pads_max.items():
+      check_task(task, f"data.task_tail_pads_max.{task}")
+      if not (isinstance(most, int) and self.tail_pads_min <= most):
+        raise ConfigError(f"data.task_tail_pads_max.{task}={most!r} must be an integer >= "
+                          f"data.tail_pads_min={self.tail_pads_min}")
     for task, weight in self.mixture.items():
       check_task(task, f"data.mixture.{task}")
       if weight < 0:

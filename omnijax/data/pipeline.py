@@ -1,8 +1,9 @@
 """The Grain input pipeline: shards -> task mixture -> tail pads -> packed rows -> global batches.
 
 Per task: record indices, shuffled afresh every epoch from the seed and repeated forever; each
-sample gets k ~ U{tail_pads_min..tail_pads_max} supervised `<|endoftext|>` pads drawn from
-(seed, task, epoch, record), so a restart reproduces them. Tasks are interleaved by the mixture
+sample gets k ~ U{tail_pads_min..tail_pads_max} supervised `<|endoftext|>` pads (the upper end
+the task's own where `task_tail_pads_max` names it) drawn from (seed, task, epoch, record), so a
+restart reproduces them. Tasks are interleaved by the mixture
 weights, each process takes every process_count-th sample, rows are packed to `seq_len` and
 batched, optionally in worker processes, and each local batch becomes part of a global `jax.Array`.
 
@@ -130,7 +131,9 @@ def build_dataset(config: DataConfig, vocab: Vocab, process_index: int = 0,
     files = tuple(zip(paths, (shard["records"] for shard in manifest["shards"]
                               if shard["task"] == task)))
     load = _LoadWithTailPads(source, files, len(source), task_id, config.seed,
-                             config.tail_pads_min, config.tail_pads_max, vocab.pad_id, speech)
+                             config.tail_pads_min,
+                             config.task_tail_pads_max.get(task, config.tail_pads_max),
+                             vocab.pad_id, speech)
     streams.append(grain.MapDataset.range(len(source))
                    .shuffle(seed=config.seed * len(TASKS) + task_id)
                    .repeat(None)  # reseeds the shuffle every epoch

@@ -92,6 +92,27 @@ def test_packed_rows_hold_whole_samples_with_tail_pads(data_dir):
   assert len(seen_pads) > 1
 
 
+def test_a_task_s_own_tail_pad_limit_applies_to_its_samples_only(data_dir):
+  cfg = config(data_dir, mixture={"tts": 1.0, "asr": 1.0}, tail_pads_max=2,
+               task_tail_pads_max={"tts": 30})
+  pads = {"tts": set(), "asr": set()}
+  for batch in take(Batches(cfg, VOCAB), 12):
+    for row in range(cfg.global_batch_size):
+      segments = batch["segment_ids"][row]
+      for segment in range(1, segments.max() + 1):
+        where = np.flatnonzero(segments == segment)
+        tokens = batch["tokens"][row][where]
+        task = TASKS[batch["task_ids"][row][where[0]]]
+        pads[task].add(int(len(tokens) - 1 - np.flatnonzero(tokens != VOCAB.pad_id)[-1]))
+  assert pads["asr"] <= {1, 2} and len(pads["asr"]) == 2
+  assert pads["tts"] <= set(range(1, 31)) and max(pads["tts"]) > 2 and len(pads["tts"]) > 5
+  with pytest.raises(ConfigError, match="data.task_tail_pads_max.tts=0 must be an integer >= "
+                                        "data.tail_pads_min=1"):
+    config(data_dir, task_tail_pads_max={"tts": 0})
+  with pytest.raises(ConfigError, match="data.task_tail_pads_max.speech: unknown task"):
+    config(data_dir, task_tail_pads_max={"speech": 8})
+
+
 def test_tail_pads_fresh_each_epoch_and_reproducible(data_dir):
   cfg = config(data_dir, mixture={"vqa": 1.0}, seq_len=100, global_batch_size=1,
                tail_pads_max=16)
