@@ -40,15 +40,21 @@ def test_table_follows_the_release():
   assert settings.canvas_length("svqa", release, prompt_tokens=30, text_tokens=0) == 128
   decode = settings.decode_settings("svqa", 128, vocab)
   assert decode.prefill == ((25, vocab.begin_audio_id),)  # floor(0.2 x 128)
-  assert (decode.alg, decode.repeat_penalty, decode.top_p) == ("entropy", 1.2, 0.9)
+  assert (decode.alg, decode.repeat_penalty, decode.top_p, decode.block_size) == (
+      "entropy", 1.2, 0.9, 0)
   decode = settings.decode_settings("s2i", 260, vocab, steps=16, threshold=0.9, cfg=None)
   assert (decode.cfg, decode.position_penalty, decode.repeat_penalty) == (2.0, 2.0, 1.5)
   assert (decode.steps, decode.threshold) == (16, 0.9)
   with pytest.raises(ValueError, match="unknown decode setting 'temprature'"):
     settings.decode_settings("t2i", 68, vocab, temprature=1.0)
   # The toy world's image is 8 x 8 codes, and its model is trained without the unconditional
-  # prompts guidance contrasts with: s2i decodes unguided, unless asked.
+  # prompts guidance contrasts with: s2i decodes unguided, unless asked. Its spoken answers
+  # have no prefill and decode in blocks of 4 instead; no other task does.
   toy = settings.DecodeConstants.toy_world(SPEC)
+  assert settings.decode_settings("svqa", 20, vocab, constants=toy).block_size == 4
+  assert settings.decode_settings("svqa", 20, vocab, constants=toy, block_size=0).block_size == 0
+  assert {settings.decode_settings(task, 68, vocab, constants=toy).block_size
+          for task in settings.TABLE if task != "svqa"} == {0}
   assert settings.canvas_length("t2i", toy, prompt_tokens=1, text_tokens=0) == 68
   assert settings.decode_settings("s2i", 68, vocab, constants=toy).cfg == 0.0
   assert settings.decode_settings("s2i", 68, vocab, constants=toy, cfg=2.0).cfg == 2.0
