@@ -138,10 +138,13 @@ def decode_settings(task: str, canvas: int, vocab, *,
     check_seed(seed, f"--seed {clip(str(seed))}")
   prefill = ({math.floor(constants.svqa_audio_at * canvas): vocab.begin_audio_id}
              if settings.spoken_answer and constants.svqa_audio_at is not None else ())
+  block_size = constants.svqa_block_size if settings.spoken_answer else 0
+  if block_size and steps is not None:  # a budget of fewer steps than blocks widens the blocks
+    block_size = max(block_size, math.ceil(canvas / steps))
   table = DecodeSettings(canvas=canvas, steps=default_steps(task, canvas), alg=settings.alg,
                          top_p=TOP_P, top_k=TOP_K, repeat_penalty=settings.repeat_penalty,
                          position_penalty=settings.position_penalty,
                          cfg=settings.cfg if constants.guidance else 0.0,
-                         block_size=constants.svqa_block_size if settings.spoken_answer else 0,
+                         block_size=block_size,
                          prefill=prefill)
   return table.replace(steps=steps, **overrides)

@@ -12,6 +12,7 @@ from omnijax.data.toyworld import scenes as scenes_lib
 from omnijax.data.toyworld.world import ToyWorldSpec, build
 from omnijax.data.templates import ChatTemplate
 from omnijax.diffusion.postprocess import split_modalities
+from omnijax.diffusion.sampler import block_plan
 from omnijax.generate import settings
 from omnijax.generate.run import Generator
 
@@ -53,6 +54,10 @@ def test_table_follows_the_release():
   toy = settings.DecodeConstants.toy_world(SPEC)
   assert settings.decode_settings("svqa", 20, vocab, constants=toy).block_size == 4
   assert settings.decode_settings("svqa", 20, vocab, constants=toy, block_size=0).block_size == 0
+  for steps in (1, 2, 3, 4, 5, 6, 10, 20):  # never more blocks than the steps asked for
+    decode = settings.decode_settings("svqa", 20, vocab, constants=toy, steps=steps)
+    assert len(block_plan(20, steps, decode.block_size)) <= steps
+  assert settings.decode_settings("svqa", 20, vocab, constants=toy, steps=10).block_size == 4
   assert {settings.decode_settings(task, 68, vocab, constants=toy).block_size
           for task in settings.TABLE if task != "svqa"} == {0}
   assert settings.canvas_length("t2i", toy, prompt_tokens=1, text_tokens=0) == 68
