@@ -50,8 +50,10 @@ class DecodeConstants:
     pad after it (VQA keeps the release's 8: its responses, at most 4 tokens, end within the
     tail pads).
 
-    Training follows every response with 1-16 supervised pads, so a canvas position past the
-    response is one the model saw only as a pad, and a response that fills the canvas to its
+    Training follows every response with 1-16 supervised pads (toy.yaml gives TTS up to 36 and
+    captions up to 17: their canvases leave that much room after the shorter responses), so a
+    canvas position past the response is one the model saw only as a pad, and a response that
+    fills the canvas to its
     last position is one it never saw: at exactly the longest caption's 27 tokens it left out a
     three-object caption's third object (validation exact captions 62.5 % at 27, 96.9 % at 28).
     Much more slack went badly too: the former, looser constants (caption and svqa 32, ASR 0.3,
