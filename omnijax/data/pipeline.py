@@ -3,9 +3,9 @@
 Per task: record indices, shuffled afresh every epoch from the seed and repeated forever; each
 sample gets k ~ U{tail_pads_min..tail_pads_max} supervised `<|endoftext|>` pads (the upper end
 the task's own where `task_tail_pads_max` names it) drawn from (seed, task, epoch, record), so a
-restart reproduces them. Tasks are interleaved by the mixture
-weights, each process takes every process_count-th sample, rows are packed to `seq_len` and
-batched, optionally in worker processes, and each local batch becomes part of a global `jax.Array`.
+restart reproduces them. Tasks are interleaved by the mixture weights, each process takes every
+process_count-th sample, rows are packed to `seq_len` and batched, optionally in worker
+processes, and each local batch becomes part of a global `jax.Array`.
 
 Shards whose records carry continuous speech (`SPEECH_FIELDS`, CMVN-applied features made at
 prepare time: docs/data.md says why features rather than audio) give batches

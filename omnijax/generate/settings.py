@@ -53,9 +53,9 @@ class DecodeConstants:
     Training follows every response with 1-16 supervised pads (toy.yaml gives TTS up to 36 and
     captions up to 17: their canvases leave that much room after the shorter responses), so a
     canvas position past the response is one the model saw only as a pad, and a response that
-    fills the canvas to its
-    last position is one it never saw: at exactly the longest caption's 27 tokens it left out a
-    three-object caption's third object (validation exact captions 62.5 % at 27, 96.9 % at 28).
+    fills the canvas to its last position is one it never saw: at exactly the longest caption's
+    27 tokens it left out a three-object caption's third object (validation exact captions
+    62.5 % at 27, 96.9 % at 28).
     Much more slack went badly too: the former, looser constants (caption and svqa 32, ASR 0.3,
     TTS 8) cost the long config's model 11 points on captions, 14 on ASR and 27 on TTS
     (docs/benchmarks.md, "Toy canvases"). The assistant's steady voice speaks 4.0-5.4 codes
