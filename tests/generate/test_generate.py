@@ -108,8 +108,9 @@ def test_the_main_jobs_canvases_hold_its_longest_responses_and_one_pad_as_traine
   (training shows at least one: a response up to the canvas's end is one the model never saw),
   and no rule is looser than that: past the response the model only ever saw its tail pads
   (1-16; TTS and captions, whose canvases leave more room, up to theirs), and the former slack
-  cost the long config's model 11-27 points on captions, ASR and TTS (docs/benchmarks.md). Nothing is prefilled where training never puts it: the spoken answers'
-  audio, which the release's 20 % would place after where it begins."""
+  cost the long config's model 11-27 points on captions, ASR and TTS (docs/benchmarks.md).
+  Nothing is prefilled where training never puts it: the spoken answers' audio, which the
+  release's 20 % would place after where it begins."""
   config = load_config(CONFIG_ROOT / "experiments" / "toy.yaml")
   toy = config.toyworld
   spec = ToyWorldSpec(n=toy.scenes, seed=toy.seed, grid=toy.grid, cells=toy.cells)
