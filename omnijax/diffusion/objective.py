@@ -246,7 +246,8 @@ def loss_sums(hidden: jax.Array, head: jax.Array, batch: dict, corruption: Corru
   else:
     weights = corruption.weights
     denominator = get_objective(config.kind).denominator(batch, corruption.masked)
-  weights = weights * _task_loss_factors(batch["task_ids"], config)
+  if config.task_loss_weights:  # no factors: the step computes exactly what it did before them
+    weights = weights * _task_loss_factors(batch["task_ids"], config)
   return {
       "loss_sum": jnp.sum(ce * weights[:, 1:]),
       "denominator": denominator,
