@@ -37,7 +37,8 @@ def test_tiny_preset_beside_the_twin_with_consistent_ratios_and_mfu(tmp_path):
   twin_rate = float(rows["pytorch"][1])
   for name, (ms, rate, spec_mfu, measured_mfu, ratio) in rows.items():
     rate = float(rate)
-    assert rate == pytest.approx(2 * 128 / (float(ms) / 1e3), rel=1e-3)
+    # ms is printed to 0.01 ms (at a few ms ~0.1 % of the step) and the rate to 0.1 token/s
+    assert 2 * 128e3 / (float(ms) + 0.005) - 0.05 <= rate <= 2 * 128e3 / (float(ms) - 0.005) + 0.05
     assert float(ratio) == pytest.approx(rate / twin_rate, rel=2e-3, abs=1e-3)
     assert spec_mfu == "n/a"
     assert float(measured_mfu) == pytest.approx(100 * rate * per_token * 1e9 / measured,
