@@ -90,6 +90,7 @@ def evaluate(generator: Generator, split_dir: str | pathlib.Path, tasks: Sequenc
     requests = [generator.request_from_sample(s) for s in samples]
     references = [generator.postprocess(task, s.response, 0) for s in samples]
     kinds = question_kinds(generator, task, samples)
+    scenes = question_scenes(generator, task, samples)
     chance = None
     if train_dir is not None:
       trained_on = read_samples(train_dir, task, CHANCE_SAMPLES)
@@ -101,7 +102,7 @@ def evaluate(generator: Generator, split_dir: str | pathlib.Path, tasks: Sequenc
     for count in step_counts(generator, steps):
       outputs, seconds = generator.decode(requests, steps=count, progress=progress,
                                           **(overrides or {}))
-      metrics = task_metrics(task, outputs, references, cells=cells, kinds=kinds)
+      metrics = task_metrics(task, outputs, references, cells=cells, kinds=kinds, scenes=scenes)
       metrics.update(forward_passes=float(np.mean([o.forward_passes for o in outputs])),
                      seconds_per_sample=seconds / len(outputs), samples=len(outputs))
       if chance is not None:
@@ -145,6 +146,15 @@ def question_kinds(generator: Generator, task: str,
       spoken = generator.toy_spec.speech.decode(parts.speech)
       kinds.append(scenes_lib.parse_question(" ".join(spoken)))
   return kinds
+
+
+def question_scenes(generator: Generator, task: str, samples: Sequence[Sample]) -> list | None:
+  """The scene each vqa and svqa question is about on the toy world, its prompt's image read
+  back (`ImageCodebook.decode`); None for other tasks and data."""
+  if generator.toy_spec is None or task not in ("vqa", "svqa"):
+    return None
+  return [generator.toy_spec.images.decode(split_modalities(sample.prompt, generator.vocab).image)
+          for sample in samples]
 
 
 def check_overrides(generator: Generator, split_dir, tasks, steps, overrides: dict) -> None:

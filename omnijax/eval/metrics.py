@@ -9,8 +9,9 @@ transcript parsed back to a scene (exact scene, object F1 and accuracy, well-for
 figures that show whether the content words were heard, which WER hides behind the template's
 words). tts: WER of the spoken words, and the same scene figures of those words. vqa: exact
 match and, on the toy world, the accuracy per question kind (count, position, colour, shape) and
-how many answers name a value of the kind asked. svqa: the same for the text answer, plus the
-spoken answer's exact match and WER.
+how many answers name a value of the kind asked; given the scene each question is about, also
+whether the model binds the question to its object (`binding_scores`). svqa: the same for the
+text answer, plus the spoken answer's exact match and WER.
 
 `quality` is each task's headline, at most 1: exact-scene accuracy (t2i, s2i, toy captions),
 exact match (vqa), 1 - WER (asr, tts, captions off the toy world; insertions can make it
@@ -22,7 +23,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from omnijax.data.tasks import IMAGE_TASKS
-from omnijax.data.toyworld.scenes import parse_answer, parse_caption
+from omnijax.data.toyworld.scenes import cell_names, parse_answer, parse_caption
 from omnijax.eval.wer import normalize, wer
 
 
@@ -105,11 +106,13 @@ def _words(output) -> str:
 
 
 def task_metrics(task: str, outputs: Sequence, references: Sequence, *, cells: int | None = None,
-                 kinds: Sequence[str | None] | None = None) -> dict[str, float]:
+                 kinds: Sequence[str | None] | None = None,
+                 scenes: Sequence | None = None) -> dict[str, float]:
   """Metrics of one task's outputs (`omnijax.generate.run.Output`) against the references
   (the same post-processing applied to the held-out responses). `cells`: the toy world's grid
   of cells, when the data is the toy world (captions and answers are then read with its
-  grammar); `kinds`: each sample's question kind (vqa, svqa; `question_kinds`)."""
+  grammar); `kinds`: each sample's question kind (vqa, svqa; `question_kinds`); `scenes`: the
+  scene each question is about (vqa, svqa; `question_scenes`), for `binding_scores`."""
   if task in IMAGE_TASKS:
     if any(o.scene is None for o in list(outputs) + list(references)):
       raise ValueError(f"{task}: scene metrics need the toy world's image parser")
@@ -129,7 +132,7 @@ def task_metrics(task: str, outputs: Sequence, references: Sequence, *, cells: i
     return {**heard, "wer": error, "quality": 1.0 - error}
   if task == "vqa":
     accuracy = exact_match([r.text for r in references], [o.text for o in outputs])
-    by_kind = _by_kind(references, outputs, kinds, cells, "")
+    by_kind = _by_kind(references, outputs, kinds, cells, "", scenes)
     return {"accuracy": accuracy, **by_kind, "quality": accuracy}
   if task == "tts":
     error = wer([_words(r) for r in references], [_words(o) for o in outputs])
@@ -140,20 +143,63 @@ def task_metrics(task: str, outputs: Sequence, references: Sequence, *, cells: i
     accuracy = exact_match([r.text for r in references], [o.text for o in outputs])
     spoken = exact_match([_words(r) for r in references], [_words(o) for o in outputs])
     error = wer([_words(r) for r in references], [_words(o) for o in outputs])
-    by_kind = _by_kind(references, outputs, kinds, cells, "text_")
+    by_kind = _by_kind(references, outputs, kinds, cells, "text_", scenes)
     return {"text_accuracy": accuracy, **by_kind, "speech_accuracy": spoken, "speech_wer": error,
             "quality": min(accuracy, 1.0 - error)}
   raise ValueError(f"no metric for task {task!r}")
 
 
-def _by_kind(references, outputs, kinds, cells, prefix: str) -> dict[str, float]:
-  """{prefix}accuracy_{kind} and {prefix}well_formed, on the toy world."""
+def _by_kind(references, outputs, kinds, cells, prefix: str, scenes) -> dict[str, float]:
+  """{prefix}accuracy_{kind} and {prefix}well_formed, on the toy world; with the questions'
+  scenes also `binding_scores`' figures under the same prefix."""
   if cells is None or kinds is None or all(kind is None for kind in kinds):
     return {}
-  by_kind, well_formed = answer_scores([r.text for r in references], [o.text for o in outputs],
-                                       kinds, cells)
+  answers, hypotheses = [r.text for r in references], [o.text for o in outputs]
+  by_kind, well_formed = answer_scores(answers, hypotheses, kinds, cells)
+  binding = {} if scenes is None else binding_scores(answers, hypotheses, kinds, scenes, cells)
   return {**{f"{prefix}accuracy_{kind}": value for kind, value in by_kind.items()},
-          f"{prefix}well_formed": well_formed}
+          f"{prefix}well_formed": well_formed,
+          **{f"{prefix}{name}": value for name, value in binding.items()}}
+
+
+_ATTRIBUTE = {"position": lambda thing, names: names[thing.cell],
+              "colour": lambda thing, names: thing.colour,
+              "shape": lambda thing, names: thing.shape}
+
+
+def binding_scores(references: Sequence[str], hypotheses: Sequence[str],
+                   kinds: Sequence[str | None], scenes: Sequence, cells: int) -> dict[str, float]:
+  """Whether answers come from the object the question names (toy world; samples whose
+  question has no kind are left out).
+
+  object_chance (and object_chance_{kind}): the exact match expected of a model that sees every
+  object of the scene but answers about one drawn at random, the question's object ignored: a
+  count question right, a position, colour or shape question right as often as a drawn object
+  has the answer's value. A model at this figure perceives the scene but has not learned which
+  object a question asks about; the constant-answer chance (`omnijax.eval.chance`) misses that.
+  names_scene_value: of the position, colour and shape answers, the fraction naming a value some
+  object of the scene has (right or wrong)."""
+  names = cell_names(cells)
+  chances: dict[str, list[float]] = {}
+  in_scene = []
+  for number, (reference, hypothesis, kind, scene) in enumerate(
+      zip(references, hypotheses, kinds, scenes)):
+    if kind is None:
+      continue
+    if kind == "count":
+      chances.setdefault(kind, []).append(1.0)
+      continue
+    values = [_ATTRIBUTE[kind](thing, names) for thing in scene.things]
+    expected = parse_answer(kind, reference, cells)
+    if expected not in values:
+      raise ValueError(f"answer reference {number} ({reference!r}) is no {kind} of its scene's "
+                       f"objects ({scene.key})")
+    chances.setdefault(kind, []).append(values.count(expected) / len(values))
+    in_scene.append(parse_answer(kind, hypothesis, cells) in values)
+  every = [chance for values in chances.values() for chance in values]
+  return {"object_chance": sum(every) / max(len(every), 1),
+          **{f"object_chance_{kind}": sum(v) / len(v) for kind, v in sorted(chances.items())},
+          "names_scene_value": sum(in_scene) / max(len(in_scene), 1)}
 
 
 def sample_scores(task: str, outputs: Sequence, references: Sequence, *,

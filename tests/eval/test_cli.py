@@ -205,6 +205,12 @@ def test_eval_command_json_is_keyed_by_task_and_steps(trained, tmp_path):
   assert results["t2i"]["1"]["forward_passes"] == 1 and results["t2i"]["3"]["forward_passes"] == 3
   assert results["t2i"]["default"]["forward_passes"] == 68  # one token per step (§4.8)
   assert {"exact_scene", "object_accuracy", "seconds_per_sample"} <= set(results["t2i"]["1"])
+  # The binding figures of the questions' own scenes: the random-object chance depends on the
+  # data alone, the same at every step count.
+  vqa = results["vqa"]
+  assert {"object_chance", "names_scene_value"} <= set(vqa["1"])
+  assert vqa["1"]["object_chance"] == vqa["3"]["object_chance"] == vqa["default"]["object_chance"]
+  assert "object_chance" not in vqa["1"]["chance"]
   assert "| t2i |" in done.stdout and "| chance |" in done.stdout
   assert (tmp_path / "eval.png").read_bytes()[:4] == PNG_MAGIC
   assert (tmp_path / "samples.jsonl").is_file()

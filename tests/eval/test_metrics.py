@@ -8,8 +8,9 @@ from omnijax.data.toyworld.scenes import Scene, Thing
 from omnijax.data.toyworld.world import ToyWorldSpec, build
 from omnijax.data.templates import ChatTemplate
 from omnijax.eval import wer
-from omnijax.eval.evaluate import question_kinds
-from omnijax.eval.metrics import exact_match, sample_scores, scene_scores, task_metrics
+from omnijax.eval.evaluate import question_kinds, question_scenes
+from omnijax.eval.metrics import (binding_scores, exact_match, sample_scores, scene_scores,
+                                  task_metrics)
 from omnijax.generate import settings
 from omnijax.generate.run import Generator, Output
 
@@ -45,8 +46,9 @@ def test_scene_scores_count_missing_and_invented_objects():
 
 
 @pytest.fixture(scope="module")
-def world_outputs():
-  """(generator, {task: held-out references}, {task: question kinds}) of a small toy world."""
+def world():
+  """(generator, {task: held-out samples}, {task: their references}, {task: question kinds}) of
+  a small toy world."""
   spec = ToyWorldSpec(n=300, seed=0, grid=8)
   world = build(spec)
   template = ChatTemplate(world.tokenizer, spec.vocab, spec.image_lengths)
@@ -57,6 +59,13 @@ def world_outputs():
     references.setdefault(sample.task, []).append(
         generator.postprocess(sample.task, sample.response, 0))
   kinds = {task: question_kinds(generator, task, samples[task]) for task in samples}
+  return generator, samples, references, kinds
+
+
+@pytest.fixture(scope="module")
+def world_outputs(world):
+  """(generator, {task: held-out references}, {task: question kinds})."""
+  generator, _, references, kinds = world
   return generator, references, kinds
 
 
@@ -167,3 +176,47 @@ def test_spoken_answers_score_text_per_kind_and_speech_exactly(world_outputs):
   scores = sample_scores("svqa", outputs, references, cells=2)
   assert scores[0] == pytest.approx(1 - 1 / len(references[0].words)) and scores[1:] == \
       [1.0] * (len(references) - 1)
+
+
+def test_binding_separates_seeing_the_objects_from_finding_the_one_asked_about():
+  two = Scene((Thing(0, "circle", "red"), Thing(1, "square", "blue")))
+  three = Scene((Thing(0, "circle", "red"), Thing(1, "square", "red"), Thing(3, "cross", "green")))
+  references = ["red", "bottom right", "cross", "three", "two"]
+  kinds = ["colour", "position", "shape", "count", None]
+  scenes = [two, three, three, three, three]
+  # The circle's colour answered with the square's (in the scene, wrong), the cross's place with
+  # an empty cell (not in the scene), the green object's shape right, the count wrong.
+  hypotheses = ["blue", "bottom left", "cross", "two", "zero"]
+  scores = binding_scores(references, hypotheses, kinds, scenes, cells=2)
+  # Drawing an object at random: the circle's colour 1 of 2, the cross's place and shape 1 of 3,
+  # a count always right; the question without a kind is left out.
+  assert scores == pytest.approx({
+      "object_chance": (1 / 2 + 1 / 3 + 1 / 3 + 1) / 4, "object_chance_colour": 1 / 2,
+      "object_chance_count": 1.0, "object_chance_position": 1 / 3, "object_chance_shape": 1 / 3,
+      "names_scene_value": 2 / 3})
+  # "what color is the square?" beside a red circle: drawing either object is right; beside a red
+  # circle and a green cross, 2 of 3.
+  both_red = Scene((Thing(0, "circle", "red"), Thing(1, "square", "red")))
+  assert binding_scores(["red"], ["red"], ["colour"], [both_red], cells=2)["object_chance"] == 1.0
+  assert binding_scores(["red"], ["red"], ["colour"], [three], cells=2)["object_chance"] == \
+      pytest.approx(2 / 3)
+  with pytest.raises(ValueError, match=r"answer reference 0 \('blue'\) is no colour of its scene"):
+    binding_scores(["blue"], ["blue"], ["colour"], [three], cells=2)
+
+
+def test_binding_figures_on_the_worlds_own_questions(world):
+  generator, samples, references, kinds = world
+  for task, prefix in (("vqa", ""), ("svqa", "text_")):
+    scenes = question_scenes(generator, task, samples[task])
+    # The prompt's image read back is the scene the question was drawn from: every answer is a
+    # value of one of its objects, so the ground truth names scene values only.
+    metrics = task_metrics(task, references[task], references[task], cells=2, kinds=kinds[task],
+                           scenes=scenes)
+    assert metrics[f"{prefix}names_scene_value"] == 1.0
+    # Chance is below the truth's 1.0 (multi-object scenes) and a count question always counts.
+    assert 1 / 3 <= metrics[f"{prefix}object_chance"] < 1.0
+    assert metrics[f"{prefix}object_chance_count"] == 1.0
+    # Without scenes, no binding figures.
+    plain = task_metrics(task, references[task], references[task], cells=2, kinds=kinds[task])
+    assert not any("object_chance" in name or "scene_value" in name for name in plain)
+  assert question_scenes(generator, "caption", samples["caption"]) is None
