@@ -40,6 +40,7 @@ class TaskRun:
   samples: list[Sample]
   references: list[Output]
   kinds: list[str | None] | None  # each sample's question kind (vqa, svqa on the toy world)
+  scenes: list | None  # the scene each question is about (vqa, svqa on the toy world)
   outputs: dict[str, list[Output]]  # by steps key
   scores: dict[str, list[float | None]]  # each sample's score (`sample_scores`), by steps key
 
@@ -98,7 +99,7 @@ def evaluate(generator: Generator, split_dir: str | pathlib.Path, tasks: Sequenc
       chance = chance_metrics(task, trained_references, question_kinds(generator, task, trained_on),
                               references, kinds, cells)
     by_steps: dict[str, dict] = {}
-    run = TaskRun(samples, references, kinds, {}, {})
+    run = TaskRun(samples, references, kinds, scenes, {}, {})
     for count in step_counts(generator, steps):
       outputs, seconds = generator.decode(requests, steps=count, progress=progress,
                                           **(overrides or {}))
@@ -187,8 +188,8 @@ def samples_beside(out: pathlib.Path) -> pathlib.Path:
 
 def write_samples(path: str | pathlib.Path, generator: Generator, kept: dict) -> None:
   """One JSON line a sample and step setting: task, steps, index, prompt (readable, media code
-  runs abbreviated), question kind (vqa, svqa), reference, output and score; what the metrics
-  read is there in full (text, spoken words, scene, image and speech codes)."""
+  runs abbreviated), question kind and the scene it is about (vqa, svqa), reference, output and
+  score; what the metrics read is there in full (text, spoken words, scene, image and speech codes)."""
   cells = generator.toy_spec.cells if generator.toy_spec is not None else None
   lines = []
   for task, run in kept.items():
@@ -199,6 +200,8 @@ def write_samples(path: str | pathlib.Path, generator: Generator, kept: dict) ->
         record = {"task": task, "steps": key, "index": index, "prompt": prompt}
         if run.kinds is not None:
           record["question_kind"] = run.kinds[index]
+        if run.scenes is not None:
+          record["question_scene"] = run.scenes[index].key
         record.update(reference=_described(task, reference, cells),
                       output=_described(task, output, cells), score=score,
                       forward_passes=output.forward_passes)

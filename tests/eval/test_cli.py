@@ -106,9 +106,11 @@ def test_samples_jsonl_holds_every_sample_and_re_scores_to_eval_json(trained):
     outputs = [_output(task, r["output"]) for r in group]
     references = [_output(task, r["reference"]) for r in group]
     kinds = [r["question_kind"] for r in group] if task in ("vqa", "svqa") else None
+    scenes = [_scene(r["question_scene"]) for r in group] if task in ("vqa", "svqa") else None
     expected = {name: value for name, value in results[task][key].items()
                 if name not in ("forward_passes", "seconds_per_sample", "samples", "chance")}
-    assert task_metrics(task, outputs, references, cells=2, kinds=kinds) == pytest.approx(expected)
+    assert task_metrics(task, outputs, references, cells=2, kinds=kinds,
+                        scenes=scenes) == pytest.approx(expected)
     if task in ("t2i", "s2i", "caption", "vqa"):  # headline accuracies: the mean of the scores
       assert np.mean([r["score"] for r in group]) == pytest.approx(expected["quality"])
   vqa = grouped["vqa", "default"]
